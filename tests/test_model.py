@@ -1,0 +1,128 @@
+import pytest
+import torch
+import torchvision
+
+from yolo.model import YOLOv1
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "darknet"])
+@pytest.mark.parametrize("image_size", [448, 224])
+def test_output_shape_and_range(backbone, image_size):
+    torch.manual_seed(0)
+    model = YOLOv1(backbone, image_size=image_size, head_channels=64, fc_dim=128).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, image_size, image_size))
+    assert out.shape == (2, 7, 7, 30)
+    assert out.min() >= 0 and out.max() <= 1
+    assert torch.isfinite(out).all()
+
+
+def test_full_size_model_at_448():
+    model = YOLOv1("resnet18").eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 448, 448))
+    assert out.shape == (1, 7, 7, 30)
+
+
+def test_small_grid_and_other_class_counts():
+    model = YOLOv1("resnet18", num_classes=5, grid_size=4, num_boxes=3, image_size=128,
+                   head_channels=32, fc_dim=64)
+    assert model(torch.rand(1, 3, 128, 128)).shape == (1, 4, 4, 3 * 5 + 5)
+
+
+def parameter_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backbone, reference_millions", [("resnet18", 255.8), ("resnet50", 282.3)])
+def test_parameter_counts_match_reference(backbone, reference_millions):
+    assert parameter_count(YOLOv1(backbone)) / 1e6 == pytest.approx(reference_millions, rel=2e-3)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "darknet"])
+def test_no_parameter_is_shared(backbone):
+    model = YOLOv1(backbone, head_channels=32, fc_dim=32)
+    named = list(model.named_parameters(remove_duplicate=False))
+    storages = {p.untyped_storage().data_ptr() for _, p in named}
+    assert len(storages) == len(named)
+
+
+def test_darknet_has_the_papers_twenty_backbone_convolutions():
+    model = YOLOv1("darknet", head_channels=32, fc_dim=32)
+    convs = [m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 20
+    assert [c.kernel_size[0] for c in convs[:2]] == [7, 3]
+    assert convs[-1].out_channels == 1024
+
+
+def test_normalisation_is_inside_the_model():
+    """A constant image of the ImageNet mean is all zeros after normalisation, whatever its size."""
+    model = YOLOv1("resnet18", grid_size=4, image_size=128, head_channels=16, fc_dim=16).eval()
+    seen = {}
+    model.backbone.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).expand(1, 3, 128, 128)
+    model(mean)
+    assert seen["x"].abs().max() < 1e-6
+
+
+def test_bad_image_size_names_the_allowed_sizes():
+    with pytest.raises(ValueError, match="448"):
+        YOLOv1(image_size=320)
+    with pytest.raises(ValueError, match="128 and 256"):
+        YOLOv1(grid_size=4, image_size=192)
+
+
+def test_unknown_backbone_lists_the_known_ones():
+    with pytest.raises(ValueError, match="resnet18, resnet50, darknet"):
+        YOLOv1("vgg16")
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    model = YOLOv1(grid_size=4, image_size=128, head_channels=16, fc_dim=16)
+    with pytest.raises(ValueError, match="128"):
+        model(torch.rand(1, 3, 224, 224))
+
+
+def test_head_initialisation_starts_near_half():
+    """In training mode (BatchNorm on batch statistics) the first outputs are all close to 0.5."""
+    torch.manual_seed(0)
+    model = YOLOv1(grid_size=4, image_size=128, head_channels=64, fc_dim=256).train()
+    with torch.no_grad():
+        out = model(torch.rand(4, 3, 128, 128))
+    assert (out - 0.5).abs().max() < 0.1
+    head_convs = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(conv.bias is None for conv in head_convs)
+
+
+def test_pretrained_weights_load_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    reference["conv1.weight"].fill_(0.25)
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference, cache / weights.url.rsplit("/", 1)[-1])
+
+    model = YOLOv1("resnet18", pretrained=True, grid_size=4, image_size=128, head_channels=16, fc_dim=16)
+    assert torch.equal(model.backbone[0].weight, reference["conv1.weight"])
+    assert torch.equal(model.backbone[4][0].conv1.weight, reference["layer1.0.conv1.weight"])
+
+
+def test_pretrained_weights_offline_error_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, *args, **kwargs):
+        import urllib.error
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RuntimeError) as error:
+        YOLOv1("resnet50", pretrained=True)
+    message = str(error.value)
+    assert "pretrained=False" in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert "resnet50" in message
+
+
+def test_darknet_has_no_pretrained_weights():
+    with pytest.raises(ValueError, match="pretrained=False"):
+        YOLOv1("darknet", pretrained=True)
