@@ -1,0 +1,277 @@
+"""Train YOLOv1 with the paper's recipe, on one device or many.
+
+    python train.py --backbone=resnet50 --out_dir=runs/resnet50_voc2012val
+    torchrun --nproc_per_node=4 train.py --backbone=resnet50 --out_dir=runs/resnet50_voc2012val
+
+Every constant below can be overridden as --name=value. A rerun of the same command continues from
+out_dir/last.pt; SIGINT or SIGTERM saves the current step and exits, and the rerun carries on from there.
+"""
+import csv
+import json
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differences, git_commit, load_checkpoint,
+                             save_checkpoint)
+from yolo.config import format_config, resolve_config
+from yolo.data import build_dataset
+from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
+from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
+from yolo.model import YOLOv1
+from yolo.optim import build_optimizer, learning_rate
+from yolo.plots import plot_training_curve
+from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
+from yolo.transforms import EvalTransform, TrainTransform, build_loader
+
+# --- model
+backbone = "resnet18"          # resnet18 | resnet50 | darknet
+pretrained = True              # ImageNet weights for the ResNet backbones (darknet: always from scratch)
+image_size = 448               # input side in pixels; image_size / 32 must be grid_size or 2 x grid_size
+grid_size = 7                  # S, cells per side
+num_boxes = 2                  # B, boxes predicted per cell
+head_channels = 1024           # width of the head's convolutions (paper: 1024)
+fc_dim = 4096                  # width of the hidden fully connected layer (paper: 4096)
+# --- data
+protocol = "voc2012val"        # voc2012val | voc2007test | synthetic
+data_dir = "data"              # folder holding VOCdevkit/, or the synthetic set's VOC-layout folder
+use_difficult = True           # keep objects marked difficult in the training targets (the seed did)
+augment = True                 # the paper's augmentation; false: resize only (for overfitting checks)
+num_workers = 4                # data-loading processes per training process
+# --- recipe (SPEC section 5)
+epochs = 145                   # total epochs
+batch_size = 64                # images per optimizer step, summed over processes and accumulation
+micro_batch_size = 16          # images per process and forward pass; BatchNorm normalises over these
+optimizer = "sgd"              # sgd (the paper's) | adamw
+lr = 1e-2                      # learning rate after warm-up
+warmup_lr = 1e-3               # learning rate at the start of the linear warm-up
+warmup_epochs = 10.0           # epochs of linear warm-up (fractional epochs allowed)
+lr_milestones = (85, 115)      # epochs at which the learning rate is multiplied by lr_gamma
+lr_gamma = 0.1                 # step factor at each milestone
+momentum = 0.9                 # SGD momentum (AdamW: beta1)
+weight_decay = 5e-4            # L2 weight decay on convolution and linear weights
+lambda_coord = 5.0             # weight of the box-coordinate term
+lambda_noobj = 0.5             # weight of the no-object confidence term
+# --- run
+out_dir = "runs/resnet18_voc2012val"  # last.pt, best.pt, log.csv, config.json, training_curve.png
+resume = "auto"                # auto: continue from out_dir/last.pt if present | never | path to a checkpoint
+seed = 0                       # model initialisation, data order and augmentation
+device = "auto"                # auto (cuda if available) | cpu | cuda
+dtype = "auto"                 # auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | bf16 | fp16
+compile = False                # torch.compile the model
+eval_every = 5                 # validate every N epochs and after the last; 0: only after the last
+
+LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_map", "val_voc12_map",
+               "images_per_s", "seconds")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def say(*args) -> None:
+    if is_main_process():
+        print(*args, flush=True)
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        sys.exit(f"error: --dtype={name}: expected auto, {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+class StopRequest:
+    """Turns SIGINT and SIGTERM into a flag the loop reads after each optimizer step."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.request)
+
+    def request(self, signum, frame) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        say(f"\nreceived {signal.Signals(signum).name}: saving at the end of this optimizer step")
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+def read_log(path: Path, up_to_epoch: int) -> list[dict]:
+    """The rows of an existing log.csv up to `up_to_epoch` (a resumed run rewrites the rest)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        return [row for row in csv.DictReader(file) if int(row["epoch"]) <= up_to_epoch]
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def append_log(path: Path, row: dict) -> None:
+    with open(path, "a", newline="") as file:
+        csv.DictWriter(file, fieldnames=LOG_COLUMNS).writerow(row)
+
+
+def find_checkpoint(config: dict, out_dir: Path) -> Path | None:
+    last = out_dir / "last.pt"
+    if config["resume"] == "auto":
+        return last if last.exists() else None
+    if config["resume"] == "never":
+        if last.exists():
+            sys.exit(f"error: {last} exists and resume=never would overwrite it: choose another out_dir, "
+                     f"delete the old run, or use --resume=auto.")
+        return None
+    return Path(config["resume"])
+
+
+def main(config: dict) -> None:
+    device = resolve_device(config["device"], 0)
+    rank, local_rank, world_size = init_distributed(device.type)
+    device = resolve_device(config["device"], local_rank)
+    dtype = resolve_dtype(config["dtype"], device)
+    out_dir = Path(config["out_dir"])
+    say(f"train.py on {world_size} process(es), device {device}, dtype {str(dtype).removeprefix('torch.')}\n"
+        f"{format_config(config)}")
+
+    random.seed(config["seed"])
+    torch.manual_seed(config["seed"])
+    train_set = build_dataset(config["protocol"], config["data_dir"], train=True)
+    class_names = train_set.class_names
+    if config["augment"]:
+        train_set.transforms = TrainTransform(config["image_size"], config["grid_size"], len(class_names),
+                                              use_difficult=config["use_difficult"])
+    else:
+        train_set.transforms = EvalTransform(config["image_size"], config["grid_size"], len(class_names))
+    val_set = build_dataset(config["protocol"], config["data_dir"], train=False,
+                            transforms=EvalTransform(config["image_size"], config["grid_size"], len(class_names)),
+                            class_names=class_names)
+    model_args = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
+    model_args["num_classes"] = len(class_names)
+    run_config = {**config, "num_classes": len(class_names)}
+
+    sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
+                                 config["seed"])
+    train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
+                                num_workers=config["num_workers"], sampler=sampler)
+    val_loader = build_loader(IndexedSamples(val_set, range(rank, len(val_set), world_size)),
+                              config["micro_batch_size"], shuffle=False, num_workers=config["num_workers"])
+
+    model = YOLOv1(**model_args, pretrained=config["pretrained"]).to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config["optimizer"], config["lr"], config["momentum"], config["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_epoch, start_step, best_map = 0, 0, -1.0
+
+    checkpoint_path = find_checkpoint(config, out_dir)
+    if checkpoint_path is not None:
+        checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+        differences = config_differences(checkpoint["config"], run_config)
+        if differences:
+            sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
+                     f"Rerun with the saved settings, or choose another out_dir to start a new run.")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        random.setstate(checkpoint["rng"]["python"])
+        say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+    if start_epoch >= config["epochs"]:
+        say(f"{out_dir} already holds a finished run of {config['epochs']} epochs: nothing to do.")
+        cleanup()
+        return
+
+    if is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch))
+    train_model = model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if config["compile"]:
+        train_model = torch.compile(train_model)
+
+    def checkpoint_state(epoch: int, step: int) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step, "best_map": best_map, "config": run_config,
+                "model_args": model_args, "class_names": list(class_names), "git_commit": git_commit(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+    loss_weights = {"lambda_coord": config["lambda_coord"], "lambda_noobj": config["lambda_noobj"]}
+
+    def lr_at(epoch: int, step: int) -> float:
+        return learning_rate(epoch + step / sampler.steps_per_epoch, config["lr"], config["warmup_lr"],
+                             config["warmup_epochs"], config["lr_milestones"], config["lr_gamma"])
+
+    stop = StopRequest()
+    for epoch in range(start_epoch, config["epochs"]):
+        sampler.set_epoch(epoch, start_step)
+        started = time.perf_counter()
+        try:
+            stats = train_one_epoch(
+                train_model, train_loader, optimizer, scaler, epoch=epoch, start_step=start_step,
+                accumulation=sampler.accumulation, loss_weights=loss_weights, device=device, dtype=dtype,
+                stop_requested=stop, lr_at=lambda step: lr_at(epoch, step))
+        except NonFiniteLossError as error:
+            cleanup()
+            sys.exit(f"error: {error}")
+        if stats["stopped"]:
+            if is_main_process():
+                save_checkpoint(checkpoint_state(epoch, stats["steps"]), out_dir / "last.pt")
+            say(f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
+                f"rerun the same command to resume")
+            cleanup()
+            sys.exit(128 + stop.signal)
+        start_step = 0
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
+               **{name: f"{value / stats['images']:.6f}" for name, value in stats["terms"].items()},
+               "train_loss": f"{sum(stats['terms'].values()) / stats['images']:.6f}",
+               "images_per_s": f"{stats['images'] / seconds:.2f}", "seconds": f"{seconds:.1f}",
+               "val_loss": "", "val_voc07_map": "", "val_voc12_map": ""}
+        last_epoch = epoch + 1 == config["epochs"]
+        if last_epoch or (config["eval_every"] > 0 and (epoch + 1) % config["eval_every"] == 0):
+            validation = evaluate(model, val_loader, val_set, num_classes=len(class_names), loss_weights=loss_weights,
+                                  device=device, dtype=dtype, desc=f"validate {epoch + 1}")
+            row["val_loss"] = f"{validation['loss']:.6f}"
+            if is_main_process():
+                metrics = validation["metrics"]
+                row["val_voc07_map"] = f"{metrics['voc07_map']:.6f}"
+                row["val_voc12_map"] = f"{metrics['voc12_map']:.6f}"
+                if metrics["voc12_map"] > best_map:
+                    best_map = metrics["voc12_map"]
+                    save_checkpoint({"model": model.state_dict(), "model_args": model_args, "epoch": epoch + 1,
+                                     "class_names": list(class_names), "config": run_config,
+                                     "val_voc12_map": best_map, "git_commit": git_commit()}, out_dir / "best.pt")
+        if is_main_process():
+            append_log(out_dir / "log.csv", row)
+            save_checkpoint(checkpoint_state(epoch + 1, 0), out_dir / "last.pt")
+            if row["val_loss"]:
+                plot_training_curve(out_dir / "log.csv", out_dir / "training_curve.png")
+        say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
+        barrier()
+    say(f"finished: {out_dir / 'last.pt'} holds the final model (best.pt: best validation mAP, for reference only)")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(resolve_config(globals()))

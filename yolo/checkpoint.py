@@ -1,0 +1,58 @@
+"""Training checkpoints: written atomically, read safely (weights_only), checked against the config."""
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+# Settings that change the model or the data a checkpoint was trained on: resuming with others is refused.
+ARCHITECTURE_KEYS = ("backbone", "num_classes", "grid_size", "num_boxes", "image_size", "head_channels", "fc_dim")
+RUN_KEYS = ARCHITECTURE_KEYS + ("protocol", "data_dir", "batch_size", "seed", "optimizer", "lr", "warmup_lr", "warmup_epochs",
+                                "lr_milestones", "lr_gamma", "momentum", "weight_decay", "lambda_coord",
+                                "lambda_noobj", "use_difficult", "augment")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or made for another model or run."""
+
+
+def git_commit() -> str:
+    """The repository's commit (with '-dirty' for uncommitted changes), or 'unknown' outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file intact."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No checkpoint at {path}: train one with train.py or give the right path.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch.load raises many types for a truncated or foreign file
+        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({error}). If a run was "
+                              f"interrupted while writing it, {path.name}.tmp may be left; delete the broken "
+                              f"file and resume from an intact one.") from error
+
+
+def config_differences(saved: dict, current: dict, keys=RUN_KEYS) -> list[str]:
+    """'name: saved -> current' for each listed setting that differs."""
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys
+            if key in current and saved.get(key) != current.get(key)]
