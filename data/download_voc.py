@@ -1,0 +1,208 @@
+"""Download, verify and extract PASCAL VOC2007 trainval, VOC2007 test and VOC2012 trainval.
+
+    python data/download_voc.py --data-dir data [--mirror URL] [--archives-dir DIR]
+
+Archives go to <data-dir>/archives/ and are extracted into <data-dir>/ (VOCdevkit/VOC2007, VOCdevkit/VOC2012).
+Every archive is checked against its MD5 before extraction. An interrupted download resumes from its
+.part file. A wrong checksum moves the downloaded file aside to *.bad and stops. Extraction goes to a
+temporary folder first and refuses members that would land outside it; once everything is in place a
+marker <data-dir>/archives/<archive>.extracted is written, so a rerun skips finished archives and a
+half-extracted one is redone. The .tar files may be deleted after extraction; keep the markers.
+
+The historical host is often down: --mirror URL (or the VOC_MIRROR environment variable) names another
+base URL serving the same file names, and --archives-dir DIR uses .tar files you already have.
+"""
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import NamedTuple
+
+from tqdm import tqdm
+
+CHUNK = 1 << 20
+TIMEOUT_S = 60
+
+
+class Archive(NamedTuple):
+    filename: str
+    md5: str
+    url: str
+
+
+# The archives both protocols need, as torchvision/datasets/voc.py (DATASET_YEAR_DICT) lists them.
+# Copied rather than imported: importing torchvision imports torch, seconds of start-up for every rerun
+# of a download script; tests/test_download.py checks the copy against torchvision's.
+VOC_ARCHIVES = (
+    Archive("VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64",
+            "https://thor.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtrainval_06-Nov-2007.tar"),
+    Archive("VOCtest_06-Nov-2007.tar", "b6e924de25625d8de591ea690078ad9f",
+            "https://thor.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtest_06-Nov-2007.tar"),
+    Archive("VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd",
+            "https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"),
+)
+
+
+class DownloadError(RuntimeError):
+    """A download, checksum or extraction failure; the message says what to do."""
+
+
+def md5sum(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as file, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                                        desc=f"md5 {path.name}", leave=False) as progress:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+            progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _network_hint(url):
+    return (f"could not download {url}. The host may be down: set --mirror URL (or VOC_MIRROR) to a base URL "
+            "serving the same file names, or put the .tar files in a folder and pass --archives-dir DIR")
+
+
+def fetch(url, destination):
+    """Download url to destination, resuming from destination.part when present."""
+    partial = destination.with_name(destination.name + ".part")
+    offset = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:
+            # Nothing left past our offset: the .part file is already whole; the checksum will tell.
+            partial.rename(destination)
+            return
+        raise DownloadError(f"HTTP {error.code} {error.reason}: {_network_hint(url)}") from None
+    except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, refused or reset connections
+        raise DownloadError(f"{error}: {_network_hint(url)}") from None
+    with response:
+        if offset and response.status != 206:
+            offset = 0  # the server ignored the Range header and sends the whole file
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        received = offset
+        try:
+            with open(partial, "ab" if offset else "wb") as file, tqdm(
+                    total=total, initial=offset, unit="B", unit_scale=True, desc=destination.name) as progress:
+                while chunk := response.read(CHUNK):
+                    file.write(chunk)
+                    received += len(chunk)
+                    progress.update(len(chunk))
+        except (OSError, http.client.HTTPException) as error:
+            raise DownloadError(f"{error!r} after {received} bytes; rerun to resume. {_network_hint(url)}") from None
+    if total is not None and received != total:
+        raise DownloadError(f"connection closed after {received} of {total} bytes of {url}; rerun to resume, "
+                            "or use --mirror / VOC_MIRROR or --archives-dir")
+    partial.rename(destination)
+
+
+def verify(path, md5, move_aside):
+    """Raise DownloadError unless path has the expected MD5; a bad download is renamed *.bad."""
+    actual = md5sum(path)
+    if actual == md5:
+        return
+    message = f"{path}: MD5 is {actual}, expected {md5}"
+    if move_aside:
+        bad = path.with_name(path.name + ".bad")
+        path.replace(bad)
+        message += f"; moved it to {bad}. Rerun to download again, or use --mirror / --archives-dir"
+    else:
+        message += "; replace this file with a good copy, or drop --archives-dir to download it"
+    raise DownloadError(message)
+
+
+def _merge(source, target):
+    """Move the tree at source into target, merging folders that already exist (VOC2007 trainval and test)."""
+    if target.is_dir() and source.is_dir() and not source.is_symlink():
+        for child in source.iterdir():
+            _merge(child, target / child.name)
+        source.rmdir()
+    else:
+        os.replace(source, target)
+
+
+def extract(archive_path, data_dir, marker):
+    """Extract safely into a temporary folder inside data_dir/archives, move into data_dir, then mark done."""
+    staging = marker.with_name(marker.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted run
+    staging.mkdir(parents=True)
+    try:
+        with tarfile.open(archive_path) as tar:
+            # The "data" filter refuses absolute paths, "..", links leading outside and device files.
+            tar.extractall(staging, filter="data")
+    except tarfile.FilterError as error:
+        shutil.rmtree(staging)
+        raise DownloadError(f"{archive_path}: refusing an unsafe archive ({error}); nothing was extracted") from None
+    except (tarfile.TarError, EOFError, OSError) as error:
+        shutil.rmtree(staging)
+        raise DownloadError(f"{archive_path}: extraction failed ({error}); the archive may be truncated or "
+                            "corrupt: delete it and rerun") from None
+    entries = sorted(child.name for child in staging.iterdir())
+    for name in entries:
+        _merge(staging / name, data_dir / name)
+    staging.rmdir()
+    marker.write_text(json.dumps({"archive": archive_path.name, "entries": entries}) + "\n")
+
+
+def is_extracted(marker, data_dir):
+    if not marker.is_file():
+        return False
+    return all((data_dir / name).exists() for name in json.loads(marker.read_text())["entries"])
+
+
+def download_voc(data_dir, archives, mirror=None, archives_dir=None):
+    """Make sure every (filename, md5, url) archive is downloaded, verified and extracted into data_dir.
+
+    mirror: base URL serving the same file names, replacing each archive's own URL.
+    archives_dir: folder already holding the archives; they are verified and extracted, never downloaded.
+    """
+    data_dir = Path(data_dir)
+    download_dir = data_dir / "archives"
+    download_dir.mkdir(parents=True, exist_ok=True)
+    for archive in map(Archive._make, archives):
+        marker = download_dir / f"{archive.filename}.extracted"
+        if is_extracted(marker, data_dir):
+            print(f"{archive.filename}: already extracted in {data_dir}, nothing to do")
+            continue
+        if archives_dir is not None:
+            path = Path(archives_dir) / archive.filename
+            if not path.is_file():
+                raise DownloadError(f"{path} not found; put {archive.filename} there or drop --archives-dir")
+            verify(path, archive.md5, move_aside=False)
+        else:
+            path = download_dir / archive.filename
+            if not path.is_file():
+                url = f"{mirror.rstrip('/')}/{archive.filename}" if mirror else archive.url
+                print(f"downloading {url}")
+                fetch(url, path)
+            verify(path, archive.md5, move_aside=True)
+        print(f"extracting {path} into {data_dir}")
+        extract(path, data_dir, marker)
+    print(f"VOC data ready in {data_dir}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default="data", help="where archives/ and VOCdevkit/ go (default: data)")
+    parser.add_argument("--mirror", default=os.environ.get("VOC_MIRROR"),
+                        help="base URL serving the same archive file names (default: $VOC_MIRROR)")
+    parser.add_argument("--archives-dir", help="folder holding the .tar files already; no download")
+    args = parser.parse_args(argv)
+    try:
+        download_voc(args.data_dir, VOC_ARCHIVES, mirror=args.mirror, archives_dir=args.archives_dir)
+    except DownloadError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

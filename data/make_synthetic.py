@@ -1,0 +1,226 @@
+"""Generate a small synthetic detection dataset in PASCAL VOC layout.
+
+It exists so the whole pipeline (training, evaluation, benchmark) can be shown working on a CPU in
+minutes. Each class is a distinct shape AND a distinct colour on a desaturated noisy background, objects
+are large and rarely share a grid cell, so a YOLOv1 trained from scratch at 128 px (S=4) or 224 px (S=7)
+learns it quickly. The output is byte-for-byte deterministic for a given seed: every image draws from
+its own generator seeded by (seed, split, index), so `--train 16` is a prefix of `--train 1000`.
+
+    python data/make_synthetic.py --out data/synthetic --train 800 --val 200 --seed 0   (the defaults)
+
+writes Annotations/*.xml, JPEGImages/*.jpg, ImageSets/Main/{train,val}.txt and classes.txt.
+Crosses carry a `<part>` (their hub), like VOC person parts, which readers must not take for objects.
+"""
+import argparse
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# (class name, RGB colour): hues far apart and saturated, unlike the grey background.
+CLASSES = (
+    ("circle", (220, 40, 40)),
+    ("square", (40, 170, 60)),
+    ("triangle", (40, 80, 230)),
+    ("cross", (235, 200, 30)),
+    ("diamond", (200, 50, 210)),
+)
+CLASS_NAMES = tuple(name for name, _ in CLASSES)
+SPLIT_CODES = {"train": 0, "val": 1}
+
+MIN_SIDE, MAX_SIDE = 160, 320
+MAX_OBJECTS = 6
+SIZE_RANGE = (0.15, 0.45)  # object side as a fraction of the image side
+TINY_SIZE_RANGE = (0.05, 0.08)  # tiny objects are marked difficult
+TINY_PROBABILITY = 0.06
+MAX_COVERAGE = 0.3  # at most this fraction of a box may lie under boxes placed before it
+DIFFICULT_VISIBLE_FRACTION = 0.4  # fewer visible pixels than this: difficult
+# Centres are kept in distinct cells of both grids the demo uses, so a cell rarely holds two objects.
+GRIDS = (4, 7)
+JPEG_QUALITY = 90
+NOISE_LEVEL = 24
+PLACEMENT_TRIES = 40
+
+
+def shape_mask(class_name, width, height):
+    """Filled mask (height, width) bool of one shape spanning the whole array."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    x2, y2 = width - 1, height - 1
+    cx, cy = x2 / 2, y2 / 2
+    if class_name == "circle":
+        draw.ellipse((0, 0, x2, y2), fill=1)
+    elif class_name == "square":
+        draw.rectangle((0, 0, x2, y2), fill=1)
+    elif class_name == "triangle":
+        draw.polygon([(0, y2), (cx, 0), (x2, y2)], fill=1)
+    elif class_name == "cross":
+        third_w, third_h = width / 3, height / 3
+        draw.rectangle((0, cy - third_h / 2, x2, cy + third_h / 2), fill=1)
+        draw.rectangle((cx - third_w / 2, 0, cx + third_w / 2, y2), fill=1)
+    elif class_name == "diamond":
+        draw.polygon([(cx, 0), (x2, cy), (cx, y2), (0, cy)], fill=1)
+    else:
+        raise ValueError(f"unknown synthetic class {class_name!r}")
+    return np.asarray(canvas, dtype=bool)
+
+
+def background(rng, width, height):
+    """Desaturated blotchy texture plus pixel noise, so objects must be found by shape and colour."""
+    base = rng.uniform(70, 170)
+    coarse = rng.normal(0, 18, size=(height // 16 + 2, width // 16 + 2, 1)) + rng.normal(0, 6, size=(1, 1, 3))
+    # Capped so that adding the uint8 noise below cannot overflow.
+    coarse = np.clip(base + coarse, 0, 255 - NOISE_LEVEL).astype(np.uint8)
+    texture = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR))
+    return texture + rng.integers(0, NOISE_LEVEL + 1, size=(height, width, 3), dtype=np.uint8)
+
+
+def _grid_cells(box, width, height):
+    cx = (box[0] + box[2] + 1) / 2 / width
+    cy = (box[1] + box[3] + 1) / 2 / height
+    return {(s, min(int(cx * s), s - 1), min(int(cy * s), s - 1)) for s in GRIDS}
+
+
+def _coverage(box, others):
+    """Fraction of `box` covered by `others`; overlaps are summed, an upper bound where others overlap too."""
+    area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+    covered = 0
+    for other in others:
+        w = min(box[2], other[2]) - max(box[0], other[0]) + 1
+        h = min(box[3], other[3]) - max(box[1], other[1]) + 1
+        covered += max(w, 0) * max(h, 0)
+    return covered / area
+
+
+def place_objects(rng, width, height):
+    """Choose (class index, 0-based inclusive box, tiny) with modest overlap and distinct grid cells."""
+    placed, used_cells = [], set()
+    for _ in range(rng.integers(1, MAX_OBJECTS + 1)):
+        for _ in range(PLACEMENT_TRIES):
+            tiny = rng.random() < TINY_PROBABILITY
+            low, high = TINY_SIZE_RANGE if tiny else SIZE_RANGE
+            side = rng.uniform(low, high) * min(width, height)
+            aspect = rng.uniform(0.7, 1.4)
+            w = max(int(side * aspect ** 0.5), 4)
+            h = max(int(side / aspect ** 0.5), 4)
+            x1, y1 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+            box = (x1, y1, x1 + w - 1, y1 + h - 1)
+            cells = _grid_cells(box, width, height)
+            boxes = [b for _, b, _ in placed]
+            if cells & used_cells and not tiny:
+                continue
+            if _coverage(box, boxes) > MAX_COVERAGE or any(_coverage(b, [box]) > MAX_COVERAGE for b in boxes):
+                continue
+            placed.append((int(rng.integers(len(CLASSES))), box, tiny))
+            used_cells |= cells
+            break
+    return placed
+
+
+def render_image(rng, width, height):
+    """Draw one image; return (H, W, 3) uint8 pixels and its objects as dicts with VOC boxes."""
+    pixels = background(rng, width, height)
+    owner = np.zeros((height, width), dtype=np.int16)  # which object is on top at each pixel (1-based)
+    objects, regions = [], []
+    for number, (class_index, box, tiny) in enumerate(place_objects(rng, width, height), start=1):
+        name, colour = CLASSES[class_index]
+        x1, y1, x2, y2 = box
+        region = (slice(y1, y2 + 1), slice(x1, x2 + 1))
+        mask = shape_mask(name, x2 - x1 + 1, y2 - y1 + 1)
+        shade = np.clip(np.array(colour) + rng.integers(-20, 21, size=3), 0, 255).astype(np.uint8)
+        pixels[region][mask] = shade
+        owner[region][mask] = number
+        ys, xs = np.nonzero(mask)
+        # Tight box from the drawn pixels, converted to VOC's 1-based inclusive convention.
+        voc_box = (x1 + int(xs.min()) + 1, y1 + int(ys.min()) + 1, x1 + int(xs.max()) + 1, y1 + int(ys.max()) + 1)
+        objects.append({"name": name, "bndbox": voc_box, "difficult": tiny})
+        regions.append((region, mask))
+        if name == "cross":
+            cx, cy = (voc_box[0] + voc_box[2]) // 2, (voc_box[1] + voc_box[3]) // 2
+            objects[-1]["part"] = ("hub", (cx - 2, cy - 2, cx + 2, cy + 2))
+    for number, (obj, (region, mask)) in enumerate(zip(objects, regions), start=1):
+        visible = np.count_nonzero(owner[region][mask] == number) / np.count_nonzero(mask)
+        obj["difficult"] = obj["difficult"] or visible < DIFFICULT_VISIBLE_FRACTION
+    return pixels, objects
+
+
+def annotation_xml(filename, width, height, objects):
+    """VOC annotation XML text; objects are dicts with name, bndbox (VOC pixels), difficult, optional part."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "synthetic"
+    ET.SubElement(root, "filename").text = filename
+    size = ET.SubElement(root, "size")
+    for tag, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(value)
+    ET.SubElement(root, "segmented").text = "0"
+    for obj in objects:
+        element = ET.SubElement(root, "object")
+        ET.SubElement(element, "name").text = obj["name"]
+        ET.SubElement(element, "pose").text = "Unspecified"
+        ET.SubElement(element, "truncated").text = "0"
+        ET.SubElement(element, "difficult").text = str(int(obj["difficult"]))
+        _add_bndbox(element, obj["bndbox"])
+        if "part" in obj:
+            part = ET.SubElement(element, "part")
+            ET.SubElement(part, "name").text = obj["part"][0]
+            _add_bndbox(part, obj["part"][1])
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _add_bndbox(parent, box):
+    bndbox = ET.SubElement(parent, "bndbox")
+    for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box):
+        ET.SubElement(bndbox, tag).text = str(value)
+
+
+def write_voc_item(root, image_id, pixels, objects):
+    """Write one JPEG and its annotation under a VOC-layout root."""
+    height, width = pixels.shape[:2]
+    Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.jpg", quality=JPEG_QUALITY)
+    xml = annotation_xml(f"{image_id}.jpg", width, height, objects)
+    (root / "Annotations" / f"{image_id}.xml").write_text(xml)
+
+
+def make_voc_dirs(root):
+    root = Path(root)
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def generate(out, train=800, val=200, seed=0):
+    """Write the dataset under `out` (created if needed); return {split: [image ids]}."""
+    root = make_voc_dirs(out)
+    splits = {}
+    for split, count in (("train", train), ("val", val)):
+        ids = []
+        for index in range(count):
+            rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
+            width, height = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
+            pixels, objects = render_image(rng, width, height)
+            image_id = f"{split}_{index:06d}"
+            write_voc_item(root, image_id, pixels, objects)
+            ids.append(image_id)
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        splits[split] = ids
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in CLASS_NAMES))
+    return splits
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="data/synthetic", help="output folder (VOC layout)")
+    parser.add_argument("--train", type=int, default=800, help="number of training images")
+    parser.add_argument("--val", type=int, default=200, help="number of validation images")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    generate(args.out, args.train, args.val, args.seed)
+    print(f"wrote {args.train} train + {args.val} val images to {args.out} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+import warnings
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import make_synthetic
+from yolo.boxes import normalized_to_voc
+from yolo.data import (PROTOCOLS, AnnotationError, ImageDecodeError, VOCDetection, build_dataset,
+                       read_voc_annotation)
+from yolo.transforms import EvalTransform, TrainTransform, build_loader
+from yolo.visualize import draw_boxes, save_image
+
+CLASSES = ("cat", "dog")
+WIDTH, HEIGHT = 40, 30
+
+
+def write_item(root, image_id, objects=(), size=(WIDTH, HEIGHT), image_size=None):
+    """One image + annotation in a VOC-layout root; objects are (name, VOC box, difficult)."""
+    make_synthetic.make_voc_dirs(root)
+    width, height = image_size or size
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.jpg")
+    xml = make_synthetic.annotation_xml(f"{image_id}.jpg", *size, [
+        {"name": name, "bndbox": box, "difficult": difficult} for name, box, difficult in objects])
+    (root / "Annotations" / f"{image_id}.xml").write_text(xml)
+    return root / "Annotations" / f"{image_id}.xml"
+
+
+def write_split(root, split, ids):
+    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+
+
+def dataset_of(root, ids, **kwargs):
+    write_split(root, "train", ids)
+    return VOCDetection([(root, "train")], class_names=CLASSES, **kwargs)
+
+
+def test_read_annotation_parts_decimals_missing_difficult(tmp_path):
+    xml_path = tmp_path / "a.xml"
+    xml_path.write_text("""<annotation><size><width>40</width><height>30</height><depth>3</depth></size>
+      <object><name>dog</name><bndbox><xmin>2.5</xmin><ymin>3</ymin><xmax>20.0</xmax><ymax>25</ymax></bndbox>
+        <part><name>head</name><bndbox><xmin>3</xmin><ymin>4</ymin><xmax>8</xmax><ymax>9</ymax></bndbox></part>
+      </object>
+      <object><name>cat</name><difficult>1</difficult>
+        <bndbox><xmin>1</xmin><ymin>1</ymin><xmax>40</xmax><ymax>30</ymax></bndbox></object>
+    </annotation>""")
+    annotation = read_voc_annotation(xml_path, CLASSES)
+    assert annotation["boxes"].dtype == np.float32 and annotation["boxes"].shape == (2, 4)
+    np.testing.assert_array_equal(annotation["boxes"], [[2.5, 3, 20, 25], [1, 1, 40, 30]])
+    assert annotation["labels"].tolist() == [1, 0] and annotation["labels"].dtype == np.int64
+    assert annotation["difficult"].tolist() == [False, True]
+    assert (annotation["width"], annotation["height"]) == (40, 30)
+
+
+def test_truncated_xml_names_the_file(tmp_path):
+    xml_path = write_item(tmp_path, "x", [("cat", (1, 1, 5, 5), False)])
+    xml_path.write_text(xml_path.read_text()[:60])
+    with pytest.raises(AnnotationError, match=r"x\.xml.*cannot parse"):
+        dataset_of(tmp_path, ["x"])
+
+
+def test_missing_field_names_file_and_field(tmp_path):
+    xml_path = write_item(tmp_path, "x", [("cat", (1, 1, 5, 5), False)])
+    root = ET.parse(xml_path).getroot()
+    bndbox = root.find("object/bndbox")
+    bndbox.remove(bndbox.find("xmax"))
+    xml_path.write_text(ET.tostring(root, encoding="unicode"))
+    with pytest.raises(AnnotationError, match=r"x\.xml.*bndbox/xmax"):
+        read_voc_annotation(xml_path, CLASSES)
+
+
+def test_unknown_class_names_file_class_and_remedy(tmp_path):
+    write_item(tmp_path, "x", [("unicorn", (1, 1, 5, 5), False)])
+    with pytest.raises(AnnotationError, match=r"x\.xml.*'unicorn'.*class_names"):
+        dataset_of(tmp_path, ["x"])
+
+
+def test_missing_split_annotation_or_image_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train\.txt.*make download"):
+        VOCDetection([(tmp_path, "train")], class_names=CLASSES)
+    write_item(tmp_path, "a")
+    with pytest.raises(FileNotFoundError, match=r"Annotations/b\.xml.*make download"):
+        dataset_of(tmp_path, ["a", "b"])
+    (tmp_path / "JPEGImages" / "a.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"JPEGImages/a\.jpg.*make download"):
+        dataset_of(tmp_path, ["a"])
+
+
+def test_corrupt_or_truncated_jpeg_names_the_file(tmp_path):
+    write_item(tmp_path, "garbage")
+    (tmp_path / "JPEGImages" / "garbage.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    write_item(tmp_path, "truncated")
+    path = tmp_path / "JPEGImages" / "truncated.jpg"
+    path.write_bytes(path.read_bytes()[:300])
+    dataset = dataset_of(tmp_path, ["garbage", "truncated"])  # construction does not decode images
+    for index, name in enumerate(("garbage", "truncated")):
+        with pytest.raises(ImageDecodeError, match=rf"{name}\.jpg: cannot decode"):
+            dataset[index]
+
+
+def test_empty_annotation_is_valid(tmp_path):
+    dataset = dataset_of(tmp_path, [write_item(tmp_path, "empty").stem], transforms=EvalTransform(32, 4, 2))
+    image, target = dataset[0]
+    assert image.shape == (3, 32, 32)
+    assert target["boxes"].shape == (0, 4) and target["labels"].shape == (0,)
+    assert not target["grid"].any()
+
+
+def test_out_of_image_box_clipped_zero_area_box_dropped_with_warning(tmp_path):
+    write_item(tmp_path, "x", [("cat", (-5, 3, 50, 40), False), ("dog", (45, 2, 60, 10), False),
+                               ("dog", (10, 12, 9, 20), False), ("cat", (7, 7, 7, 7), False)])
+    with pytest.warns(UserWarning, match=r"x\.xml: dropped 2 box"):
+        dataset = dataset_of(tmp_path, ["x"])
+    annotation = dataset.annotations[0]
+    # Clipped to [1, 40] x [1, 30]; a one-pixel box (x1 == x2) is valid under the inclusive convention.
+    np.testing.assert_array_equal(annotation["boxes"], [[1, 3, 40, 30], [7, 7, 7, 7]])
+    assert annotation["labels"].tolist() == [0, 0]
+
+
+def test_image_size_disagreeing_with_xml_trusts_pixels(tmp_path):
+    write_item(tmp_path, "x", [("cat", (5, 5, 40, 30), False)], size=(40, 30), image_size=(20, 16))
+    dataset = dataset_of(tmp_path, ["x"])
+    with pytest.warns(UserWarning, match=r"x\.jpg: decoded size 20 x 16 differs"):
+        image, annotation = dataset[0]
+    assert image.shape == (3, 16, 20) and (annotation["width"], annotation["height"]) == (20, 16)
+    np.testing.assert_array_equal(annotation["boxes"], [[5, 5, 20, 16]])
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grayscale_and_cmyk_decode_to_rgb(tmp_path, mode):
+    write_item(tmp_path, "x")
+    Image.new(mode, (WIDTH, HEIGHT)).save(tmp_path / "JPEGImages" / "x.jpg")
+    image, annotation = dataset_of(tmp_path, ["x"])[0]
+    assert image.shape == (3, HEIGHT, WIDTH) and image.dtype == torch.uint8
+    assert annotation["image_id"] == "x"
+
+
+def test_voc_protocols_combine_the_right_splits(tmp_path):
+    splits = {"VOC2007": {"trainval": ["000005"], "test": ["000001"]},
+              "VOC2012": {"train": ["2008_000001"], "val": ["2008_000002"], "trainval": ["2008_000001", "2008_000002"]}}
+    for year, lists in splits.items():
+        root = tmp_path / "VOCdevkit" / year
+        for image_id in {i for ids in lists.values() for i in ids}:
+            write_item(root, image_id, [("cat", (1, 1, 5, 5), False)])
+        for split, ids in lists.items():
+            write_split(root, split, ids)
+    ids = {(protocol, train): build_dataset(protocol, tmp_path, train=train, class_names=CLASSES).image_ids
+           for protocol in ("voc2012val", "voc2007test") for train in (True, False)}
+    assert ids[("voc2012val", True)] == ["000005", "000001", "2008_000001"]
+    assert ids[("voc2012val", False)] == ["2008_000002"]
+    assert ids[("voc2007test", True)] == ["000005", "2008_000001", "2008_000002"]
+    assert ids[("voc2007test", False)] == ["000001"]
+    with pytest.raises(ValueError, match="known protocols: " + ", ".join(PROTOCOLS)):
+        build_dataset("voc2010", tmp_path, train=True)
+
+
+def test_synthetic_set_through_both_transforms_loader_and_drawing(synthetic_root, tmp_path):
+    raw = build_dataset("synthetic", synthetic_root, train=True)
+    assert raw.class_names == make_synthetic.CLASS_NAMES
+    num_classes = len(raw.class_names)
+    # <part> boxes are not objects: one box per <object>, whatever the parts.
+    for index, image_id in enumerate(raw.image_ids):
+        xml_root = ET.parse(synthetic_root / "Annotations" / f"{image_id}.xml").getroot()
+        assert len(raw.annotations[index]["labels"]) == len(xml_root.findall("object"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the synthetic set is clean
+        image, annotation = raw[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, annotation["height"], annotation["width"])
+
+    torch.manual_seed(0)
+    for transform, split in ((TrainTransform(64, 4, num_classes), True), (EvalTransform(64, 4, num_classes), False)):
+        dataset = build_dataset("synthetic", synthetic_root, train=split, transforms=transform)
+        for index in range(4):
+            image, target = dataset[index]
+            assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+            assert 0 <= image.min() and image.max() <= 1
+            boxes = target["boxes"]
+            assert boxes.dtype == torch.float32 and ((boxes >= 0) & (boxes <= 1)).all()
+            assert (boxes[:, 2:] > boxes[:, :2]).all()
+            assert len(boxes) == len(target["labels"]) == len(target["difficult"])
+            assert target["grid"].shape == (4, 4, 5 + num_classes)
+            assert target["orig_size"].tolist() == [dataset.annotations[index]["height"],
+                                                    dataset.annotations[index]["width"]]
+            assert target["image_id"] == dataset.image_ids[index]
+    # Evaluation only resizes: its boxes map back exactly onto the annotation.
+    annotation = dataset.annotations[3]
+    torch.testing.assert_close(normalized_to_voc(boxes, annotation["width"], annotation["height"]),
+                               torch.from_numpy(annotation["boxes"]))
+
+    loader = build_loader(dataset, batch_size=3, shuffle=False, num_workers=0)
+    images, grids, targets = next(iter(loader))
+    assert images.shape == (3, 3, 64, 64) and grids.shape == (3, 4, 4, 5 + num_classes) and len(targets) == 3
+
+    pixels = image.mul(255).round().to(torch.uint8)
+    drawn = draw_boxes(pixels, normalized_to_voc(boxes, 64, 64), target["labels"], dataset.class_names)
+    assert drawn.shape == (3, 64, 64) and drawn.dtype == torch.uint8 and not torch.equal(drawn, pixels)
+    save_image(drawn, tmp_path / "drawn.png")
+    assert Image.open(tmp_path / "drawn.png").size == (64, 64)
+
+
+def test_train_transform_can_drop_difficult_and_is_seeded(synthetic_root):
+    dataset = build_dataset("synthetic", synthetic_root, train=True)
+    index = next(i for i, a in enumerate(dataset.annotations) if a["difficult"].any())
+    image, annotation = dataset[index]
+    num_classes = len(dataset.class_names)
+    kept = EvalTransform(64, 4, num_classes)(image, annotation)[1]
+    assert kept["difficult"].any()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        _, first = TrainTransform(64, 4, num_classes, use_difficult=False)(image, annotation)
+        torch.manual_seed(seed)
+        _, again = TrainTransform(64, 4, num_classes, use_difficult=False)(image, annotation)
+        assert not first["difficult"].any()
+        torch.testing.assert_close(first["boxes"], again["boxes"])

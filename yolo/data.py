@@ -1,0 +1,214 @@
+"""PASCAL VOC (and VOC-layout) detection data: annotation parsing, the dataset, and the split protocols.
+
+Boxes stay in VOC's own convention here (1-based inclusive pixels, as written in the XML); the
+transforms in `yolo.transforms` convert them to normalised coordinates.
+"""
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+# protocol -> {"train" | "test": [(VOC year folder, split list)]}, as in SPEC section 4.
+PROTOCOLS = {
+    "voc2012val": {
+        "train": [("VOC2007", "trainval"), ("VOC2007", "test"), ("VOC2012", "train")],
+        "test": [("VOC2012", "val")],
+    },
+    "voc2007test": {
+        "train": [("VOC2007", "trainval"), ("VOC2012", "trainval")],
+        "test": [("VOC2007", "test")],
+    },
+    "synthetic": {"train": [(".", "train")], "test": [(".", "val")]},
+}
+
+MISSING_DATA_HINT = "run `make download` (or `make synthetic` for the synthetic set) or check data_dir"
+
+
+class AnnotationError(ValueError):
+    """An annotation file that cannot be used; the message names the file and what to do."""
+
+
+class ImageDecodeError(RuntimeError):
+    """An image file that cannot be read or decoded; the message names the file."""
+
+
+def _number(element, path, xml_path):
+    text = element.findtext(path)
+    if text is None:
+        raise AnnotationError(f"{xml_path}: missing <{path}>; fix or remove this annotation")
+    try:
+        return float(text)
+    except ValueError:
+        raise AnnotationError(f"{xml_path}: <{path}> is {text!r}, not a number") from None
+
+
+def read_voc_annotation(xml_path, class_names):
+    """Parse one VOC XML file.
+
+    Returns {"boxes": float32 (M, 4) x1, y1, x2, y2 in VOC 1-based inclusive pixels, "labels": int64 (M,),
+    "difficult": bool (M,), "width": int, "height": int}. Only direct `<object>/<bndbox>` elements are
+    objects (`<part>` boxes inside a person are not). Boxes are clipped to [1, width] x [1, height]; a box
+    left with no area is dropped with a warning. Raises AnnotationError for malformed XML, a missing field
+    or a class not in `class_names`.
+    """
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError) as error:
+        raise AnnotationError(f"{xml_path}: cannot parse annotation XML ({error}); re-extract or fix it") from None
+    width = int(_number(root, "size/width", xml_path))
+    height = int(_number(root, "size/height", xml_path))
+    if width <= 0 or height <= 0:
+        raise AnnotationError(f"{xml_path}: image size {width} x {height} is not positive")
+
+    class_index = {name: index for index, name in enumerate(class_names)}
+    boxes, labels, difficult = [], [], []
+    for obj in root.findall("object"):
+        name = (obj.findtext("name") or "").strip()
+        if name not in class_index:
+            raise AnnotationError(
+                f"{xml_path}: class {name!r} is not one of the dataset's classes {list(class_names)}; "
+                "fix the annotation or pass the right class_names (classes.txt for a custom set)"
+            )
+        boxes.append([_number(obj, f"bndbox/{tag}", xml_path) for tag in ("xmin", "ymin", "xmax", "ymax")])
+        labels.append(class_index[name])
+        # Some VOC2012 objects have no <difficult> tag; the devkit reads that as not difficult.
+        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
+
+    annotation = {
+        "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        "labels": np.asarray(labels, dtype=np.int64),
+        "difficult": np.asarray(difficult, dtype=bool),
+        "width": width,
+        "height": height,
+    }
+    return clip_to_image(annotation, width, height, xml_path)
+
+
+def clip_to_image(annotation, width, height, source):
+    """Clip boxes to [1, width] x [1, height]; drop (with a warning naming `source`) those left without area."""
+    boxes = annotation["boxes"].copy()
+    # Only the outer sides are clipped, so a box wholly outside ends with x2 < x1 (or y2 < y1) and is
+    # dropped, rather than shrunk to a sliver on the border. x1 == x2 is one pixel wide, still valid.
+    boxes[:, :2] = boxes[:, :2].clip(min=1)
+    boxes[:, 2] = boxes[:, 2].clip(max=width)
+    boxes[:, 3] = boxes[:, 3].clip(max=height)
+    keep = (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
+    if not keep.all():
+        warnings.warn(f"{source}: dropped {int((~keep).sum())} box(es) with no area inside the "
+                      f"{width} x {height} image: {annotation['boxes'][~keep].tolist()}", stacklevel=2)
+    return {**annotation, "boxes": boxes[keep], "labels": annotation["labels"][keep],
+            "difficult": annotation["difficult"][keep], "width": width, "height": height}
+
+
+def decode_image(path):
+    """JPEG file -> uint8 (3, H, W) RGB tensor (grayscale and CMYK converted); ImageDecodeError names the file."""
+    try:
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoder in favour of TorchCodec, which the pinned environment
+            # lacks; the decoder is still there and about twice as fast as going through PIL.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io")
+            return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise ImageDecodeError(f"{path}: cannot decode image ({error}); re-extract or replace the file") from None
+
+
+class VOCDetection(torch.utils.data.Dataset):
+    """Images and annotations listed by one or more VOC-layout (voc_root, split) pairs.
+
+    All annotations are parsed at construction, so a bad or missing file fails now, named, rather than
+    hours into training. Difficult objects are kept (as the seed did): evaluation needs them to ignore
+    matches, and `TrainTransform(use_difficult=False)` drops them from training targets.
+
+    An image whose decoded size disagrees with its XML <size>: the decoded pixels are trusted (they are
+    what the model sees), the boxes are clipped to them and a warning names the file. `annotations`
+    keeps the XML's view, since checking every image's size at construction would decode them all.
+    """
+
+    def __init__(self, sources, class_names=VOC_CLASSES, transforms=None):
+        self.class_names = tuple(class_names)
+        self.transforms = transforms
+        self.image_ids, self.annotations, self._image_paths = [], [], []
+        for voc_root, split in sources:
+            voc_root = Path(voc_root)
+            split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
+            if not split_file.is_file():
+                raise FileNotFoundError(f"split list {split_file} not found; {MISSING_DATA_HINT}")
+            available_images = _list_dir(voc_root / "JPEGImages")
+            for image_id in split_file.read_text().split():
+                xml_path = voc_root / "Annotations" / f"{image_id}.xml"
+                if not xml_path.is_file():
+                    raise FileNotFoundError(f"annotation {xml_path} (listed in {split_file}) not found; "
+                                            f"{MISSING_DATA_HINT}")
+                if f"{image_id}.jpg" not in available_images:
+                    raise FileNotFoundError(f"image {voc_root / 'JPEGImages' / image_id}.jpg (listed in "
+                                            f"{split_file}) not found; {MISSING_DATA_HINT}")
+                self.image_ids.append(image_id)
+                self.annotations.append(read_voc_annotation(xml_path, self.class_names))
+                self._image_paths.append(voc_root / "JPEGImages" / f"{image_id}.jpg")
+        if len(set(self.image_ids)) != len(self.image_ids):
+            raise ValueError(f"image ids repeat across {list(sources)}; each image may be listed only once")
+
+    def __len__(self):
+        return len(self.image_ids)
+
+    def image_path(self, index):
+        return self._image_paths[index]
+
+    def __getitem__(self, index):
+        path = self._image_paths[index]
+        image = decode_image(path)
+        # A copy, arrays included, so callers may edit it without corrupting the dataset.
+        annotation = {key: value.copy() if isinstance(value, np.ndarray) else value
+                      for key, value in self.annotations[index].items()}
+        annotation["image_id"] = self.image_ids[index]
+        height, width = image.shape[1:]
+        if (width, height) != (annotation["width"], annotation["height"]):
+            warnings.warn(f"{path}: decoded size {width} x {height} differs from the annotation's "
+                          f"{annotation['width']} x {annotation['height']}; using the decoded size")
+            annotation = clip_to_image(annotation, width, height, path)
+        if self.transforms is not None:
+            return self.transforms(image, annotation)
+        return image, annotation
+
+
+def _list_dir(folder):
+    # One directory listing instead of one stat per image: VOC2012 has 17k images.
+    try:
+        return {entry.name for entry in Path(folder).iterdir()}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image folder {folder} not found; {MISSING_DATA_HINT}") from None
+
+
+def read_class_names(path):
+    """Class names from a text file, one per line (blank lines ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class list {path} not found; {MISSING_DATA_HINT}")
+    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+
+
+def build_dataset(protocol, data_dir, train, transforms=None, class_names=None):
+    """The train or test set of a protocol (see PROTOCOLS).
+
+    VOC protocols read data_dir/VOCdevkit/VOC2007 and VOC2012 with the 20 VOC classes; `synthetic`
+    reads the VOC-layout folder data_dir itself (splits train / val) with classes from data_dir/classes.txt.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOLS)}")
+    data_dir = Path(data_dir)
+    if protocol == "synthetic":
+        base = data_dir
+        class_names = class_names or read_class_names(data_dir / "classes.txt")
+    else:
+        base = data_dir / "VOCdevkit"
+        class_names = class_names or VOC_CLASSES
+    sources = [(base / folder, split) for folder, split in PROTOCOLS[protocol]["train" if train else "test"]]
+    return VOCDetection(sources, class_names=class_names, transforms=transforms)
