@@ -1,19 +1,57 @@
-# YOLOv1 reproduction. `make help` lists the targets; results are files, and each file depends on
-# the script and inputs that make it.
+# YOLOv1 reproduction. `make help` lists the targets. Results are files: each one depends on the
+# script and the inputs that make it, so an edited script reruns what it affects, and an interrupted
+# `make reproduce` continues where it stopped (training resumes from its last.pt).
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
 MAKEFLAGS += --warn-undefined-variables --no-builtin-rules
 
 PYTHON ?= python3## interpreter that creates the virtual environment
 VENV ?= .venv## virtual environment (point it at a conda env to use that instead)
+PROTOCOL ?= voc2012val## voc2012val (the seed's) or voc2007test (the paper's)
+NPROC ?= 1## GPUs to train on (torchrun when more than 1)
+FORCE_CPU ?= 0## 1: let `make reproduce` train on a CPU (months)
+VOC_MIRROR ?=## base URL of a mirror serving the VOC .tar files
+VOC_ARCHIVES_DIR ?=## folder already holding the VOC .tar files (verified, not downloaded)
+README ?= README.md## the file whose results table `make table` regenerates
+
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-requirements
+PACKAGE := $(wildcard yolo/*.py)
+RESULTS := results
+RUNS := runs
+TRAIN_CMD := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
-.PHONY: help test
+# --- the VOC reproduction (CUDA)
+VOC_ARCHIVES := VOCtrainval_06-Nov-2007.tar VOCtest_06-Nov-2007.tar VOCtrainval_11-May-2012.tar
+VOC_MARKERS := $(addprefix data/archives/,$(addsuffix .extracted,$(VOC_ARCHIVES)))
+VOC_MODELS := resnet18 resnet50
+VOC_DONE := $(foreach m,$(VOC_MODELS),$(RUNS)/$(m)_$(PROTOCOL)/done)
+VOC_EVALS := $(foreach m,$(VOC_MODELS),$(RESULTS)/$(m)_$(PROTOCOL)_ap.png)
 
-help: ## list the targets
+# --- the CPU demo on the synthetic set (sized to finish within 15 minutes on 2 cores)
+DEMO_DATA ?= data/synthetic## synthetic VOC-layout dataset of the demo
+DEMO_RUNS ?= $(RUNS)/demo## demo checkpoints and logs
+DEMO_RESULTS ?= $(RESULTS)/demo## demo CSVs and figures (committed)
+DEMO_TRAIN_IMAGES ?= 512
+DEMO_VAL_IMAGES ?= 128
+DEMO_EPOCHS ?= 20
+DEMO_BENCHMARK ?= --iters=10 --warmup=2## benchmark.py settings of the demo
+DEMO_TRAIN := --protocol=synthetic --pretrained=false --image_size=128 --grid_size=4 --head_channels=128 \
+	--fc_dim=512 --optimizer=adamw --lr=1e-3 --weight_decay=0 --warmup_epochs=1 --batch_size=32 \
+	--micro_batch_size=32 --num_workers=1 --eval_every=5 --device=cpu
+DEMO_MODELS := resnet18 resnet50
+DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_RESULTS)/$(m)_ap.png)
+
+.PHONY: help test download train-resnet18 train-resnet50 train-darknet eval benchmark table reproduce demo \
+	clean check-gpu
+
+help: ## list the targets and the variables they read
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@echo "variables:"
+	@grep -hE '^[A-Z_]+ \?=.*## ' $(MAKEFILE_LIST) | sed -E 's/ \?= ?/=/; s/## /\t/' \
+		| awk -F '\t' '{printf "  %-30s %s\n", $$1, $$2}'
 
 # The stamp is newer than requirements.txt only after a complete install of exactly those pins.
 $(INSTALLED): requirements.txt
@@ -23,3 +61,69 @@ $(INSTALLED): requirements.txt
 
 test: $(INSTALLED) ## install the pinned environment (once) and run the test suite
 	$(PY) -m pytest
+
+# --- VOC
+download: $(VOC_MARKERS) ## download, verify and extract VOC2007 trainval/test and VOC2012 trainval into data/
+
+# The markers are written once an archive is verified and fully extracted; an edited download script
+# need not invalidate the data (and everything trained on it), hence order-only.
+$(VOC_MARKERS) &: | data/download_voc.py $(INSTALLED)
+	$(PY) data/download_voc.py --data-dir data $(if $(VOC_MIRROR),--mirror $(VOC_MIRROR)) \
+		$(if $(VOC_ARCHIVES_DIR),--archives-dir $(VOC_ARCHIVES_DIR))
+
+check-gpu: | $(INSTALLED)
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or '$(FORCE_CPU)' == '1' else \
+		'No CUDA GPU found. The full reproduction trains two 256-282 M parameter models for 145 epochs on \
+		16.5k images: about 2-3 days on one modern GPU, several months on a CPU (this demo machine trains \
+		resnet18 at 448 px at about 1 image/s). Use make demo for the CPU demonstration, or FORCE_CPU=1 to \
+		train on the CPU anyway.')"
+
+$(RUNS)/%_$(PROTOCOL)/done: train.py $(PACKAGE) $(VOC_MARKERS) | check-gpu
+	$(TRAIN_CMD) train.py --backbone=$* --protocol=$(PROTOCOL) --out_dir=$(@D)
+
+train-resnet18: $(RUNS)/resnet18_$(PROTOCOL)/done ## train YOLOv1-ResNet18 with the paper's recipe (resumes)
+train-resnet50: $(RUNS)/resnet50_$(PROTOCOL)/done ## train YOLOv1-ResNet50 with the paper's recipe (resumes)
+train-darknet: $(VOC_MARKERS) | check-gpu ## train the paper's Darknet backbone from scratch (not in reproduce)
+	$(TRAIN_CMD) train.py --backbone=darknet --pretrained=false --protocol=$(PROTOCOL) \
+		--out_dir=$(RUNS)/darknet_$(PROTOCOL)
+
+$(RESULTS)/%_$(PROTOCOL)_ap.png: $(RUNS)/%_$(PROTOCOL)/done evaluate.py $(PACKAGE)
+	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --out_dir=$(RESULTS)
+	cp $(<D)/log.csv $(RESULTS)/$*_$(PROTOCOL)_log.csv
+
+eval: $(VOC_EVALS) ## evaluate the final checkpoints into results/metrics.csv and figures
+
+$(RESULTS)/benchmark.csv: benchmark.py $(PACKAGE) | check-gpu
+	$(PY) benchmark.py --out=$@
+
+benchmark: $(RESULTS)/benchmark.csv ## time both models, batch 1 and 64, fp32 and bf16, forward and end to end
+
+$(README): table.py $(wildcard $(RESULTS)/*.csv $(DEMO_RESULTS)/*.csv) | $(INSTALLED)
+	$(PY) table.py --readme=$(README) --results=$(RESULTS) --demo_results=$(DEMO_RESULTS)
+
+table: $(README) ## regenerate the README results table from the CSV files in results/
+
+reproduce: $(VOC_EVALS) $(RESULTS)/benchmark.csv ## download, train both models, evaluate, benchmark, table (CUDA)
+	$(MAKE) table
+
+# --- demo
+$(DEMO_DATA)/classes.txt: data/make_synthetic.py | $(INSTALLED)
+	$(PY) data/make_synthetic.py --out $(DEMO_DATA) --train $(DEMO_TRAIN_IMAGES) --val $(DEMO_VAL_IMAGES) --seed 0
+
+$(DEMO_RUNS)/%/done: train.py $(PACKAGE) $(DEMO_DATA)/classes.txt
+	$(PY) train.py --backbone=$* --data_dir=$(DEMO_DATA) --epochs=$(DEMO_EPOCHS) --out_dir=$(@D) $(DEMO_TRAIN)
+
+$(DEMO_RESULTS)/%_ap.png: $(DEMO_RUNS)/%/done evaluate.py $(PACKAGE)
+	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --model_name=$* --out_dir=$(DEMO_RESULTS) --device=cpu \
+		--num_workers=1
+	cp $(<D)/log.csv $(DEMO_RESULTS)/$*_log.csv
+
+$(DEMO_RESULTS)/benchmark.csv: benchmark.py $(PACKAGE) | $(INSTALLED)
+	$(PY) benchmark.py --device=cpu --backbones=resnet18,resnet50 --image_size=128 --grid_size=4 \
+		--head_channels=128 --fc_dim=512 --batch_sizes=1,8 --dtypes=fp32 $(DEMO_BENCHMARK) --out=$@
+
+demo: $(DEMO_EVALS) $(DEMO_RESULTS)/benchmark.csv ## the whole chain on the synthetic set, on a CPU, in minutes
+	$(MAKE) table
+
+clean: ## remove the demo's data and runs (VOC data, VOC runs and committed results stay)
+	rm -rf $(DEMO_DATA) $(DEMO_RUNS)

@@ -22,6 +22,7 @@ from yolo.config import format_config, resolve_config
 from yolo.data import build_dataset
 from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
+from yolo.inference import Detector
 from yolo.model import YOLOv1
 from yolo.optim import build_optimizer, learning_rate
 from yolo.plots import plot_training_curve
@@ -131,6 +132,11 @@ def append_log(path: Path, row: dict) -> None:
         csv.DictWriter(file, fieldnames=LOG_COLUMNS).writerow(row)
 
 
+def mark_finished(out_dir: Path, epochs: int) -> None:
+    """out_dir/done: the file the Makefile waits for; it exists only once last.pt is the final model."""
+    (out_dir / "done").write_text(json.dumps({"epochs": epochs, "checkpoint": "last.pt"}) + "\n")
+
+
 def find_checkpoint(config: dict, out_dir: Path) -> Path | None:
     last = out_dir / "last.pt"
     if config["resume"] == "auto":
@@ -196,11 +202,14 @@ def main(config: dict) -> None:
         say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
     if start_epoch >= config["epochs"]:
         say(f"{out_dir} already holds a finished run of {config['epochs']} epochs: nothing to do.")
+        if is_main_process():
+            mark_finished(out_dir, start_epoch)
         cleanup()
         return
 
     if is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "done").unlink(missing_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
         write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch))
     train_model = model
@@ -250,8 +259,8 @@ def main(config: dict) -> None:
                "val_loss": "", "val_voc07_map": "", "val_voc12_map": ""}
         last_epoch = epoch + 1 == config["epochs"]
         if last_epoch or (config["eval_every"] > 0 and (epoch + 1) % config["eval_every"] == 0):
-            validation = evaluate(model, val_loader, val_set, num_classes=len(class_names), loss_weights=loss_weights,
-                                  device=device, dtype=dtype, desc=f"validate {epoch + 1}")
+            validation = evaluate(Detector(model, dtype, device), val_loader, val_set, loss_weights=loss_weights,
+                                  desc=f"validate {epoch + 1}")
             row["val_loss"] = f"{validation['loss']:.6f}"
             if is_main_process():
                 metrics = validation["metrics"]
@@ -269,6 +278,8 @@ def main(config: dict) -> None:
                 plot_training_curve(out_dir / "log.csv", out_dir / "training_curve.png")
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
+    if is_main_process():
+        mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the final model (best.pt: best validation mAP, for reference only)")
     cleanup()
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny synthetic VOC-layout dataset, generated once per test session."""
+"""Shared fixtures: a tiny synthetic VOC-layout dataset and a briefly trained checkpoint, made once per session."""
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,3 +19,25 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     make_synthetic.generate(root, train=16, val=8, seed=0)
     return root
+
+
+# A run of train.py small enough for a test, trained until it detects its own training images: the
+# end-to-end check of targets, loss, decoding and metrics, and the checkpoint that evaluate.py,
+# detect.py and the inference tests run on. Validated on the training images themselves.
+OVERFIT_SETTINGS = ["--protocol=synthetic", "--pretrained=false", "--image_size=128", "--grid_size=4",
+                    "--head_channels=64", "--fc_dim=256", "--epochs=40", "--eval_every=10", "--batch_size=8",
+                    "--micro_batch_size=8", "--augment=false", "--optimizer=adamw", "--lr=1e-3", "--weight_decay=0",
+                    "--warmup_epochs=0", "--num_workers=0"]
+
+
+@pytest.fixture(scope="session")
+def overfit_run(tmp_path_factory):
+    """(data_dir, out_dir) of a finished train.py run on 8 synthetic images, validated on the same 8."""
+    root = tmp_path_factory.mktemp("overfit")
+    data_dir, out_dir = root / "data", root / "run"
+    make_synthetic.generate(data_dir, train=8, val=0, seed=1)
+    shutil.copy(data_dir / "ImageSets/Main/train.txt", data_dir / "ImageSets/Main/val.txt")
+    command = [sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *OVERFIT_SETTINGS]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return data_dir, out_dir

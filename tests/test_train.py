@@ -1,6 +1,5 @@
 """train.py end to end on tiny synthetic sets: learning, exact resume, signals, torchrun, clear errors."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -61,20 +60,16 @@ def reference_run(data_dir, tmp_path_factory):
     return out_dir
 
 
-def test_training_learns_until_the_training_images_are_detected(tmp_path):
+def test_training_learns_until_the_training_images_are_detected(overfit_run):
     """Targets, loss, decoding and metrics together: 8 images, no augmentation, validated on themselves."""
-    data_dir = tmp_path / "data"
-    make_synthetic.generate(data_dir, train=8, val=0, seed=1)
-    shutil.copy(data_dir / "ImageSets/Main/train.txt", data_dir / "ImageSets/Main/val.txt")
-    run_train(data_dir, tmp_path / "run", *TINY, "--head_channels=64", "--fc_dim=256", "--epochs=40",
-              "--eval_every=10", "--batch_size=8", "--micro_batch_size=8", "--augment=false",
-              "--optimizer=adamw", "--lr=1e-3", "--weight_decay=0", "--num_workers=0")
-    log = pd.read_csv(tmp_path / "run/log.csv")
+    _, out_dir = overfit_run
+    log = pd.read_csv(out_dir / "log.csv")
     assert list(log["epoch"]) == list(range(1, 41))
     assert log["val_voc12_map"].iloc[-1] >= 0.9, log.to_string()
     assert log["train_loss"].iloc[-1] < log["train_loss"].iloc[0] / 5
-    assert (tmp_path / "run/training_curve.png").stat().st_size > 0
-    best = torch.load(tmp_path / "run/best.pt", weights_only=True)
+    assert (out_dir / "training_curve.png").stat().st_size > 0
+    assert (out_dir / "done").exists()
+    best = torch.load(out_dir / "best.pt", weights_only=True)
     assert best["val_voc12_map"] == pytest.approx(log["val_voc12_map"].max(), abs=1e-6)
 
 

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from yolo.inference import Detector
 from yolo.distributed import all_reduce_sum, gather_to_main, is_main_process
 from yolo.loss import yolo_loss_terms
 from yolo.metrics import evaluate_detections
 from yolo.optim import set_learning_rate
-from yolo.postprocess import decode_predictions, to_voc_array
 
 LOSS_TERMS = ("coord", "obj", "noobj", "cls")
 
@@ -86,26 +86,24 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader, dataset, *, num_classes: int, loss_weights: dict, device: torch.device,
-             dtype: torch.dtype, desc: str = "evaluate") -> dict:
-    """Loss terms and VOC / COCO metrics on `loader` (this process's share of `dataset`).
+def evaluate(detector: Detector, loader, dataset, *, loss_weights: dict, desc: str = "evaluate") -> dict:
+    """Loss terms and VOC / COCO metrics of `detector` on `loader` (this process's share of `dataset`).
 
-    The loader's batches carry target dicts with `index` (the dataset position) and `orig_size`.
-    Metrics are computed on rank 0 from every process's detections; other ranks get only the losses.
+    The loader's batches are EvalTransform outputs whose target dicts carry `index` (the dataset position)
+    and `orig_size`. Metrics are computed on rank 0 from every process's detections; other ranks only
+    contribute to the losses.
     """
-    model.eval()
+    device = detector.device
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=device)
     results = []
     for images, targets, target_dicts in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                                               disable=None if is_main_process() else True):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with autocast_context(device, dtype):
-            predictions = model(images)
+        predictions = detector.predict(images)
         terms = yolo_loss_terms(predictions, targets.to(device), **loss_weights)
         sums += torch.stack([*(terms[name].double() for name in LOSS_TERMS), sums.new_tensor(1.0)]) * len(images)
-        for detection, target in zip(decode_predictions(predictions, num_classes), target_dicts):
-            height, width = target["orig_size"].tolist()
-            results.append((target["index"], to_voc_array(detection, width, height)))
+        original_sizes = [target["orig_size"].tolist() for target in target_dicts]
+        for target, detection in zip(target_dicts, detector.detections(predictions, original_sizes)):
+            results.append((target["index"], detection))
     totals = all_reduce_sum(sums)
     output = {"loss_terms": {name: totals[i].item() / totals[-1].item() for i, name in enumerate(LOSS_TERMS)}}
     output["loss"] = sum(output["loss_terms"].values())
@@ -115,6 +113,6 @@ def evaluate(model: nn.Module, loader, dataset, *, num_classes: int, loss_weight
         indices = [index for index, _ in results]
         detections = [array for _, array in results]
         ground_truths = [ground_truth_array(dataset.annotations[index]) for index in indices]
-        output["metrics"] = evaluate_detections(detections, ground_truths, num_classes)
+        output["metrics"] = evaluate_detections(detections, ground_truths, len(dataset.class_names))
         output["indices"], output["detections"], output["ground_truths"] = indices, detections, ground_truths
     return output

@@ -1,0 +1,142 @@
+"""Run a checkpoint on an image, a folder of images or a video; write annotated media and the detections.
+
+    python detect.py --checkpoint=runs/resnet18_voc2012val/last.pt --source=photos/ --out_dir=detections
+
+Writes out_dir/<name>.jpg for each image (out_dir/<name>.mp4 for a video), and out_dir/detections.csv
+and out_dir/detections.json with one entry per detection (VOC pixel coordinates, 1-based inclusive).
+"""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from yolo.checkpoint import CheckpointError, load_checkpoint
+from yolo.config import format_config, resolve_config
+from yolo.data import ImageDecodeError, decode_image
+from yolo.inference import Detector, resolve_dtype
+from yolo.model import YOLOv1
+from yolo.postprocess import DISPLAY_SCORE_THRESHOLD
+from yolo.visualize import draw_boxes, save_image
+
+checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint
+source = "data/examples"       # an image (.jpg/.jpeg/.png), a folder of images, or a video file
+out_dir = "detections"         # annotated media, detections.csv and detections.json go here
+score_threshold = DISPLAY_SCORE_THRESHOLD  # keep detections with class score at least this (0..1)
+batch_size = 8                 # images (or video frames) per forward pass
+device = "auto"                # auto (cuda if available) | cpu | cuda
+dtype = "auto"                 # auto (fastest the device computes natively) | fp32 | bf16 | fp16
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+CSV_COLUMNS = ("source", "frame", "x1", "y1", "x2", "y2", "score", "class_id", "class_name")
+
+
+def load_detector(path: Path, config: dict) -> tuple[Detector, list[str]]:
+    state = load_checkpoint(path)
+    if "model_args" not in state or "class_names" not in state:
+        raise CheckpointError(f"{path} is not a train.py checkpoint of this project (no model_args or class_names).")
+    model = YOLOv1(**state["model_args"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit the architecture it names ({state['model_args']}): {error}") \
+            from error
+    device = torch.device(config["device"] if config["device"] != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    detector = Detector(model.to(device), resolve_dtype(config["dtype"], device), device,
+                        score_threshold=config["score_threshold"])
+    return detector, state["class_names"]
+
+
+def batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def video_frames(path: Path):
+    """(uint8 (3, H, W) frames, frames per second) of a video file."""
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = [torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+                      for frame in container.decode(stream)]
+            rate = float(stream.average_rate or 25)
+    except (av.FFmpegError, IndexError) as error:
+        raise ImageDecodeError(f"{path}: cannot read video ({error})") from None
+    return frames, rate
+
+
+def write_video(path: Path, frames: list[torch.Tensor], rate: float) -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=round(rate))
+        stream.height, stream.width = frames[0].shape[1] // 2 * 2, frames[0].shape[2] // 2 * 2
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            array = frame[:, :stream.height, :stream.width].permute(1, 2, 0).contiguous().numpy()
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def detection_rows(source: str, frame: int, detections: np.ndarray, class_names: list[str]) -> list[dict]:
+    return [{"source": source, "frame": frame, "x1": round(float(x1), 1), "y1": round(float(y1), 1),
+             "x2": round(float(x2), 1), "y2": round(float(y2), 1), "score": round(float(score), 4),
+             "class_id": int(label), "class_name": class_names[int(label)]}
+            for x1, y1, x2, y2, score, label in detections]
+
+
+def annotate(image: torch.Tensor, detections: np.ndarray, class_names: list[str]) -> torch.Tensor:
+    return draw_boxes(image, detections[:, :4], detections[:, 5].astype(int), class_names, scores=detections[:, 4])
+
+
+def main(config: dict) -> None:
+    print(f"detect.py\n{format_config(config)}", flush=True)
+    source, out_dir = Path(config["source"]), Path(config["out_dir"])
+    if source.is_dir():
+        images = sorted(path for path in source.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            sys.exit(f"error: {source} holds no {'/'.join(IMAGE_SUFFIXES)} images.")
+    elif source.is_file() and source.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+        images = [source] if source.suffix.lower() in IMAGE_SUFFIXES else []
+    else:
+        sys.exit(f"error: --source={source} is not an image ({', '.join(IMAGE_SUFFIXES)}), a folder of images "
+                 f"or a video ({', '.join(VIDEO_SUFFIXES)}).")
+    try:
+        detector, class_names = load_detector(Path(config["checkpoint"]), config)
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    try:
+        if images:
+            for group in batches(images, config["batch_size"]):
+                decoded = [decode_image(path) for path in group]
+                for path, image, detections in zip(group, decoded, detector(decoded)):
+                    save_image(annotate(image, detections, class_names), out_dir / f"{path.stem}.jpg")
+                    rows += detection_rows(str(path), 0, detections, class_names)
+        else:
+            frames, rate = video_frames(source)
+            annotated = []
+            for start, group in enumerate(batches(frames, config["batch_size"])):
+                for offset, (frame, detections) in enumerate(zip(group, detector(group))):
+                    annotated.append(annotate(frame, detections, class_names))
+                    rows += detection_rows(str(source), start * config["batch_size"] + offset, detections,
+                                           class_names)
+            write_video(out_dir / f"{source.stem}.mp4", annotated, rate)
+    except ImageDecodeError as error:
+        sys.exit(f"error: {error}")
+
+    with open(out_dir / "detections.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "detections.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"{len(rows)} detections in {len(images) or 1} {'image(s)' if images else 'video'}; wrote {out_dir}")
+
+
+if __name__ == "__main__":
+    main(resolve_config(globals()))

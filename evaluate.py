@@ -1,0 +1,163 @@
+"""Evaluate a checkpoint on its protocol's test split: VOC and COCO metrics, per-class AP, plots, examples.
+
+    python evaluate.py --checkpoint=runs/resnet18_voc2012val/last.pt
+
+Writes (rerunning replaces the model's rows and files): a row of out_dir/metrics.csv, its rows of
+out_dir/per_class_ap.csv, out_dir/<model>_pr.png, out_dir/<model>_ap.png and out_dir/<model>_examples.png;
+with --submission=true also the VOC test-server files under out_dir/submission/<model>/ and their .tar.gz.
+"""
+import datetime
+import platform
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from yolo.checkpoint import CheckpointError, load_checkpoint
+from yolo.config import format_config, resolve_config
+from yolo.data import build_dataset, decode_image
+from yolo.engine import evaluate
+from yolo.inference import Detector, resolve_dtype
+from yolo.metrics import voc_precision_recall
+from yolo.model import YOLOv1
+from yolo.plots import plot_per_class_ap, plot_precision_recall
+from yolo.postprocess import DISPLAY_SCORE_THRESHOLD
+from yolo.sampling import IndexedSamples
+from yolo.transforms import EvalTransform, build_loader
+from yolo.visualize import draw_boxes, save_image
+
+checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint (last.pt is the reported one)
+model_name = ""                # row key in the CSVs; empty: the checkpoint's folder name
+protocol = ""                  # voc2012val | voc2007test | synthetic; empty: the checkpoint's
+data_dir = ""                  # dataset folder; empty: the checkpoint's
+batch_size = 32                # images per forward pass
+num_workers = 4                # data-loading processes
+device = "auto"                # auto (cuda if available) | cpu | cuda
+dtype = "fp32"                 # fp32 | bf16 | fp16 | auto (fastest the device computes natively)
+out_dir = "results"            # where the CSVs and figures go
+num_examples = 6               # test images drawn with detections beside ground truth; 0: none
+submission = False             # also write the VOC test-server files (comp4_det_test_<class>.txt) and a .tar.gz
+
+METRIC_COLUMNS = ("voc07_map", "voc12_map", "coco_map", "coco_ap50", "coco_ap75")
+TEST_SPLITS = {"voc2012val": "VOC2012 val", "voc2007test": "VOC2007 test", "synthetic": "synthetic val"}
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def replace_rows(csv_path: Path, rows: list[dict], model: str) -> None:
+    """Write `rows` into csv_path in place of that model's earlier rows; other models' rows stay."""
+    new = pd.DataFrame(rows)
+    if csv_path.exists():
+        old = pd.read_csv(csv_path)
+        new = pd.concat([old[old["model"] != model], new], ignore_index=True)
+    new.to_csv(csv_path, index=False, float_format="%.6f")
+
+
+def write_submission(folder: Path, image_ids: list[str], detections: list[np.ndarray],
+                     class_names: list[str]) -> Path:
+    """The VOC test server's comp4 files, one per class ('<image_id> <score> <x1> <y1> <x2> <y2>'), and a tar.gz."""
+    main = folder / "results" / "VOC2012" / "Main"
+    main.mkdir(parents=True, exist_ok=True)
+    for class_id, name in enumerate(class_names):
+        lines = [f"{image_id} {det[4]:.6f} {det[0]:.1f} {det[1]:.1f} {det[2]:.1f} {det[3]:.1f}\n"
+                 for image_id, image_detections in zip(image_ids, detections)
+                 for det in image_detections if int(det[5]) == class_id]
+        (main / f"comp4_det_test_{name}.txt").write_text("".join(lines))
+    archive = folder.with_name(folder.name + ".tar.gz")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder / "results", arcname="results")
+    return archive
+
+
+def draw_examples(dataset, indices, detections, path: Path, count: int) -> None:
+    """Ground truth (left) beside detections above the display threshold (right), one row per image."""
+    rows = []
+    for index, image_detections in list(zip(indices, detections))[:count]:
+        image, annotation = decode_image(dataset.image_path(index)), dataset.annotations[index]
+        confident = image_detections[image_detections[:, 4] >= DISPLAY_SCORE_THRESHOLD]
+        truth = draw_boxes(image, annotation["boxes"], annotation["labels"], dataset.class_names)
+        found = draw_boxes(image, confident[:, :4], confident[:, 5].astype(int), dataset.class_names,
+                           scores=confident[:, 4])
+        rows.append(torch.cat([truth, torch.full((3, image.shape[1], 8), 255, dtype=torch.uint8), found], dim=2))
+    if rows:
+        width = max(row.shape[2] for row in rows)
+        padded = [torch.nn.functional.pad(row, (0, width - row.shape[2]), value=255) for row in rows]
+        save_image(torch.cat(padded, dim=1), path)
+
+
+def main(config: dict) -> None:
+    print(f"evaluate.py\n{format_config(config)}", flush=True)
+    checkpoint_path = Path(config["checkpoint"])
+    try:
+        state = load_checkpoint(checkpoint_path)
+        if "model_args" not in state or "class_names" not in state:
+            raise CheckpointError(f"{checkpoint_path} is not a train.py checkpoint of this project "
+                                  f"(it has no model_args or class_names).")
+        model = YOLOv1(**state["model_args"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise CheckpointError(f"{checkpoint_path} does not fit the architecture it names "
+                                  f"({state['model_args']}): {error}") from error
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
+    saved = state["config"]
+    protocol_name = config["protocol"] or saved["protocol"]
+    data_dir = config["data_dir"] or saved["data_dir"]
+    model_name = config["model_name"] or checkpoint_path.parent.name
+    class_names = state["class_names"]
+
+    transform = EvalTransform(model.image_size, model.grid_size, model.num_classes)
+    try:
+        dataset = build_dataset(protocol_name, data_dir, train=False, transforms=transform, class_names=class_names)
+    except (FileNotFoundError, ValueError) as error:
+        sys.exit(f"error: {error}")
+    if list(dataset.class_names) != list(class_names):
+        sys.exit(f"error: the checkpoint's classes {class_names} differ from the dataset's {dataset.class_names}.")
+    device = torch.device(config["device"] if config["device"] != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    detector = Detector(model.to(device), resolve_dtype(config["dtype"], device), device)
+    loader = build_loader(IndexedSamples(dataset), config["batch_size"], shuffle=False,
+                          num_workers=config["num_workers"])
+    result = evaluate(detector, loader, dataset, loss_weights={}, desc=f"evaluate {model_name}")
+    metrics = result["metrics"]
+
+    out_dir = Path(config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    row = {"model": model_name, "backbone": state["model_args"]["backbone"], "protocol": protocol_name,
+           "split": TEST_SPLITS.get(protocol_name, protocol_name), "n_images": len(dataset),
+           **{name: metrics[name] for name in METRIC_COLUMNS},
+           "image_size": model.image_size, "dtype": str(detector.dtype).removeprefix("torch."),
+           "checkpoint": str(checkpoint_path), "epoch": state.get("epoch"),
+           "git_commit": state.get("git_commit", "unknown"), "torch_version": torch.__version__,
+           "device": device_description(device), "date": datetime.date.today().isoformat()}
+    replace_rows(out_dir / "metrics.csv", [row], model_name)
+    replace_rows(out_dir / "per_class_ap.csv", [
+        {"model": model_name, "class": name, "voc07_ap": metrics["voc07_ap"][i], "voc12_ap": metrics["voc12_ap"][i]}
+        for i, name in enumerate(class_names)], model_name)
+
+    curves = voc_precision_recall(result["detections"], result["ground_truths"], len(class_names))
+    plot_precision_recall({name: (curve.recall, curve.precision) for name, curve in zip(class_names, curves)
+                           if curve is not None}, out_dir / f"{model_name}_pr.png",
+                          f"{model_name}: precision-recall at IoU 0.5")
+    plot_per_class_ap({name: float(np.nan_to_num(ap)) for name, ap in zip(class_names, metrics["voc12_ap"])},
+                      out_dir / f"{model_name}_ap.png", f"{model_name}: VOC2012-style AP per class")
+    if config["num_examples"] > 0:
+        draw_examples(dataset, result["indices"], result["detections"], out_dir / f"{model_name}_examples.png",
+                      config["num_examples"])
+    if config["submission"]:
+        image_ids = [dataset.image_ids[index] for index in result["indices"]]
+        archive = write_submission(out_dir / "submission" / model_name, image_ids, result["detections"], class_names)
+        print(f"wrote {archive}")
+    print(" | ".join(f"{name} {metrics[name]:.4f}" for name in METRIC_COLUMNS) + f" | {len(dataset)} images")
+
+
+if __name__ == "__main__":
+    main(resolve_config(globals()))

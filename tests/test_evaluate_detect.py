@@ -1,0 +1,131 @@
+"""evaluate.py and detect.py on a checkpoint trained until it detects its (synthetic) images."""
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import av
+import pandas as pd
+import pytest
+import torch
+
+from yolo.data import decode_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *overrides, expect_success=True):
+    result = subprocess.run([sys.executable, script, *overrides], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    if expect_success:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def evaluated(overfit_run, tmp_path_factory):
+    _, run_dir = overfit_run
+    out_dir = tmp_path_factory.mktemp("results")
+    run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--out_dir={out_dir}", "--model_name=tiny",
+        "--num_workers=0", "--submission=true", "--num_examples=2")
+    return run_dir, out_dir
+
+
+def test_evaluate_writes_the_metrics_row_and_figures(evaluated):
+    run_dir, out_dir = evaluated
+    metrics = pd.read_csv(out_dir / "metrics.csv")
+    assert len(metrics) == 1
+    row = metrics.iloc[0]
+    assert row["model"] == "tiny" and row["backbone"] == "resnet18" and row["protocol"] == "synthetic"
+    assert row["n_images"] == 8 and row["epoch"] == 40
+    # The training log's last validation used the same images and the same decoding.
+    final = pd.read_csv(run_dir / "log.csv").iloc[-1]
+    assert row["voc12_map"] == pytest.approx(final["val_voc12_map"], abs=1e-4)
+    assert row["voc12_map"] >= 0.9 and 0 < row["coco_map"] <= row["coco_ap50"]
+    per_class = pd.read_csv(out_dir / "per_class_ap.csv")
+    assert list(per_class["class"]) == ["circle", "square", "triangle", "cross", "diamond"]
+    for figure in ("tiny_pr.png", "tiny_ap.png", "tiny_examples.png"):
+        assert (out_dir / figure).stat().st_size > 1000
+
+
+def test_rerunning_replaces_the_models_row(evaluated):
+    run_dir, out_dir = evaluated
+    run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--out_dir={out_dir}", "--model_name=tiny",
+        "--num_workers=0", "--num_examples=0")
+    run("evaluate.py", f"--checkpoint={run_dir / 'best.pt'}", f"--out_dir={out_dir}", "--model_name=tiny_best",
+        "--num_workers=0", "--num_examples=0")
+    metrics = pd.read_csv(out_dir / "metrics.csv")
+    assert sorted(metrics["model"]) == ["tiny", "tiny_best"]
+    assert len(pd.read_csv(out_dir / "per_class_ap.csv")) == 10
+
+
+def test_submission_files_follow_the_test_servers_format(evaluated):
+    _, out_dir = evaluated
+    main = out_dir / "submission/tiny/results/VOC2012/Main"
+    lines = (main / "comp4_det_test_circle.txt").read_text().splitlines()
+    assert lines
+    image_id, score, *box = lines[0].split()
+    assert len(box) == 4 and 0 < float(score) <= 1 and len(image_id) > 0
+    with tarfile.open(out_dir / "submission/tiny.tar.gz") as tar:
+        assert "results/VOC2012/Main/comp4_det_test_diamond.txt" in tar.getnames()
+
+
+def test_evaluate_errors_name_the_problem(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    result = run("evaluate.py", f"--checkpoint={tmp_path / 'missing.pt'}", expect_success=False)
+    assert result.returncode != 0 and "No checkpoint at" in result.stderr
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    result = run("evaluate.py", f"--checkpoint={foreign}", expect_success=False)
+    assert "not a train.py checkpoint" in result.stderr
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    assert "not a readable checkpoint" in run("evaluate.py", f"--checkpoint={broken}", expect_success=False).stderr
+    mismatched = torch.load(run_dir / "last.pt", weights_only=True)
+    mismatched["model_args"]["fc_dim"] = 128
+    torch.save(mismatched, tmp_path / "mismatched.pt")
+    result = run("evaluate.py", f"--checkpoint={tmp_path / 'mismatched.pt'}", expect_success=False)
+    assert "does not fit the architecture" in result.stderr
+    result = run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--data_dir={tmp_path / 'nowhere'}",
+                 expect_success=False)
+    assert "not found" in result.stderr and "nowhere" in result.stderr
+
+
+def test_detect_on_a_folder_of_images(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    out_dir = tmp_path / "detections"
+    run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={data_dir / 'JPEGImages'}",
+        f"--out_dir={out_dir}", "--dtype=fp32")
+    detections = pd.read_csv(out_dir / "detections.csv")
+    images = sorted((data_dir / "JPEGImages").glob("*.jpg"))
+    assert len(detections) > 0 and set(detections["source"]) <= {str(path) for path in images}
+    assert all((out_dir / path.name).exists() for path in images)
+    assert detections["score"].min() >= 0.2
+    assert set(detections["class_name"]) <= {"circle", "square", "triangle", "cross", "diamond"}
+    drawn = decode_image(out_dir / images[0].name)
+    assert drawn.shape == decode_image(images[0]).shape
+
+
+def test_detect_on_a_video(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    video = tmp_path / "clip.mp4"
+    frame = decode_image(sorted((data_dir / "JPEGImages").glob("*.jpg"))[0])[:, :160, :160]
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=5)
+        stream.height, stream.width, stream.pix_fmt = 160, 160, "yuv420p"
+        for _ in range(3):
+            picture = av.VideoFrame.from_ndarray(frame.permute(1, 2, 0).contiguous().numpy(), format="rgb24")
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+    out_dir = tmp_path / "out"
+    run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={video}", f"--out_dir={out_dir}")
+    assert (out_dir / "clip.mp4").stat().st_size > 0
+    assert set(pd.read_csv(out_dir / "detections.csv")["frame"]) <= {0, 1, 2}
+
+
+def test_detect_rejects_an_unknown_source(overfit_run, tmp_path):
+    _, run_dir = overfit_run
+    (tmp_path / "notes.txt").write_text("hello")
+    result = run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={tmp_path / 'notes.txt'}",
+                 expect_success=False)
+    assert result.returncode != 0 and "is not an image" in result.stderr

@@ -1,0 +1,72 @@
+"""table.py regenerates the README tables from the CSVs alone, and only when they change."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+README = """# Title
+
+Intro text that must survive.
+
+<!-- results-table:start -->
+old table
+<!-- results-table:end -->
+
+Closing text.
+"""
+
+
+def write_results(folder: Path, voc12_map: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"model": "resnet18", "backbone": "resnet18", "protocol": "synthetic", "split": "synthetic val",
+                   "n_images": 128, "voc07_map": 0.5, "voc12_map": voc12_map, "coco_map": 0.2, "coco_ap50": 0.5,
+                   "coco_ap75": 0.1, "image_size": 128, "dtype": "float32", "checkpoint": "x/last.pt", "epoch": 3,
+                   "git_commit": "abc", "torch_version": "2.14.1", "device": "CPU (x86_64, 2 threads)",
+                   "date": "2026-11-25"}]).to_csv(folder / "metrics.csv", index=False)
+    pd.DataFrame([{"model": "resnet18", "class": name, "voc07_ap": 0.5, "voc12_ap": 0.25 * i}
+                  for i, name in enumerate(["circle", "square"])]).to_csv(folder / "per_class_ap.csv", index=False)
+    pd.DataFrame([{"backbone": "resnet18", "device": "cpu", "device_name": "AMD EPYC", "dtype": "fp32",
+                   "batch_size": 1, "image_size": 128, "mode": "end_to_end", "compile": False,
+                   "latency_ms_median": 20.0, "latency_ms_p90": 25.0, "throughput_img_s": 50.0, "params_m": 12.0,
+                   "gflops": 1.0, "torch_version": "2.14.1", "date": "2026-11-25"}]).to_csv(folder / "benchmark.csv",
+                                                                                        index=False)
+    pd.DataFrame({"epoch": [1, 2], "lr": [0.1, 0.1], "coord": [1, 1], "obj": [1, 1], "noobj": [1, 1], "cls": [1, 1],
+                  "train_loss": [4.0, 3.0], "val_loss": [None, 3.5], "val_voc07_map": [None, 0.4],
+                  "val_voc12_map": [None, 0.45], "images_per_s": [10, 10], "seconds": [1, 1]}
+                 ).to_csv(folder / "resnet18_log.csv", index=False)
+
+
+def make_table(tmp_path):
+    result = subprocess.run([sys.executable, "table.py", f"--readme={tmp_path / 'README.md'}",
+                             f"--results={tmp_path / 'voc'}", f"--demo_results={tmp_path / 'demo'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return (tmp_path / "README.md").read_text()
+
+
+def test_the_table_comes_from_the_csvs_and_is_stable(tmp_path):
+    (tmp_path / "README.md").write_text(README)
+    write_results(tmp_path / "demo", voc12_map=0.4567)
+    first = make_table(tmp_path)
+    assert first.startswith("# Title\n\nIntro text that must survive.") and first.endswith("Closing text.\n")
+    assert "old table" not in first
+    assert "| resnet18 | resnet18 | synthetic val (128 images) | 50.00 | 45.67 |" in first
+    assert "50.0 (fp32, AMD EPYC)" in first
+    assert "reported by the paper" in first and "48.10" in first
+    assert (tmp_path / "demo/per_class_ap.md").read_text().count("| circle | 0.00 |") == 1
+    assert (tmp_path / "demo/resnet18_training_curve.png").stat().st_size > 0
+
+    assert make_table(tmp_path) == first
+
+    write_results(tmp_path / "demo", voc12_map=0.5)
+    assert "| 50.00 | 50.00 |" in make_table(tmp_path)
+
+
+def test_a_readme_without_markers_is_a_clear_error(tmp_path):
+    (tmp_path / "README.md").write_text("# No markers\n")
+    result = subprocess.run([sys.executable, "table.py", f"--readme={tmp_path / 'README.md'}",
+                             f"--results={tmp_path}", f"--demo_results={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "markers" in result.stderr
