@@ -94,7 +94,7 @@ $(RESULTS)/%_$(PROTOCOL)_ap.png: $(RUNS)/%_$(PROTOCOL)/done evaluate.py $(PACKAG
 eval: $(VOC_EVALS) ## evaluate the final checkpoints into results/metrics.csv and figures
 
 $(RESULTS)/benchmark.csv: benchmark.py $(PACKAGE) | check-gpu
-	$(PY) benchmark.py --out=$@
+	$(PY) benchmark.py --batch_sizes=1,64 --out=$@
 
 benchmark: $(RESULTS)/benchmark.csv ## time both models, batch 1 and 64, fp32 and bf16, forward and end to end
 

@@ -22,7 +22,7 @@ from yolo.config import format_config, resolve_config
 from yolo.data import build_dataset
 from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
-from yolo.inference import Detector
+from yolo.inference import DTYPES, Detector
 from yolo.model import YOLOv1
 from yolo.optim import build_optimizer, learning_rate
 from yolo.plots import plot_training_curve
@@ -68,7 +68,6 @@ eval_every = 5                 # validate every N epochs and after the last; 0: 
 
 LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_map", "val_voc12_map",
                "images_per_s", "seconds")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def say(*args) -> None:
@@ -84,7 +83,8 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def training_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: bf16 (else fp16) on CUDA for 'auto', fp32 on other devices."""
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
@@ -153,7 +153,7 @@ def main(config: dict) -> None:
     device = resolve_device(config["device"], 0)
     rank, local_rank, world_size = init_distributed(device.type)
     device = resolve_device(config["device"], local_rank)
-    dtype = resolve_dtype(config["dtype"], device)
+    dtype = training_dtype(config["dtype"], device)
     out_dir = Path(config["out_dir"])
     say(f"train.py on {world_size} process(es), device {device}, dtype {str(dtype).removeprefix('torch.')}\n"
         f"{format_config(config)}")

@@ -1,0 +1,282 @@
+"""Inference speed of YOLOv1: the model's forward pass alone, and end to end, per backbone, batch size and dtype.
+
+    python benchmark.py                                                   # CUDA if available, else CPU
+    python benchmark.py --device=cpu --backbones=resnet18 --batch_sizes=1,8 --iters=10
+
+End to end is what evaluation and detection do: a uint8 batch of VOC-sized images (500 x 375) -> resize ->
+forward -> decoding and class-wise NMS -> per-image VOC-pixel detections, at the evaluation score threshold.
+The models have random weights (speed does not depend on them), so every candidate box passes that
+threshold: the most decoding and NMS work there can be. Mode `baseline_end_to_end` times the
+straightforward pipeline the inference mode (yolo/inference.py) is measured against: image-by-image resize,
+the eager fp32 model, cell-by-cell Python decoding and NumPy NMS.
+
+Latency is per batch: median and 90th percentile of `iters` timed runs after `warmup` untimed ones (CUDA
+events after a synchronisation on the GPU); throughput is batch size / median latency. The measurements of
+one backbone and batch size run interleaved, one run of each in turn, so that load from other processes
+falls on all of them alike and their ratios stay meaningful on a shared machine. On the CPU the same rounds
+time a 2048 x 2048 fp32 matmul, the machine's practical peak, and the forward pass's FLOP rate is printed as
+a fraction of it. Rows are appended to `out`.
+"""
+import csv
+import datetime
+import platform
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms import v2
+
+from yolo.boxes import normalized_to_voc
+from yolo.config import format_config, resolve_config
+from yolo.inference import DTYPES, Detector, is_native, preprocess, read_cpuinfo
+from yolo.model import YOLOv1
+from yolo.postprocess import EVAL_SCORE_THRESHOLD
+
+# --- what to time
+backbones = ("resnet18", "resnet50")  # resnet18 | resnet50 | darknet, comma-separated
+device = "auto"                # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+batch_sizes = (1, 8)           # images per batch, comma-separated: 1 gives the latency, larger the throughput
+dtypes = ("fp32", "bf16", "fp16")  # fp32 | bf16 | fp16, comma-separated; ones the device emulates are skipped
+emulated_dtypes = False        # time those anyway (bf16 on a CPU without AVX512-BF16 / AMX: many times slower)
+compile = False                # torch.compile the inference model (baseline stays eager); CPU here: ~1.1 x, minutes
+baseline = True                # also time the straightforward pipeline (mode baseline_end_to_end, eager fp32)
+threads = 0                    # CPU threads for PyTorch's intra-op parallelism; 0 keeps its default (one per core)
+# --- model (the defaults are the paper's; smaller values only make quick test models)
+image_size = 448               # input side in pixels; image_size / 32 must be grid_size or 2 x grid_size
+grid_size = 7                  # S, cells per side
+head_channels = 1024           # width of the head's convolutions
+fc_dim = 4096                  # width of the hidden fully connected layer
+# --- timing and output
+warmup = 3                     # untimed runs of each measurement before timing
+iters = 20                     # timed runs of each measurement
+out = "results/benchmark.csv"  # CSV the rows are appended to (header written when the file is new)
+
+NUM_CLASSES = 20
+SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500  # a typical VOC image
+MATMUL_SIZE = 2048
+CSV_COLUMNS = ("backbone", "device", "device_name", "dtype", "batch_size", "image_size", "mode", "compile",
+               "latency_ms_median", "latency_ms_p90", "throughput_img_s", "params_m", "gflops", "torch_version",
+               "date")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = read_cpuinfo().get("model name") or platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def dtypes_to_time(names: tuple[str, ...], device: torch.device, include_emulated: bool) -> list[str]:
+    chosen = []
+    for name in names:
+        if name not in DTYPES:
+            raise SystemExit(f"error: --dtypes: unknown dtype {name!r}; expected {', '.join(DTYPES)}.")
+        if include_emulated or is_native(DTYPES[name], device):
+            chosen.append(name)
+        else:
+            print(f"skipping {name}: the {device.type} here ({device_name(device)}) only emulates it; "
+                  f"--emulated_dtypes=true times it anyway")
+    return chosen
+
+
+def forward_gflops(model: torch.nn.Module, device: torch.device) -> float:
+    """GFLOPs of one image's forward pass as PyTorch's FlopCounterMode counts them (convolutions and
+    matrix products, two per multiply-add; the element-wise ops are not counted)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.rand(1, 3, model.image_size, model.image_size, device=device))
+    return counter.get_total_flops() / 1e9
+
+
+def numpy_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> list[int]:
+    """Greedy NMS, one box at a time: indices of the kept boxes, by descending score."""
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        best, rest = order[0], order[1:]
+        keep.append(int(best))
+        top_left = np.maximum(boxes[best, :2], boxes[rest, :2])
+        bottom_right = np.minimum(boxes[best, 2:], boxes[rest, 2:])
+        intersection = np.clip(bottom_right - top_left, 0, None).prod(axis=1)
+        iou = intersection / (areas[best] + areas[rest] - intersection + 1e-9)
+        order = rest[iou <= iou_threshold]
+    return keep
+
+
+def decode_cells(cells: np.ndarray, num_classes: int, width: int, height: int,
+                 score_threshold: float = EVAL_SCORE_THRESHOLD, nms_iou: float = 0.5,
+                 max_detections: int = 100) -> np.ndarray:
+    """The baseline's decoding of one image's (S, S, 5B + C) output, cell by cell -> (K, 6) VOC-pixel detections.
+
+    The same rules as yolo.postprocess (class-specific scores, boxes clipped, class-wise NMS, best 100).
+    """
+    grid_size, num_boxes = cells.shape[0], (cells.shape[-1] - num_classes) // 5
+    boxes, scores, labels = [], [], []
+    for row in range(grid_size):
+        for col in range(grid_size):
+            class_probs = cells[row, col, 5 * num_boxes:]
+            for predictor in range(num_boxes):
+                x, y, w, h, conf = cells[row, col, 5 * predictor:5 * predictor + 5]
+                centre_x, centre_y = (col + x) / grid_size, (row + y) / grid_size
+                box = np.clip([centre_x - w / 2, centre_y - h / 2, centre_x + w / 2, centre_y + h / 2], 0.0, 1.0)
+                for label in range(num_classes):
+                    score = conf * class_probs[label]
+                    if score > score_threshold:
+                        boxes.append(box)
+                        scores.append(score)
+                        labels.append(label)
+    boxes, scores, labels = np.array(boxes).reshape(-1, 4), np.array(scores), np.array(labels)
+    kept = []
+    for label in np.unique(labels):
+        of_label = np.flatnonzero(labels == label)
+        kept += [of_label[i] for i in numpy_nms(boxes[of_label], scores[of_label], nms_iou)]
+    kept = sorted(kept, key=lambda index: -scores[index])[:max_detections]
+    voc_boxes = normalized_to_voc(torch.from_numpy(boxes[kept]).double(), width, height).numpy()
+    return np.column_stack([voc_boxes, scores[kept], labels[kept]]).astype(np.float64)
+
+
+def baseline_detect(model: YOLOv1, images: torch.Tensor) -> list[np.ndarray]:
+    """The straightforward pipeline: resize image by image, eager fp32 forward, `decode_cells` image by image."""
+    height, width = images.shape[-2:]
+    device = next(model.parameters()).device
+    resized = torch.stack([v2.functional.resize(image, [model.image_size] * 2, antialias=True) for image in images])
+    with torch.no_grad():
+        pred = model(resized.to(device).float() / 255).cpu().numpy()
+    return [decode_cells(cells, model.num_classes, width, height) for cells in pred]
+
+
+def elapsed_ms(run, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1e3
+
+
+def time_interleaved(runs: dict, warmup: int, iters: int, device: torch.device) -> dict[tuple, np.ndarray]:
+    """Milliseconds of `iters` runs of each callable, one run of each in turn (the order rotating every round)."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    keys, times = list(runs), {key: [] for key in runs}
+    for round_index in range(iters):
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            times[key].append(elapsed_ms(runs[key], device))
+    return {key: np.array(values) for key, values in times.items()}
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    is_new = not path.exists() or path.stat().st_size == 0
+    if not is_new:
+        with path.open(newline="") as file:
+            header = tuple(next(csv.reader(file), ()))
+        if header != CSV_COLUMNS:
+            raise SystemExit(f"error: {path} has the columns {header}, not this script's {CSV_COLUMNS}; "
+                             f"move it aside or pass another --out.")
+    with path.open("a", newline="") as file:
+        writer = csv.DictWriter(file, CSV_COLUMNS)
+        if is_new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_names: list[str]) -> list[dict]:
+    """Rows for one backbone, every batch size, dtype and mode; prints the speed-up and fraction of peak."""
+    torch.manual_seed(0)
+    model = YOLOv1(backbone, NUM_CLASSES, config["grid_size"], image_size=config["image_size"],
+                   head_channels=config["head_channels"], fc_dim=config["fc_dim"]).to(device).eval()
+    params_m = sum(parameter.numel() for parameter in model.parameters()) / 1e6
+    gflops = forward_gflops(model, device)
+    detectors = {name: Detector(model, DTYPES[name], device, config["compile"]) for name in dtype_names}
+    common = {"backbone": backbone, "device": device.type, "device_name": device_name(device),
+              "image_size": config["image_size"], "params_m": round(params_m, 3), "gflops": round(gflops, 3),
+              "torch_version": torch.__version__}
+    matrix = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    rows = []
+    for batch_size in config["batch_sizes"]:
+        images = torch.randint(0, 256, (batch_size, 3, SOURCE_HEIGHT, SOURCE_WIDTH), dtype=torch.uint8)
+        if device.type == "cuda":
+            images = images.pin_memory()
+        runs = {}
+        for name, detector in detectors.items():
+            inputs = preprocess(images, config["image_size"], detector.dtype, device)
+            runs["forward", name, config["compile"]] = partial(detector.predict, inputs)
+            runs["end_to_end", name, config["compile"]] = partial(detector, images)
+        if config["baseline"]:
+            runs["baseline_end_to_end", "fp32", False] = partial(baseline_detect, model, images)
+        if device.type == "cpu":
+            runs["matmul", "fp32", False] = partial(torch.mm, matrix, matrix)
+        times = time_interleaved(runs, config["warmup"], config["iters"], device)
+        matmul_ms = times.pop(("matmul", "fp32", False), None)
+        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        batch_rows = []
+        for (mode, dtype, compiled), milliseconds in times.items():
+            median = float(np.median(milliseconds))
+            batch_rows.append({**common, "dtype": dtype, "batch_size": batch_size, "mode": mode, "compile": compiled,
+                               "latency_ms_median": round(median, 3),
+                               "latency_ms_p90": round(float(np.percentile(milliseconds, 90)), 3),
+                               "throughput_img_s": round(batch_size * 1e3 / median, 3), "date": date})
+        print_summary(batch_rows, gflops, matmul_ms)
+        rows += batch_rows
+    return rows
+
+
+def print_summary(rows: list[dict], gflops: float, matmul_ms: np.ndarray | None) -> None:
+    """Speed-up of end to end over the baseline; on the CPU, the forward pass's share of the matmul peak."""
+    throughput = {(row["mode"], row["dtype"]): row["throughput_img_s"] for row in rows}
+    label = f"{rows[0]['backbone']} batch {rows[0]['batch_size']}"
+    for (mode, dtype), images_per_s in throughput.items():
+        if mode == "end_to_end" and ("baseline_end_to_end", "fp32") in throughput:
+            speed_up = images_per_s / throughput["baseline_end_to_end", "fp32"]
+            print(f"{label}: end to end {dtype} {images_per_s:.2f} img/s = {speed_up:.2f} x the baseline")
+    if matmul_ms is not None and ("forward", "fp32") in throughput:
+        peak = 2 * MATMUL_SIZE ** 3 / np.median(matmul_ms) / 1e6
+        reached = gflops * throughput["forward", "fp32"]
+        print(f"{label}: forward fp32 {reached:.1f} GFLOP/s = {reached / peak:.0%} of the {MATMUL_SIZE}^3 fp32 "
+              f"matmul peak measured alongside ({peak:.1f} GFLOP/s)")
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'backbone':<10} {'dtype':<5} {'batch':>5} {'mode':<20} {'median ms':>10} {'p90 ms':>10} {'img/s':>9}")
+    for row in rows:
+        print(f"{row['backbone']:<10} {row['dtype']:<5} {row['batch_size']:>5} {row['mode']:<20} "
+              f"{row['latency_ms_median']:>10.1f} {row['latency_ms_p90']:>10.1f} {row['throughput_img_s']:>9.2f}")
+
+
+def main(config: dict) -> None:
+    print(format_config(config))
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    if config["compile"] and config["warmup"] < 1:
+        raise SystemExit("error: --compile=true needs --warmup of at least 1: the first run compiles.")
+    device = resolve_device(config["device"])
+    dtype_names = dtypes_to_time(config["dtypes"], device, config["emulated_dtypes"])
+    print(f"device: {device_name(device)}; torch {torch.__version__}")
+    rows = []
+    for backbone in config["backbones"]:
+        rows += benchmark_backbone(backbone, config, device, dtype_names)
+    append_rows(Path(config["out"]), rows)
+    print_table(rows)
+    print(f"appended {len(rows)} rows to {config['out']}")
+
+
+if __name__ == "__main__":
+    main(resolve_config(globals()))

@@ -1,0 +1,83 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import benchmark
+from yolo.config import resolve_config
+from yolo.model import YOLOv1
+from yolo.postprocess import decode_predictions, to_voc_array
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny model (64 px, 2 x 2 grid, narrow head) and a handful of runs: the schema, not the speed, is tested.
+TINY = ["--device=cpu", "--backbones=resnet18", "--image_size=64", "--grid_size=2", "--head_channels=8",
+        "--fc_dim=16", "--warmup=0", "--iters=2"]
+
+
+def read_rows(path):
+    with path.open(newline="") as file:
+        return list(csv.reader(file))
+
+
+def test_rows_follow_the_schema_and_are_appended(tmp_path):
+    out = tmp_path / "results" / "benchmark.csv"
+    # One thread: on a busy machine, synchronising two threads costs more than these tiny ops.
+    subprocess.run([sys.executable, "benchmark.py", *TINY, "--batch_sizes=1,2", "--dtypes=fp32,bf16",
+                    "--emulated_dtypes=true", "--threads=1", f"--out={out}"], cwd=ROOT, check=True,
+                   capture_output=True)
+    benchmark.main(resolve_config(vars(benchmark), [*TINY, "--batch_sizes=1", "--dtypes=fp32", f"--out={out}"]))
+
+    header, *rows = read_rows(out)
+    assert tuple(header) == benchmark.CSV_COLUMNS
+    rows = [dict(zip(header, row)) for row in rows]
+    # First run: 2 batch sizes x (2 dtypes x forward, end_to_end + the fp32 baseline); second run: 1 x (2 + 1).
+    assert len(rows) == 10 + 3
+    assert [(row["batch_size"], row["dtype"], row["mode"]) for row in rows[-3:]] == [
+        ("1", "fp32", "forward"), ("1", "fp32", "end_to_end"), ("1", "fp32", "baseline_end_to_end")]
+    assert {row["mode"] for row in rows} == {"forward", "end_to_end", "baseline_end_to_end"}
+    assert {row["dtype"] for row in rows} == {"fp32", "bf16"}
+    model = YOLOv1("resnet18", grid_size=2, image_size=64, head_channels=8, fc_dim=16)
+    for row in rows:
+        assert row["backbone"] == "resnet18" and row["device"] == "cpu" and row["device_name"]
+        assert row["image_size"] == "64" and row["compile"] == "False"
+        assert 0 < float(row["latency_ms_median"]) <= float(row["latency_ms_p90"])
+        assert float(row["throughput_img_s"]) == pytest.approx(int(row["batch_size"]) * 1e3
+                                                               / float(row["latency_ms_median"]), rel=1e-3)
+        assert float(row["params_m"]) == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6, abs=1e-3)
+        assert float(row["gflops"]) > 0
+        assert row["torch_version"] == torch.__version__ and row["date"]
+
+
+def test_a_file_with_other_columns_is_not_appended_to(tmp_path):
+    out = tmp_path / "old.csv"
+    out.write_text("backbone,fps\nresnet18,97.88\n")
+    with pytest.raises(SystemExit, match="columns"):
+        benchmark.append_rows(out, [])
+    assert out.read_text() == "backbone,fps\nresnet18,97.88\n"
+
+
+def test_flops_are_counted_from_the_model():
+    narrow, wide = (YOLOv1("resnet18", grid_size=2, image_size=64, head_channels=8, fc_dim=fc_dim).eval()
+                    for fc_dim in (16, 48))
+    outputs = 2 * 2 * (5 * 2 + 20)
+    extra_multiply_adds = (2 * 2 * 8) * 32 + 32 * outputs  # the wider hidden layer's two matrix products
+    cpu = torch.device("cpu")
+    difference = benchmark.forward_gflops(wide, cpu) - benchmark.forward_gflops(narrow, cpu)
+    assert difference * 1e9 == pytest.approx(2 * extra_multiply_adds)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_the_baselines_cell_by_cell_decoding_matches_decode_predictions(seed):
+    generator = torch.Generator().manual_seed(seed)
+    num_classes = 3
+    pred = torch.rand(2, 4, 4, 5 * 2 + num_classes, generator=generator)
+    pred[..., [2, 3, 7, 8]] *= 0.5
+    for cells, detection in zip(pred, decode_predictions(pred, num_classes)):
+        expected = to_voc_array(detection, 500, 375)
+        actual = benchmark.decode_cells(cells.numpy(), num_classes, 500, 375)
+        assert actual.shape == expected.shape
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
