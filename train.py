@@ -278,6 +278,10 @@ def main(config: dict) -> None:
                 plot_training_curve(out_dir / "log.csv", out_dir / "training_curve.png")
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
+        if stop() and not last_epoch:
+            say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
+            cleanup()
+            sys.exit(128 + stop.signal)
     if is_main_process():
         mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the final model (best.pt: best validation mAP, for reference only)")

@@ -15,6 +15,7 @@ import argparse
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -31,10 +32,19 @@ CLASS_NAMES = tuple(name for name, _ in CLASSES)
 SPLIT_CODES = {"train": 0, "val": 1}
 
 MIN_SIDE, MAX_SIDE = 160, 320
-MAX_OBJECTS = 6
-SIZE_RANGE = (0.15, 0.45)  # object side as a fraction of the image side
-TINY_SIZE_RANGE = (0.05, 0.08)  # tiny objects are marked difficult
-TINY_PROBABILITY = 0.06
+
+class Difficulty(NamedTuple):
+    max_objects: int  # 1 to this many objects per image
+    size_range: tuple[float, float]  # object side as a fraction of the image side
+    tiny_probability: float  # chance that an object is tiny (and so marked difficult)
+
+
+# "easy" (fewer, larger objects, none tiny) is what a from-scratch model learns within the CPU demo's minutes.
+DIFFICULTIES = {
+    "standard": Difficulty(max_objects=6, size_range=(0.15, 0.45), tiny_probability=0.06),
+    "easy": Difficulty(max_objects=3, size_range=(0.25, 0.5), tiny_probability=0.0),
+}
+TINY_SIZE_RANGE = (0.05, 0.08)
 MAX_COVERAGE = 0.3  # at most this fraction of a box may lie under boxes placed before it
 DIFFICULT_VISIBLE_FRACTION = 0.4  # fewer visible pixels than this: difficult
 # Centres are kept in distinct cells of both grids the demo uses, so a cell rarely holds two objects.
@@ -94,13 +104,13 @@ def _coverage(box, others):
     return covered / area
 
 
-def place_objects(rng, width, height):
+def place_objects(rng, width, height, difficulty):
     """Choose (class index, 0-based inclusive box, tiny) with modest overlap and distinct grid cells."""
     placed, used_cells = [], set()
-    for _ in range(rng.integers(1, MAX_OBJECTS + 1)):
+    for _ in range(rng.integers(1, difficulty.max_objects + 1)):
         for _ in range(PLACEMENT_TRIES):
-            tiny = rng.random() < TINY_PROBABILITY
-            low, high = TINY_SIZE_RANGE if tiny else SIZE_RANGE
+            tiny = rng.random() < difficulty.tiny_probability
+            low, high = TINY_SIZE_RANGE if tiny else difficulty.size_range
             side = rng.uniform(low, high) * min(width, height)
             aspect = rng.uniform(0.7, 1.4)
             w = max(int(side * aspect ** 0.5), 4)
@@ -119,12 +129,12 @@ def place_objects(rng, width, height):
     return placed
 
 
-def render_image(rng, width, height):
+def render_image(rng, width, height, difficulty=DIFFICULTIES["standard"]):
     """Draw one image; return (H, W, 3) uint8 pixels and its objects as dicts with VOC boxes."""
     pixels = background(rng, width, height)
     owner = np.zeros((height, width), dtype=np.int16)  # which object is on top at each pixel (1-based)
     objects, regions = [], []
-    for number, (class_index, box, tiny) in enumerate(place_objects(rng, width, height), start=1):
+    for number, (class_index, box, tiny) in enumerate(place_objects(rng, width, height, difficulty), start=1):
         name, colour = CLASSES[class_index]
         x1, y1, x2, y2 = box
         region = (slice(y1, y2 + 1), slice(x1, x2 + 1))
@@ -191,7 +201,7 @@ def make_voc_dirs(root):
     return root
 
 
-def generate(out, train=800, val=200, seed=0):
+def generate(out, train=800, val=200, seed=0, difficulty="standard"):
     """Write the dataset under `out` (created if needed); return {split: [image ids]}."""
     root = make_voc_dirs(out)
     splits = {}
@@ -200,7 +210,7 @@ def generate(out, train=800, val=200, seed=0):
         for index in range(count):
             rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
             width, height = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
-            pixels, objects = render_image(rng, width, height)
+            pixels, objects = render_image(rng, width, height, DIFFICULTIES[difficulty])
             image_id = f"{split}_{index:06d}"
             write_voc_item(root, image_id, pixels, objects)
             ids.append(image_id)
@@ -216,9 +226,11 @@ def main(argv=None):
     parser.add_argument("--train", type=int, default=800, help="number of training images")
     parser.add_argument("--val", type=int, default=200, help="number of validation images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--difficulty", choices=tuple(DIFFICULTIES), default="standard",
+                        help="standard: 1-6 objects, some tiny and difficult; easy: 1-3 larger objects")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    generate(args.out, args.train, args.val, args.seed)
+    generate(args.out, args.train, args.val, args.seed, args.difficulty)
     print(f"wrote {args.train} train + {args.val} val images to {args.out} in {time.perf_counter() - start:.1f} s")
 
 

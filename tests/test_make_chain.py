@@ -12,7 +12,7 @@ TINY_TRAIN = ("--protocol=synthetic --pretrained=false --image_size=128 --grid_s
 def make(tmp_path, *targets):
     variables = [f"DEMO_DATA={tmp_path / 'data'}", f"DEMO_RUNS={tmp_path / 'runs'}",
                  f"DEMO_RESULTS={tmp_path / 'demo'}", f"RESULTS={tmp_path / 'voc'}", f"README={tmp_path / 'README.md'}",
-                 "DEMO_TRAIN_IMAGES=8", "DEMO_VAL_IMAGES=4", "DEMO_EPOCHS=1", f"DEMO_TRAIN={TINY_TRAIN}",
+                 "DEMO_TRAIN_IMAGES=8", "DEMO_VAL_IMAGES=4", "DEMO_EPOCHS=1", "DEMO_EPOCHS_RESNET50=1", f"DEMO_TRAIN={TINY_TRAIN}",
                  "DEMO_BENCHMARK=--iters=1 --warmup=0 --head_channels=16 --fc_dim=32 --batch_sizes=1 --baseline=false"]
     result = subprocess.run(["make", "--no-print-directory", *targets, *variables], cwd=ROOT, capture_output=True,
                             text=True, timeout=900)

@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import make_synthetic
-from yolo.data import read_class_names, read_voc_annotation
+from yolo.data import build_dataset, read_class_names, read_voc_annotation
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "make_synthetic.py"
 
@@ -50,7 +50,7 @@ def test_layout_and_learnable_properties(synthetic_root):
         width, height = annotation["width"], annotation["height"]
         sizes.add((width, height))
         assert make_synthetic.MIN_SIDE <= min(width, height) and max(width, height) <= make_synthetic.MAX_SIDE
-        assert 1 <= len(annotation["labels"]) <= make_synthetic.MAX_OBJECTS
+        assert 1 <= len(annotation["labels"]) <= make_synthetic.DIFFICULTIES["standard"].max_objects
         boxes = annotation["boxes"]
         assert (boxes[:, :2] >= 1).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
         assert (boxes == boxes.round()).all()  # integer pixels, as VOC writes them
@@ -66,3 +66,12 @@ def test_layout_and_learnable_properties(synthetic_root):
     assert shared_cells == 0
     assert parts > 0  # crosses carry a <part>, which readers must ignore
     assert objects >= 2 * len(image_ids)
+
+
+def test_easy_difficulty_has_fewer_larger_objects(tmp_path):
+    make_synthetic.generate(tmp_path, train=20, val=0, seed=0, difficulty="easy")
+    dataset = build_dataset("synthetic", tmp_path, train=True)
+    for annotation in dataset.annotations:
+        assert 1 <= len(annotation["labels"]) <= 3
+        sides = (annotation["boxes"][:, 2:] - annotation["boxes"][:, :2] + 1).min(axis=1)
+        assert (sides >= 0.2 * min(annotation["width"], annotation["height"])).all()

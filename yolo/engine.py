@@ -76,7 +76,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
         optimizer.zero_grad(set_to_none=True)
         step, step_is_finite = step + 1, torch.ones((), device=device)
         progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if flags[1] > 0:
+        # A stop on the epoch's last step lets the epoch end normally (the caller saves and exits then).
+        if flags[1] > 0 and index + 1 < len(loader):
             stopped = True
             break
     totals = all_reduce_sum(sums)
