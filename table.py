@@ -76,11 +76,11 @@ def speed_rows(folder: Path, source: str) -> list[str]:
             f"{row['device_name']}, torch {row['torch_version']} | {source} |" for _, row in latest.iterrows()]
 
 
-def results_section(folders: list[tuple[Path, str]]) -> str:
-    accuracy = [line for folder, source in folders for line in accuracy_rows(folder, source)]
+def results_section(folders: list[tuple[Path, str, str]]) -> str:
+    accuracy = [line for folder, source, _ in folders for line in accuracy_rows(folder, source)]
     references = [f"| {' | '.join(row[:3])} | {row[3]} | {row[4]} | {row[5]} | - | - | {row[6]} | {row[7]} |"
                   for row in REFERENCE_ROWS]
-    speed = [line for folder, source in folders for line in speed_rows(folder, source)]
+    speed = [line for folder, _, source in folders for line in speed_rows(folder, source)]
     return "\n".join([
         "Accuracy (mAP at IoU 0.5 in %, VOC devkit rules; COCO AP@[.5:.95] by pycocotools' rules) and",
         "end-to-end speed at batch 1. Rows without a reference are measured by this repository's code.",
@@ -119,8 +119,10 @@ def plot_training_curves(folder: Path) -> None:
 
 
 def main(config: dict) -> None:
-    folders = [(Path(config["results"]), "`make reproduce`"), (Path(config["demo_results"]), "`make demo`")]
-    for folder, _ in folders:
+    # (folder, what made its accuracy rows, what made its speed rows)
+    folders = [(Path(config["results"]), "`make reproduce`", "`make benchmark`"),
+               (Path(config["demo_results"]), "`make demo`", "`make demo`")]
+    for folder, _, _ in folders:
         if folder.exists():
             write_per_class_table(folder)
             plot_training_curves(folder)

@@ -3,6 +3,8 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = ("--protocol=synthetic --pretrained=false --image_size=128 --grid_size=4 --head_channels=16 "
@@ -39,3 +41,12 @@ def test_help_lists_every_target():
     for target in ("download", "train-resnet18", "train-resnet50", "train-darknet", "eval", "benchmark", "table",
                    "reproduce", "demo", "test", "clean", "help"):
         assert f"  {target} " in output, target
+
+
+def test_reproduce_without_a_gpu_stops_before_downloading():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: make reproduce would start for real")
+    result = subprocess.run(["make", "reproduce"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "No CUDA GPU found" in result.stderr and "FORCE_CPU=1" in result.stderr
+    assert "download_voc.py" not in result.stdout
