@@ -14,11 +14,11 @@ import av
 import numpy as np
 import torch
 
-from yolo.checkpoint import CheckpointError, load_checkpoint
+from yolo.checkpoint import CheckpointError, load_model
 from yolo.config import format_config, resolve_config
 from yolo.data import ImageDecodeError, decode_image
+from yolo.distributed import resolve_device
 from yolo.inference import Detector, resolve_dtype
-from yolo.model import YOLOv1
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD
 from yolo.visualize import draw_boxes, save_image
 
@@ -36,17 +36,8 @@ CSV_COLUMNS = ("source", "frame", "x1", "y1", "x2", "y2", "score", "class_id", "
 
 
 def load_detector(path: Path, config: dict) -> tuple[Detector, list[str]]:
-    state = load_checkpoint(path)
-    if "model_args" not in state or "class_names" not in state:
-        raise CheckpointError(f"{path} is not a train.py checkpoint of this project (no model_args or class_names).")
-    model = YOLOv1(**state["model_args"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{path} does not fit the architecture it names ({state['model_args']}): {error}") \
-            from error
-    device = torch.device(config["device"] if config["device"] != "auto" else
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    model, state = load_model(path)
+    device = resolve_device(config["device"])
     detector = Detector(model.to(device), resolve_dtype(config["dtype"], device), device,
                         score_threshold=config["score_threshold"])
     return detector, state["class_names"]

@@ -16,13 +16,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from yolo.checkpoint import CheckpointError, load_checkpoint
+from yolo.checkpoint import CheckpointError, load_model
 from yolo.config import format_config, resolve_config
 from yolo.data import build_dataset, decode_image
+from yolo.distributed import resolve_device
 from yolo.engine import evaluate
 from yolo.inference import Detector, resolve_dtype
 from yolo.metrics import voc_precision_recall
-from yolo.model import YOLOv1
 from yolo.plots import plot_per_class_ap, plot_precision_recall
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD
 from yolo.sampling import IndexedSamples
@@ -96,16 +96,7 @@ def main(config: dict) -> None:
     print(f"evaluate.py\n{format_config(config)}", flush=True)
     checkpoint_path = Path(config["checkpoint"])
     try:
-        state = load_checkpoint(checkpoint_path)
-        if "model_args" not in state or "class_names" not in state:
-            raise CheckpointError(f"{checkpoint_path} is not a train.py checkpoint of this project "
-                                  f"(it has no model_args or class_names).")
-        model = YOLOv1(**state["model_args"])
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise CheckpointError(f"{checkpoint_path} does not fit the architecture it names "
-                                  f"({state['model_args']}): {error}") from error
+        model, state = load_model(checkpoint_path)
     except CheckpointError as error:
         sys.exit(f"error: {error}")
     saved = state["config"]
@@ -121,8 +112,7 @@ def main(config: dict) -> None:
         sys.exit(f"error: {error}")
     if list(dataset.class_names) != list(class_names):
         sys.exit(f"error: the checkpoint's classes {class_names} differ from the dataset's {dataset.class_names}.")
-    device = torch.device(config["device"] if config["device"] != "auto" else
-                          "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config["device"])
     detector = Detector(model.to(device), resolve_dtype(config["dtype"], device), device)
     loader = build_loader(IndexedSamples(dataset), config["batch_size"], shuffle=False,
                           num_workers=config["num_workers"])

@@ -20,7 +20,7 @@ from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differen
                              save_checkpoint)
 from yolo.config import format_config, resolve_config
 from yolo.data import build_dataset
-from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
+from yolo.distributed import barrier, cleanup, init_distributed, is_main_process, resolve_device
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
 from yolo.inference import DTYPES, Detector
 from yolo.model import YOLOv1
@@ -73,14 +73,6 @@ LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_
 def say(*args) -> None:
     if is_main_process():
         print(*args, flush=True)
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    return torch.device(name)
 
 
 def training_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -188,7 +180,10 @@ def main(config: dict) -> None:
 
     checkpoint_path = find_checkpoint(config, out_dir)
     if checkpoint_path is not None:
-        checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+        try:
+            checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+        except CheckpointError as error:
+            sys.exit(f"error: {error}")
         differences = config_differences(checkpoint["config"], run_config)
         if differences:
             sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from yolo.model import YOLOv1
+
 # Settings that change the model or the data a checkpoint was trained on: resuming with others is refused.
 ARCHITECTURE_KEYS = ("backbone", "num_classes", "grid_size", "num_boxes", "image_size", "head_channels", "fc_dim")
 RUN_KEYS = ARCHITECTURE_KEYS + ("protocol", "data_dir", "batch_size", "seed", "optimizer", "lr", "warmup_lr", "warmup_epochs",
@@ -56,3 +58,18 @@ def config_differences(saved: dict, current: dict, keys=RUN_KEYS) -> list[str]:
     """'name: saved -> current' for each listed setting that differs."""
     return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys
             if key in current and saved.get(key) != current.get(key)]
+
+
+def load_model(path: str | Path) -> tuple[YOLOv1, dict]:
+    """The model a train.py checkpoint describes, with its weights, and the checkpoint itself."""
+    state = load_checkpoint(path)
+    if "model_args" not in state or "class_names" not in state:
+        raise CheckpointError(f"{path} is not a train.py checkpoint of this project (it has no model_args or "
+                              f"class_names).")
+    model = YOLOv1(**state["model_args"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit the architecture it names ({state['model_args']}): {error}") \
+            from error
+    return model, state
