@@ -227,6 +227,8 @@ def main(config: dict) -> None:
                              config["warmup_epochs"], config["lr_milestones"], config["lr_gamma"])
 
     stop = StopRequest()
+    say(f"training epochs {start_epoch + 1}-{config['epochs']}: {sampler.steps_per_epoch} steps of "
+        f"{config['batch_size']} images each ({sampler.accumulation} accumulated micro-batches per process)")
     for epoch in range(start_epoch, config["epochs"]):
         sampler.set_epoch(epoch, start_step)
         started = time.perf_counter()
@@ -284,4 +286,7 @@ def main(config: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(resolve_config(globals()))
+    try:
+        main(resolve_config(globals()))
+    except (ValueError, FileNotFoundError) as error:  # bad settings or data, found while building the run
+        sys.exit(f"error: {error}")
