@@ -19,7 +19,6 @@ a fraction of it. Rows are appended to `out`.
 """
 import csv
 import datetime
-import platform
 import time
 from functools import partial
 from pathlib import Path
@@ -31,7 +30,8 @@ from torchvision.transforms import v2
 
 from yolo.boxes import normalized_to_voc
 from yolo.config import format_config, resolve_config
-from yolo.inference import DTYPES, Detector, is_native, preprocess, read_cpuinfo
+from yolo.distributed import resolve_device
+from yolo.inference import DTYPES, Detector, device_name, is_native, preprocess
 from yolo.model import YOLOv1
 from yolo.postprocess import EVAL_SCORE_THRESHOLD
 
@@ -60,19 +60,6 @@ MATMUL_SIZE = 2048
 CSV_COLUMNS = ("backbone", "device", "device_name", "dtype", "batch_size", "image_size", "mode", "compile",
                "latency_ms_median", "latency_ms_p90", "throughput_img_s", "params_m", "gflops", "torch_version",
                "date")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = read_cpuinfo().get("model name") or platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def dtypes_to_time(names: tuple[str, ...], device: torch.device, include_emulated: bool) -> list[str]:

@@ -7,7 +7,6 @@ out_dir/per_class_ap.csv, out_dir/<model>_pr.png, out_dir/<model>_ap.png and out
 with --submission=true also the VOC test-server files under out_dir/submission/<model>/ and their .tar.gz.
 """
 import datetime
-import platform
 import sys
 import tarfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from yolo.config import format_config, resolve_config
 from yolo.data import build_dataset, decode_image
 from yolo.distributed import resolve_device
 from yolo.engine import evaluate
-from yolo.inference import Detector, resolve_dtype
+from yolo.inference import Detector, device_name, resolve_dtype
 from yolo.metrics import voc_precision_recall
 from yolo.plots import plot_per_class_ap, plot_precision_recall
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD
@@ -43,12 +42,6 @@ submission = False             # also write the VOC test-server files (comp4_det
 
 METRIC_COLUMNS = ("voc07_map", "voc12_map", "coco_map", "coco_ap50", "coco_ap75")
 TEST_SPLITS = {"voc2012val": "VOC2012 val", "voc2007test": "VOC2007 test", "synthetic": "synthetic val"}
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def replace_rows(csv_path: Path, rows: list[dict], model: str) -> None:
@@ -127,7 +120,7 @@ def main(config: dict) -> None:
            "image_size": model.image_size, "dtype": str(detector.dtype).removeprefix("torch."),
            "checkpoint": str(checkpoint_path), "epoch": state.get("epoch"),
            "git_commit": state.get("git_commit", "unknown"), "torch_version": torch.__version__,
-           "device": device_description(device), "date": datetime.date.today().isoformat()}
+           "device": device_name(device), "date": datetime.date.today().isoformat()}
     replace_rows(out_dir / "metrics.csv", [row], model_name)
     replace_rows(out_dir / "per_class_ap.csv", [
         {"model": model_name, "class": name, "voc07_ap": metrics["voc07_ap"][i], "voc12_ap": metrics["voc12_ap"][i]}

@@ -7,6 +7,7 @@ channels-last (oneDNN's and cuDNN's native layout, so no reorder around every co
 dtype the device computes natively, and no autograd.
 """
 import copy
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +35,14 @@ def read_cpuinfo() -> dict[str, str]:
     first_processor = path.read_text().split("\n\n")[0]
     return {key.strip(): value.strip() for key, _, value in
             (line.partition(":") for line in first_processor.splitlines())}
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and the threads torch uses: what a timing or a result ran on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = read_cpuinfo().get("model name") or platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def is_native(dtype: torch.dtype, device: torch.device | str) -> bool:
