@@ -7,11 +7,12 @@ import torch
 
 from yolo.model import YOLOv1
 
-# Settings that change the model or the data a checkpoint was trained on: resuming with others is refused.
+# The settings that build the model.
 ARCHITECTURE_KEYS = ("backbone", "num_classes", "grid_size", "num_boxes", "image_size", "head_channels", "fc_dim")
-RUN_KEYS = ARCHITECTURE_KEYS + ("protocol", "data_dir", "batch_size", "seed", "optimizer", "lr", "warmup_lr", "warmup_epochs",
-                                "lr_milestones", "lr_gamma", "momentum", "weight_decay", "lambda_coord",
-                                "lambda_noobj", "use_difficult", "augment")
+# The only settings a resumed run may change: how long, where and how fast it runs, not what it computes
+# (a longer run continues the same schedule). Any other difference, in a setting added later too, is refused.
+RESUMABLE_CHANGES = ("epochs", "micro_batch_size", "num_workers", "eval_every", "device", "dtype", "compile",
+                     "out_dir", "resume")
 
 
 class CheckpointError(RuntimeError):
@@ -54,10 +55,15 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                               f"file and resume from an intact one.") from error
 
 
-def config_differences(saved: dict, current: dict, keys=RUN_KEYS) -> list[str]:
-    """'name: saved -> current' for each listed setting that differs."""
-    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys
-            if key in current and saved.get(key) != current.get(key)]
+def config_differences(saved: dict, current: dict, may_change=RESUMABLE_CHANGES) -> list[str]:
+    """'name: saved -> current' for each setting, in either config, that differs and may not change.
+
+    Values are compared as JSON would store them (a tuple equals the list it was saved as).
+    """
+    def normal(value):
+        return list(value) if isinstance(value, tuple) else value
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in dict.fromkeys([*saved, *current])
+            if key not in may_change and normal(saved.get(key)) != normal(current.get(key))]
 
 
 def load_model(path: str | Path) -> tuple[YOLOv1, dict]:
