@@ -7,18 +7,16 @@ Every constant below can be overridden as --name=value. A rerun of the same comm
 out_dir/last.pt; SIGINT or SIGTERM saves the current step and exits, and the rerun carries on from there.
 """
 import bisect
-import csv
 import json
 import random
-import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differences, git_commit, load_checkpoint,
-                             save_checkpoint)
+from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differences, git_commit,
+                             load_backbone_weights, load_checkpoint, save_checkpoint)
 from yolo.config import at_least, between, format_config, one_of, resolve_config
 from yolo.data import PROTOCOLS, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
@@ -28,12 +26,14 @@ from yolo.inference import Detector
 from yolo.model import BACKBONES, YOLOv1
 from yolo.optim import OPTIMIZERS, build_optimizer
 from yolo.plots import plot_training_curve
+from yolo.run import StopRequest, append_log, find_checkpoint, mark_finished, read_log, say, write_log
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
 from yolo.transforms import EvalTransform, TrainTransform, build_loader
 
 # --- model
-backbone = "resnet18"          # resnet18 | resnet50 | darknet
-pretrained = True              # ImageNet weights for the ResNet backbones (darknet: always from scratch)
+backbone = "resnet18"          # resnet18 | resnet50 | darknet | fast
+pretrained = True              # ImageNet weights for the ResNet backbones (darknet, fast: none)
+backbone_weights = ""          # a pretrain.py last.pt whose backbone starts this run ("": none; needs pretrained=false)
 image_size = 448               # input side in pixels; image_size / 32 must be grid_size or 2 x grid_size
 grid_size = 7                  # S, cells per side
 num_boxes = 2                  # B, boxes predicted per cell
@@ -91,72 +91,14 @@ LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_
                "images_per_s", "seconds")
 
 
-def say(*args) -> None:
-    if is_main_process():
-        print(*args, flush=True)
-
-
-class StopRequest:
-    """Turns SIGINT and SIGTERM into a flag the loop reads after each optimizer step."""
-
-    def __init__(self):
-        self.signal = None
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self.request)
-
-    def request(self, signum, frame) -> None:
-        if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-        say(f"\nreceived {signal.Signals(signum).name}: saving at the end of this optimizer step")
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-
-def read_log(path: Path, up_to_epoch: int) -> list[dict]:
-    """The rows of an existing log.csv up to `up_to_epoch` (a resumed run rewrites the rest)."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as file:
-        return [row for row in csv.DictReader(file) if int(row["epoch"]) <= up_to_epoch]
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=LOG_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def append_log(path: Path, row: dict) -> None:
-    with open(path, "a", newline="") as file:
-        csv.DictWriter(file, fieldnames=LOG_COLUMNS).writerow(row)
-
-
-def mark_finished(out_dir: Path, epochs: int) -> None:
-    """out_dir/done: the file the Makefile waits for; it exists only once last.pt is the final model."""
-    (out_dir / "done").write_text(json.dumps({"epochs": epochs, "checkpoint": "last.pt"}) + "\n")
-
-
-def find_checkpoint(config: dict, out_dir: Path) -> Path | None:
-    last = out_dir / "last.pt"
-    if config["resume"] == "auto":
-        return last if last.exists() else None
-    if config["resume"] == "never":
-        if last.exists():
-            sys.exit(f"error: {last} exists and resume=never would overwrite it: choose another out_dir, "
-                     f"delete the old run, or use --resume=auto.")
-        return None
-    return Path(config["resume"])
-
-
 def main(config: dict) -> None:
     device = resolve_device(config["device"], 0)
     rank, local_rank, world_size = init_distributed(device.type)
     device = resolve_device(config["device"], local_rank)
     dtype = autocast_dtype(config["dtype"], device)
     out_dir = Path(config["out_dir"])
+    if config["backbone_weights"] and config["pretrained"]:
+        sys.exit("error: --backbone_weights replaces the ImageNet weights: add --pretrained=false.")
     say(f"train.py on {world_size} process(es), device {device}, dtype {str(dtype).removeprefix('torch.')}\n"
         f"{format_config(config)}")
 
@@ -189,6 +131,12 @@ def main(config: dict) -> None:
     start_epoch, start_step, best_map = 0, 0, -1.0
 
     checkpoint_path = find_checkpoint(config, out_dir)
+    if checkpoint_path is None and config["backbone_weights"]:
+        try:
+            load_backbone_weights(model, config["backbone_weights"])
+        except CheckpointError as error:
+            sys.exit(f"error: --backbone_weights: {error}")
+        say(f"backbone from {config['backbone_weights']}; the detection head starts fresh")
     if checkpoint_path is not None:
         try:
             checkpoint = load_checkpoint(checkpoint_path, map_location=device)
@@ -216,7 +164,7 @@ def main(config: dict) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "done").unlink(missing_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-        write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch))
+        write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch), LOG_COLUMNS)
     train_model = model
     if world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -278,7 +226,7 @@ def main(config: dict) -> None:
                                      "class_names": list(class_names), "config": run_config,
                                      "val_voc12_map": best_map, "git_commit": git_commit()}, out_dir / "best.pt")
         if is_main_process():
-            append_log(out_dir / "log.csv", row)
+            append_log(out_dir / "log.csv", row, LOG_COLUMNS)
             save_checkpoint(checkpoint_state(epoch + 1, 0), out_dir / "last.pt")
             if row["val_loss"]:
                 plot_training_curve(out_dir / "log.csv", out_dir / "training_curve.png")

@@ -8,7 +8,9 @@ its own generator seeded by (seed, split, index), so `--train 16` is a prefix of
 
     python data/make_synthetic.py --out data/synthetic --train 800 --val 200 --seed 0   (the defaults)
 
-writes Annotations/*.xml, JPEGImages/*.jpg, ImageSets/Main/{train,val}.txt and classes.txt.
+writes Annotations/*.xml, JPEGImages/*.jpg, ImageSets/Main/{train,val}.txt and classes.txt. With
+`--layout imagefolder` it writes a classification set instead (pretrain.py's input): {train,val}/<class>/*.jpg,
+square crops of one shape each.
 Crosses carry a `<part>` (their hub), like VOC person parts, which readers must not take for objects.
 """
 import argparse
@@ -52,6 +54,10 @@ GRIDS = (4, 7)
 JPEG_QUALITY = 90
 NOISE_LEVEL = 24
 PLACEMENT_TRIES = 40
+# The classification crops (--layout imagefolder): a distinct seed stream, and the shape's side as a fraction
+# of the crop, large as in an ImageNet photo of one object.
+CLASSIFICATION_CODE = 7
+CROP_OBJECT_SIZE_RANGE = (0.4, 0.9)
 
 
 def shape_mask(class_name, width, height):
@@ -129,18 +135,27 @@ def place_objects(rng, width, height, difficulty):
     return placed
 
 
+def paint_shape(rng, pixels, class_index, box):
+    """Fill the 0-based inclusive `box` of `pixels` with the class's shape in a jittered shade of its colour;
+    return the box's region (slices) and the shape's mask within it."""
+    name, colour = CLASSES[class_index]
+    x1, y1, x2, y2 = box
+    region = (slice(y1, y2 + 1), slice(x1, x2 + 1))
+    mask = shape_mask(name, x2 - x1 + 1, y2 - y1 + 1)
+    shade = np.clip(np.array(colour) + rng.integers(-20, 21, size=3), 0, 255).astype(np.uint8)
+    pixels[region][mask] = shade
+    return region, mask
+
+
 def render_image(rng, width, height, difficulty=DIFFICULTIES["standard"]):
     """Draw one image; return (H, W, 3) uint8 pixels and its objects as dicts with VOC boxes."""
     pixels = background(rng, width, height)
     owner = np.zeros((height, width), dtype=np.int16)  # which object is on top at each pixel (1-based)
     objects, regions = [], []
     for number, (class_index, box, tiny) in enumerate(place_objects(rng, width, height, difficulty), start=1):
-        name, colour = CLASSES[class_index]
-        x1, y1, x2, y2 = box
-        region = (slice(y1, y2 + 1), slice(x1, x2 + 1))
-        mask = shape_mask(name, x2 - x1 + 1, y2 - y1 + 1)
-        shade = np.clip(np.array(colour) + rng.integers(-20, 21, size=3), 0, 255).astype(np.uint8)
-        pixels[region][mask] = shade
+        name = CLASSES[class_index][0]
+        x1, y1 = box[:2]
+        region, mask = paint_shape(rng, pixels, class_index, box)
         owner[region][mask] = number
         ys, xs = np.nonzero(mask)
         # Tight box from the drawn pixels, converted to VOC's 1-based inclusive convention.
@@ -220,6 +235,29 @@ def generate(out, train=800, val=200, seed=0, difficulty="standard"):
     return splits
 
 
+def generate_classification(out, train=200, val=50, seed=0, size=64):
+    """Write an ImageFolder classification set under `out`: {train,val}/<class>/<id>.jpg, `size` x `size`
+    crops each centred loosely on one shape, classes in turn (so every class has images in both splits
+    once a split has as many images as there are classes). Return {split: number of images}."""
+    out = Path(out)
+    for split, count in (("train", train), ("val", val)):
+        for name in CLASS_NAMES:
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            rng = np.random.default_rng([seed, SPLIT_CODES[split], index, CLASSIFICATION_CODE])
+            class_index = index % len(CLASSES)
+            pixels = background(rng, size, size)
+            side = rng.uniform(*CROP_OBJECT_SIZE_RANGE) * size
+            aspect = rng.uniform(0.7, 1.4)
+            w, h = max(int(side * aspect ** 0.5), 4), max(int(side / aspect ** 0.5), 4)
+            w, h = min(w, size), min(h, size)
+            x1, y1 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
+            paint_shape(rng, pixels, class_index, (x1, y1, x1 + w - 1, y1 + h - 1))
+            Image.fromarray(pixels).save(out / split / CLASS_NAMES[class_index] / f"{split}_{index:06d}.jpg",
+                                         quality=JPEG_QUALITY)
+    return {"train": train, "val": val}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/synthetic", help="output folder (VOC layout)")
@@ -228,9 +266,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--difficulty", choices=tuple(DIFFICULTIES), default="standard",
                         help="standard: 1-6 objects, some tiny and difficult; easy: 1-3 larger objects")
+    parser.add_argument("--layout", choices=("voc", "imagefolder"), default="voc",
+                        help="voc: detection set; imagefolder: classification crops of one shape each "
+                             "(train/ and val/, one folder per class), for pretrain.py")
+    parser.add_argument("--size", type=int, default=64, help="side of the imagefolder crops in pixels")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    generate(args.out, args.train, args.val, args.seed, args.difficulty)
+    if args.layout == "imagefolder":
+        generate_classification(args.out, args.train, args.val, args.seed, args.size)
+    else:
+        generate(args.out, args.train, args.val, args.seed, args.difficulty)
     print(f"wrote {args.train} train + {args.val} val images to {args.out} in {time.perf_counter() - start:.1f} s")
 
 

@@ -79,3 +79,30 @@ def load_model(path: str | Path) -> tuple[YOLOv1, dict]:
         raise CheckpointError(f"{path} does not fit the architecture it names ({state['model_args']}): {error}") \
             from error
     return model, state
+
+
+def load_backbone_weights(model: YOLOv1, path: str | Path) -> None:
+    """Copy the backbone (convolutions and BatchNorm) of a pretrain.py checkpoint into `model`'s backbone.
+
+    Only the backbone is taken: the classifier's pooling and fully connected layer are dropped, and the
+    detection head keeps its fresh initialisation.
+    """
+    if not Path(path).is_file():
+        raise CheckpointError(f"No checkpoint at {path}: pretrain a backbone with pretrain.py (its out_dir/last.pt) "
+                              f"or give the right path.")
+    state = load_checkpoint(path)
+    config = state.get("config", {})
+    if "model" not in state or config.get("task") != "classification":
+        raise CheckpointError(f"{path} is not a pretrain.py checkpoint (backbone_weights takes the last.pt that "
+                              f"pretrain.py writes).")
+    if config.get("backbone") != model.backbone_name:
+        raise CheckpointError(f"{path} holds a pretrained {config.get('backbone')} backbone, not the "
+                              f"{model.backbone_name} this run builds: set backbone={config.get('backbone')} or "
+                              f"pretrain a {model.backbone_name}.")
+    prefix = "backbone."
+    backbone_state = {key.removeprefix(prefix): value for key, value in state["model"].items()
+                      if key.startswith(prefix)}
+    try:
+        model.backbone.load_state_dict(backbone_state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path} does not fit the {model.backbone_name} backbone: {error}") from error

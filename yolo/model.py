@@ -1,7 +1,9 @@
-"""The YOLOv1 network: an ImageNet ResNet or the paper's Darknet backbone, then the YOLOv1 head.
+"""The YOLOv1 network: an ImageNet ResNet, the paper's Darknet or Fast YOLO's backbone, then the YOLOv1 head.
 
 Output layout per grid cell: [x, y, w, h, conf] for each of the B predictors, then C class
 probabilities, all passed through a sigmoid (see yolo/boxes.py for what x, y, w, h mean).
+
+The backbone is the part a classifier pretrains (pretrain.py); the head is what detection adds to it.
 """
 import urllib.error
 
@@ -9,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-BACKBONES = ("resnet18", "resnet50", "darknet")
+BACKBONES = ("resnet18", "resnet50", "darknet", "fast")
 BACKBONE_STRIDE = 32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,6 +47,40 @@ def darknet_backbone() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+FAST_WIDTHS = (16, 32, 64, 128, 256, 512)
+FAST_HEAD_WIDTHS = (1024, 1024, 256)
+
+
+def fast_backbone() -> nn.Sequential:
+    """The pretrained part of Fast YOLO: six 3x3 convolutions 16-32-64-128-256-512, each of the first five
+    followed by a 2x2 max pool (stride 32, 512 channels).
+
+    The paper says only that Fast YOLO has 9 convolutional layers instead of 24, with fewer filters. The
+    widths are those of darknet's yolov1 "tiny" configuration (16 doubling to 1024, then 256); that
+    configuration has 8 convolutions, so a second 3x3 1024 in the head makes the paper's 9 (`fast_head`).
+    """
+    layers = []
+    for index, (in_channels, out_channels) in enumerate(zip((3, *FAST_WIDTHS), FAST_WIDTHS)):
+        layers.append(conv_bn_act(in_channels, out_channels, 3))
+        if index < len(FAST_WIDTHS) - 1:
+            layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def fast_head(in_channels: int, head_stride: int, grid_size: int, outputs_per_cell: int) -> nn.Sequential:
+    """Fast YOLO's detection layers: 3x3 convolutions 1024 (with the head's stride), 1024 and 256, then one
+    fully connected layer straight to the S x S x (5B + C) outputs, as in darknet's tiny configuration
+    (no 4096-wide hidden layer: that layer alone would hold most of the model's parameters)."""
+    first, second, last = FAST_HEAD_WIDTHS
+    return nn.Sequential(
+        conv_bn_act(in_channels, first, 3, stride=head_stride),
+        conv_bn_act(first, second, 3),
+        conv_bn_act(second, last, 3),
+        nn.Flatten(),
+        nn.Linear(grid_size * grid_size * last, grid_size * grid_size * outputs_per_cell),
+    )
+
+
 def load_imagenet_weights(name: str) -> dict:
     """torchvision's ImageNet state dict for `name`, from the torch hub cache or the network."""
     weights = RESNET_WEIGHTS[name]
@@ -70,27 +106,39 @@ def resnet_backbone(name: str, pretrained: bool) -> tuple[nn.Sequential, int]:
     return layers, resnet.fc.in_features
 
 
+def build_backbone(name: str, pretrained: bool = False) -> tuple[nn.Sequential, int]:
+    """The backbone `name` (stride 32) and its output channels; `pretrained`: torchvision's ImageNet weights
+    (ResNets only)."""
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}.")
+    if pretrained and name in ("darknet", "fast"):
+        raise ValueError(f"No ImageNet weights exist for the {name} backbone here; use pretrained=False, or "
+                         f"pretrain it with pretrain.py and pass its last.pt as backbone_weights.")
+    if name == "darknet":
+        return darknet_backbone(), 1024
+    if name == "fast":
+        return fast_backbone(), FAST_WIDTHS[-1]
+    return resnet_backbone(name, pretrained)
+
+
 class YOLOv1(nn.Module):
     """YOLOv1 for `image_size` x `image_size` RGB inputs in [0, 1] (normalised inside the model).
 
     `head_channels` and `fc_dim` are the paper's 1024 and 4096 by default; smaller values give a
-    Fast-YOLO-like narrow head for quick CPU runs.
+    narrow head for quick CPU runs. The `fast` backbone comes with Fast YOLO's own head (`fast_head`),
+    which these two do not shape.
     """
 
     def __init__(self, backbone: str = "resnet18", num_classes: int = 20, grid_size: int = 7,
                  num_boxes: int = 2, image_size: int = 448, pretrained: bool = False,
                  head_channels: int = 1024, fc_dim: int = 4096):
         super().__init__()
-        if backbone not in BACKBONES:
-            raise ValueError(f"Unknown backbone {backbone!r}; known backbones: {', '.join(BACKBONES)}.")
         feature_size, remainder = divmod(image_size, BACKBONE_STRIDE)
         if remainder or feature_size not in (grid_size, 2 * grid_size):
             allowed = (BACKBONE_STRIDE * grid_size, 2 * BACKBONE_STRIDE * grid_size)
             raise ValueError(
                 f"image_size={image_size} does not fit grid_size={grid_size}: image_size / {BACKBONE_STRIDE} must "
                 f"be grid_size or 2 x grid_size, so the allowed sizes are {allowed[0]} and {allowed[1]}.")
-        if pretrained and backbone == "darknet":
-            raise ValueError("No ImageNet weights exist for the darknet backbone here; use pretrained=False.")
         self.backbone_name = backbone
         self.num_classes = num_classes
         self.grid_size = grid_size
@@ -99,21 +147,22 @@ class YOLOv1(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-        if backbone == "darknet":
-            self.backbone, backbone_channels = darknet_backbone(), 1024
-        else:
-            self.backbone, backbone_channels = resnet_backbone(backbone, pretrained)
+        self.backbone, backbone_channels = build_backbone(backbone, pretrained)
         head_stride = feature_size // grid_size
-        self.head = nn.Sequential(
-            conv_bn_act(backbone_channels, head_channels, 3),
-            conv_bn_act(head_channels, head_channels, 3, stride=head_stride),
-            conv_bn_act(head_channels, head_channels, 3),
-            conv_bn_act(head_channels, head_channels, 3),
-            nn.Flatten(),
-            nn.Linear(grid_size * grid_size * head_channels, fc_dim),
-            nn.LeakyReLU(0.1, inplace=True),
-            nn.Linear(fc_dim, grid_size * grid_size * (5 * num_boxes + num_classes)),
-        )
+        outputs_per_cell = 5 * num_boxes + num_classes
+        if backbone == "fast":
+            self.head = fast_head(backbone_channels, head_stride, grid_size, outputs_per_cell)
+        else:
+            self.head = nn.Sequential(
+                conv_bn_act(backbone_channels, head_channels, 3),
+                conv_bn_act(head_channels, head_channels, 3, stride=head_stride),
+                conv_bn_act(head_channels, head_channels, 3),
+                conv_bn_act(head_channels, head_channels, 3),
+                nn.Flatten(),
+                nn.Linear(grid_size * grid_size * head_channels, fc_dim),
+                nn.LeakyReLU(0.1, inplace=True),
+                nn.Linear(fc_dim, grid_size * grid_size * outputs_per_cell),
+            )
         self._init_weights(skip_backbone=pretrained)
 
     def _init_weights(self, skip_backbone: bool) -> None:

@@ -1,4 +1,5 @@
-"""Figures made from result files: the training curve from log.csv, precision-recall curves, per-class AP."""
+"""Figures made from result files: training curves from log.csv (detection, classification), precision-recall
+curves, per-class AP."""
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +24,25 @@ def plot_training_curve(log_csv: str | Path, png: str | Path, title: str | None 
     map_axis.plot(evaluated["epoch"], evaluated["val_voc07_map"], "s--", label="VOC2007 11-point mAP")
     map_axis.set(xlabel="epoch", ylabel="validation mAP@0.5", ylim=(0, 1))
     map_axis.legend()
+    figure.suptitle(title or str(Path(log_csv).parent.name))
+    figure.tight_layout()
+    figure.savefig(png, dpi=100)
+    plt.close(figure)
+
+
+def plot_classification_curve(log_csv: str | Path, png: str | Path, title: str | None = None) -> None:
+    """pretrain.py's log: training and validation loss, and validation top-1 / top-5 accuracy, against the epoch."""
+    log = pd.read_csv(log_csv)
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(log["epoch"], log["train_loss"], label="train")
+    validated = log.dropna(subset=["val_loss"])
+    loss_axis.plot(validated["epoch"], validated["val_loss"], "o-", label="validation")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy (per image)", yscale="log")
+    loss_axis.legend()
+    accuracy_axis.plot(validated["epoch"], validated["val_top1"], "o-", label="top-1")
+    accuracy_axis.plot(validated["epoch"], validated["val_top5"], "s--", label="top-5")
+    accuracy_axis.set(xlabel="epoch", ylabel="validation accuracy", ylim=(0, 1))
+    accuracy_axis.legend()
     figure.suptitle(title or str(Path(log_csv).parent.name))
     figure.tight_layout()
     figure.savefig(png, dpi=100)

@@ -1,0 +1,205 @@
+"""Pretrain a detector's backbone as an image classifier (the paper's first stage), on one device or many.
+
+    python pretrain.py --backbone=darknet --data_dir=/data/imagenet --out_dir=runs/pretrain_darknet
+    torchrun --nproc_per_node=4 pretrain.py --backbone=darknet --data_dir=/data/imagenet
+    python train.py --backbone=darknet --pretrained=false --backbone_weights=runs/pretrain_darknet/last.pt
+
+data_dir holds train/ and val/, one folder of images per class (ImageNet's usual layout). The recipe is
+the standard ImageNet one: SGD with momentum, random resized crops and flips at image_size (the paper's
+224), a cosine (or step) schedule; top-1 / top-5 are measured on val/ resized to 256 and centre-cropped
+to 224. Every constant below can be overridden as --name=value. A rerun of the same command continues
+from out_dir/last.pt; SIGINT or SIGTERM saves the current step and exits.
+"""
+import bisect
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from yolo.checkpoint import (RESUMABLE_CHANGES, CheckpointError, config_differences, git_commit, load_checkpoint,
+                             save_checkpoint)
+from yolo.classification import BackboneClassifier, evaluate_classifier, image_folders, train_classifier_epoch
+from yolo.config import at_least, between, format_config, one_of, resolve_config
+from yolo.device import DTYPES, autocast_dtype, resolve_device
+from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
+from yolo.engine import NonFiniteLossError
+from yolo.model import BACKBONES
+from yolo.optim import build_optimizer
+from yolo.plots import plot_classification_curve
+from yolo.run import StopRequest, append_log, find_checkpoint, mark_finished, read_log, say, write_log
+from yolo.sampling import GlobalBatchSampler, SeededSamples
+
+# --- model
+backbone = "darknet"           # darknet | fast | resnet18 | resnet50, trained from scratch
+image_size = 224               # training and evaluation crop side in pixels (the paper's pretraining size)
+# --- data
+data_dir = "data/imagenet"     # ImageFolder layout: train/ and val/, one folder of images per class in each
+num_workers = 8                # data-loading processes per training process
+# --- recipe (standard ImageNet: SGD, random resized crop + flip, cosine schedule)
+epochs = 90                    # total epochs
+batch_size = 256               # images per optimizer step, summed over processes and accumulation
+micro_batch_size = 64          # images per process and forward pass; BatchNorm normalises over these
+lr = 0.1                       # learning rate at the start of the schedule (0.1 per 256 images)
+schedule = "cosine"            # cosine: lr x (1 + cos(pi x epoch / epochs)) / 2 | step: x lr_gamma at lr_milestones
+lr_milestones = (30, 60, 80)   # epochs at which the step schedule multiplies the learning rate by lr_gamma
+lr_gamma = 0.1                 # step schedule's factor at each milestone
+momentum = 0.9                 # SGD momentum
+weight_decay = 1e-4            # L2 weight decay on convolution and linear weights
+label_smoothing = 0.0          # cross-entropy label smoothing: 0 (none) to below 1; 0.1 is common
+# --- run
+out_dir = "runs/pretrain_darknet"  # last.pt, log.csv, config.json, training_curve.png
+resume = "auto"                # auto: continue from out_dir/last.pt if present | never | path to a checkpoint
+seed = 0                       # initialisation, data order and augmentation
+device = "auto"                # auto (cuda if available) | cpu | cuda
+dtype = "auto"                 # autocast: auto (CUDA: bf16 where native, else fp16; CPU: fp32) | fp32 | bf16 | fp16
+compile = False                # torch.compile the model
+eval_every = 1                 # validate every N epochs and after the last; 0: only after the last
+
+SCHEDULES = ("cosine", "step")
+RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size": at_least(32),
+         "num_workers": at_least(0), "epochs": at_least(1), "batch_size": at_least(1),
+         "micro_batch_size": at_least(1), "lr": at_least(0.0), "schedule": one_of(*SCHEDULES),
+         "lr_milestones": at_least(0), "lr_gamma": at_least(0.0), "momentum": between(0.0, 1.0),
+         "weight_decay": at_least(0.0), "label_smoothing": between(0.0, 0.999), "seed": at_least(0),
+         "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0)}
+LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "seconds")
+
+
+def learning_rate(epoch: float, config: dict) -> float:
+    """The schedule at a fractional epoch; past the planned end, cosine stays at 0 and step at its last value."""
+    if config["schedule"] == "cosine":
+        return config["lr"] * (1 + math.cos(math.pi * min(epoch / config["epochs"], 1.0))) / 2
+    return config["lr"] * config["lr_gamma"] ** bisect.bisect_right(sorted(config["lr_milestones"]), epoch)
+
+
+def main(config: dict) -> None:
+    device = resolve_device(config["device"], 0)
+    rank, local_rank, world_size = init_distributed(device.type)
+    device = resolve_device(config["device"], local_rank)
+    dtype = autocast_dtype(config["dtype"], device)
+    out_dir = Path(config["out_dir"])
+    say(f"pretrain.py on {world_size} process(es), device {device}, dtype {str(dtype).removeprefix('torch.')}\n"
+        f"{format_config(config)}")
+
+    random.seed(config["seed"])
+    torch.manual_seed(config["seed"])
+    train_set, val_set = image_folders(config["data_dir"], config["image_size"])
+    class_names = train_set.classes
+    # `task` marks the checkpoint as a classifier's, which train.py's backbone_weights requires.
+    run_config = {**config, "task": "classification", "num_classes": len(class_names)}
+    sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
+                                 config["seed"])
+    loader_options = {"batch_size": config["micro_batch_size"], "num_workers": config["num_workers"],
+                      "pin_memory": torch.cuda.is_available(), "persistent_workers": config["num_workers"] > 0}
+    train_loader = DataLoader(SeededSamples(train_set), sampler=sampler, **loader_options)
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)), **loader_options)
+
+    model = BackboneClassifier(config["backbone"], len(class_names)).to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, "sgd", config["lr"], config["momentum"], config["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_epoch, start_step = 0, 0
+
+    checkpoint_path = find_checkpoint(config, out_dir)
+    if checkpoint_path is not None:
+        try:
+            checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+        except CheckpointError as error:
+            sys.exit(f"error: {error}")
+        # The cosine schedule is laid out over `epochs`, so there a longer run is another run.
+        may_change = [key for key in RESUMABLE_CHANGES if key != "epochs" or config["schedule"] == "step"]
+        differences = config_differences(checkpoint["config"], run_config, may_change)
+        if differences:
+            sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
+                     f"Rerun with the saved settings, or choose another out_dir to start a new run.")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+        random.setstate(checkpoint["rng"]["python"])
+        say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+    if start_epoch >= config["epochs"]:
+        say(f"{out_dir} already holds a finished run of {config['epochs']} epochs: nothing to do.")
+        if is_main_process():
+            mark_finished(out_dir, start_epoch)
+        cleanup()
+        return
+
+    if is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "done").unlink(missing_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch), LOG_COLUMNS)
+    train_model = model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if config["compile"]:
+        train_model = torch.compile(train_model)
+
+    def checkpoint_state(epoch: int, step: int) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step, "config": run_config, "class_names": list(class_names),
+                "git_commit": git_commit(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+
+    stop = StopRequest()
+    say(f"training epochs {start_epoch + 1}-{config['epochs']}: {sampler.steps_per_epoch} steps of "
+        f"{config['batch_size']} images each ({sampler.accumulation} accumulated micro-batches per process)")
+    for epoch in range(start_epoch, config["epochs"]):
+        sampler.set_epoch(epoch, start_step)
+        started = time.perf_counter()
+        try:
+            stats = train_classifier_epoch(
+                train_model, train_loader, optimizer, scaler, epoch=epoch, start_step=start_step,
+                accumulation=sampler.accumulation, label_smoothing=config["label_smoothing"], device=device,
+                dtype=dtype, stop_requested=stop,
+                lr_at=lambda step: learning_rate(epoch + step / sampler.steps_per_epoch, config))
+        except NonFiniteLossError as error:
+            cleanup()
+            sys.exit(f"error: {error}")
+        if stats["stopped"]:
+            if is_main_process():
+                save_checkpoint(checkpoint_state(epoch, stats["steps"]), out_dir / "last.pt")
+            say(f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
+                f"rerun the same command to resume")
+            cleanup()
+            sys.exit(128 + stop.signal)
+        start_step = 0
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
+               "train_loss": f"{stats['loss'] / stats['images']:.6f}",
+               "images_per_s": f"{stats['images'] / seconds:.2f}", "seconds": f"{seconds:.1f}",
+               "val_loss": "", "val_top1": "", "val_top5": ""}
+        last_epoch = epoch + 1 == config["epochs"]
+        if last_epoch or (config["eval_every"] > 0 and (epoch + 1) % config["eval_every"] == 0):
+            validation = evaluate_classifier(model, val_loader, device=device, dtype=dtype)
+            row.update({"val_loss": f"{validation['loss']:.6f}", "val_top1": f"{validation['top1']:.6f}",
+                        "val_top5": f"{validation['top5']:.6f}"})
+        if is_main_process():
+            append_log(out_dir / "log.csv", row, LOG_COLUMNS)
+            save_checkpoint(checkpoint_state(epoch + 1, 0), out_dir / "last.pt")
+            if row["val_loss"]:
+                plot_classification_curve(out_dir / "log.csv", out_dir / "training_curve.png")
+        say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
+        barrier()
+        if stop() and not last_epoch:
+            say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
+            cleanup()
+            sys.exit(128 + stop.signal)
+    if is_main_process():
+        mark_finished(out_dir, config["epochs"])
+    say(f"finished: {out_dir / 'last.pt'} holds the pretrained backbone; pass it to train.py as "
+        f"--backbone_weights={out_dir / 'last.pt'} --pretrained=false")
+    cleanup()
+
+
+if __name__ == "__main__":
+    try:
+        main(resolve_config(globals(), rules=RULES))
+    except (ValueError, FileNotFoundError) as error:  # bad settings or data, found while building the run
+        sys.exit(f"error: {error}")
