@@ -126,3 +126,47 @@ def test_pretrained_weights_offline_error_says_what_to_do(tmp_path, monkeypatch)
 def test_darknet_has_no_pretrained_weights():
     with pytest.raises(ValueError, match="pretrained=False"):
         YOLOv1("darknet", pretrained=True)
+
+
+def conv_bn_parameters(layout):
+    """Parameters of (kernel, in, out) convolutions without bias, each followed by BatchNorm (weight, bias)."""
+    return sum(kernel * kernel * in_channels * out + 2 * out for kernel, in_channels, out in layout)
+
+
+def linear_parameters(in_features, out_features):
+    return in_features * out_features + out_features
+
+
+# The paper's Figure 3, first 20 convolutions (the pretrained part), as (kernel, in, out).
+DARKNET_BACKBONE = [(7, 3, 64), (3, 64, 192), (1, 192, 128), (3, 128, 256), (1, 256, 256), (3, 256, 512),
+                    *[(1, 512, 256), (3, 256, 512)] * 4, (1, 512, 512), (3, 512, 1024),
+                    (1, 1024, 512), (3, 512, 1024), (1, 1024, 512), (3, 512, 1024)]
+# Fast YOLO as yolo/model.py lays it out: six pretrained 3x3 convolutions, three in the head.
+FAST_BACKBONE = [(3, 3, 16), (3, 16, 32), (3, 32, 64), (3, 64, 128), (3, 128, 256), (3, 256, 512)]
+FAST_HEAD = [(3, 512, 1024), (3, 1024, 1024), (3, 1024, 256)]
+
+
+def test_darknet_parameter_count_is_the_papers_architecture():
+    """20 pretrained convolutions, 4 added 3x3 1024 convolutions, then 7 x 7 x 1024 -> 4096 -> 7 x 7 x 30."""
+    model = YOLOv1("darknet")
+    assert parameter_count(model.backbone) == conv_bn_parameters(DARKNET_BACKBONE) == 22_412_224
+    head = conv_bn_parameters([(3, 1024, 1024)] * 4) + linear_parameters(7 * 7 * 1024, 4096) \
+        + linear_parameters(4096, 7 * 7 * 30)
+    assert parameter_count(model) == conv_bn_parameters(DARKNET_BACKBONE) + head == 271_716_734
+    assert len([m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]) == 24
+
+
+def test_fast_yolo_parameter_count_and_its_nine_convolutions():
+    model = YOLOv1("fast")
+    assert parameter_count(model.backbone) == conv_bn_parameters(FAST_BACKBONE) == 1_573_776
+    head = conv_bn_parameters(FAST_HEAD) + linear_parameters(7 * 7 * 256, 7 * 7 * 30)
+    assert parameter_count(model) == conv_bn_parameters(FAST_BACKBONE) + head == 36_534_606
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 9 and all(conv.kernel_size == (3, 3) for conv in convs)
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 3, 448, 448)).shape == (1, 7, 7, 30)
+
+
+def test_fast_yolo_has_no_pretrained_weights_either():
+    with pytest.raises(ValueError, match="pretrain.py"):
+        YOLOv1("fast", pretrained=True)

@@ -4,6 +4,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from PIL import Image
+
 import make_synthetic
 from yolo.data import build_dataset, read_class_names, read_voc_annotation
 
@@ -75,3 +77,17 @@ def test_easy_difficulty_has_fewer_larger_objects(tmp_path):
         assert 1 <= len(annotation["labels"]) <= 3
         sides = (annotation["boxes"][:, 2:] - annotation["boxes"][:, :2] + 1).min(axis=1)
         assert (sides >= 0.2 * min(annotation["width"], annotation["height"])).all()
+
+
+def test_classification_crops_are_deterministic_and_cover_every_class_in_both_splits(tmp_path):
+    make_synthetic.generate_classification(tmp_path / "a", train=12, val=5, seed=0, size=48)
+    subprocess.run([sys.executable, str(SCRIPT), "--layout", "imagefolder", "--out", str(tmp_path / "b"),
+                    "--train", "12", "--val", "5", "--seed", "0", "--size", "48"], check=True, capture_output=True)
+    assert file_hashes(tmp_path / "a") == file_hashes(tmp_path / "b")
+    for split, count in (("train", 12), ("val", 5)):
+        folders = sorted(path.name for path in (tmp_path / "a" / split).iterdir())
+        assert folders == sorted(make_synthetic.CLASS_NAMES)
+        images = sorted((tmp_path / "a" / split).rglob("*.jpg"))
+        assert len(images) == count and all(len(list((tmp_path / "a" / split / name).glob("*.jpg"))) >= 1
+                                            for name in folders)
+    assert Image.open(images[0]).size == (48, 48)
