@@ -15,6 +15,7 @@ FORCE_CPU ?= 0## 1: let `make reproduce` train on a CPU (months)
 VOC_MIRROR ?=## base URL of a mirror serving the VOC .tar files
 VOC_ARCHIVES_DIR ?=## folder already holding the VOC .tar files (verified, not downloaded)
 README ?= README.md## the file whose results table `make table` regenerates
+IMAGENET_DIR ?=## classification set for make pretrain-darknet: train/ and val/, one folder per class
 
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-requirements
@@ -44,8 +45,8 @@ DEMO_CONFIG ?= configs/demo.py## the demo's training recipe (train.py)
 DEMO_MODELS := resnet18 resnet50
 DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_RESULTS)/$(m)_ap.png)
 
-.PHONY: help test download train-resnet18 train-resnet50 train-darknet eval benchmark table reproduce demo \
-	clean check-gpu
+.PHONY: help test download train-resnet18 train-resnet50 pretrain-darknet train-darknet eval benchmark table \
+	reproduce demo clean check-gpu
 
 help: ## list the targets and the variables they read
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -85,9 +86,20 @@ $(RUNS)/%_$(PROTOCOL)/done: train.py $(PACKAGE) $(VOC_MARKERS) | check-gpu
 
 train-resnet18: $(RUNS)/resnet18_$(PROTOCOL)/done ## train YOLOv1-ResNet18 with the paper's recipe (resumes)
 train-resnet50: $(RUNS)/resnet50_$(PROTOCOL)/done ## train YOLOv1-ResNet50 with the paper's recipe (resumes)
-train-darknet: $(VOC_MARKERS) | check-gpu ## train the paper's Darknet backbone from scratch (not in reproduce)
-	$(TRAIN_CMD) train.py --backbone=darknet --pretrained=false --protocol=$(PROTOCOL) \
-		--out_dir=$(RUNS)/darknet_$(PROTOCOL)
+# The paper's two stages (not in reproduce): classification pretraining of the first 20 convolutions at
+# 224 px, then detection from them. A finished pretraining is not redone when the code changes (order-only).
+PRETRAIN_DARKNET := $(RUNS)/pretrain_darknet
+NO_IMAGENET_MESSAGE := error: set IMAGENET_DIR to a folder holding train/ and val/ with one folder of images \
+	per class (ImageNet-1k: about 140 GB), e.g. make pretrain-darknet IMAGENET_DIR=/data/imagenet
+
+$(PRETRAIN_DARKNET)/done: | check-gpu
+	@test -n "$(IMAGENET_DIR)" || { echo "$(NO_IMAGENET_MESSAGE)" >&2; exit 2; }
+	$(TRAIN_CMD) pretrain.py --backbone=darknet --data_dir=$(IMAGENET_DIR) --out_dir=$(@D)
+
+pretrain-darknet: $(PRETRAIN_DARKNET)/done ## pretrain Darknet's 20 convolutions as a classifier (CUDA, resumes; IMAGENET_DIR=...)
+train-darknet: $(VOC_MARKERS) | check-gpu $(PRETRAIN_DARKNET)/done ## train the paper's Darknet detector from its pretrained backbone (CUDA, resumes)
+	$(TRAIN_CMD) train.py --backbone=darknet --pretrained=false --backbone_weights=$(PRETRAIN_DARKNET)/last.pt \
+		--protocol=$(PROTOCOL) --out_dir=$(RUNS)/darknet_$(PROTOCOL)
 
 $(RESULTS)/%_$(PROTOCOL)_ap.png: $(RUNS)/%_$(PROTOCOL)/done evaluate.py $(PACKAGE)
 	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --out_dir=$(RESULTS)

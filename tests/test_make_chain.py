@@ -40,7 +40,7 @@ def test_demo_chain_runs_and_a_second_run_only_checks(tmp_path):
 
 def test_help_lists_every_target():
     output = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    for target in ("download", "train-resnet18", "train-resnet50", "train-darknet", "eval", "benchmark", "table",
+    for target in ("download", "train-resnet18", "train-resnet50", "pretrain-darknet", "train-darknet", "eval", "benchmark", "table",
                    "reproduce", "demo", "test", "clean", "help"):
         assert f"  {target} " in output, target
 
@@ -52,3 +52,23 @@ def test_reproduce_without_a_gpu_stops_before_downloading():
     assert result.returncode != 0
     assert "No CUDA GPU found" in result.stderr and "FORCE_CPU=1" in result.stderr
     assert "download_voc.py" not in result.stdout
+
+
+def test_the_darknet_stages_chain_pretraining_into_detection(tmp_path):
+    """The two CUDA targets, dry run: pretrain.py on IMAGENET_DIR, then train.py from its last.pt."""
+    runs = tmp_path / "runs"
+    result = subprocess.run(["make", "-n", "train-darknet", "FORCE_CPU=1", f"RUNS={runs}", "IMAGENET_DIR=/data/in1k"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pretraining = f"pretrain.py --backbone=darknet --data_dir=/data/in1k --out_dir={runs}/pretrain_darknet"
+    detection = f"--backbone=darknet --pretrained=false --backbone_weights={runs}/pretrain_darknet/last.pt"
+    assert pretraining in result.stdout and detection in result.stdout
+    assert result.stdout.index(pretraining) < result.stdout.index(detection)
+
+
+def test_pretraining_without_imagenet_dir_is_a_clear_error(tmp_path):
+    result = subprocess.run(["make", "pretrain-darknet", "FORCE_CPU=1", f"RUNS={tmp_path}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "error: set IMAGENET_DIR to a folder holding train/ and val/" in result.stderr
+    assert "pretrain.py" not in result.stdout
