@@ -13,7 +13,7 @@ import torch
 
 import make_synthetic
 import pretrain
-from yolo.checkpoint import CheckpointError, load_backbone_weights, save_checkpoint
+from yolo.checkpoint import load_backbone_weights, save_checkpoint
 from yolo.classification import BackboneClassifier
 from yolo.model import YOLOv1
 
@@ -117,6 +117,22 @@ def test_sigterm_saves_the_step_and_resume_is_exact(classification_dir, referenc
     assert_same_weights(saved_model(out_dir), saved_model(reference_run))
 
 
+def test_torchrun_on_two_processes_matches_one_process(classification_dir, reference_run, tmp_path):
+    """Two gloo processes with one micro-batch each against one process accumulating both (see test_train.py)."""
+    out_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py",
+               f"--data_dir={classification_dir}", f"--out_dir={out_dir}", *RESUMABLE]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("| train_loss") == 2  # rank 0 alone prints the epoch lines
+    ddp, single = saved_model(out_dir), saved_model(reference_run)
+    for name, value in single.items():
+        if value.is_floating_point() and "running" not in name:
+            torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    ddp_log, single_log = pd.read_csv(out_dir / "log.csv"), pd.read_csv(reference_run / "log.csv")
+    assert list(ddp_log["val_top1"]) == list(single_log["val_top1"])  # each process validates half the images
+
+
 def test_resume_refuses_other_settings_and_a_longer_cosine_run(classification_dir, reference_run):
     result = run_script("pretrain.py", f"--data_dir={classification_dir}", f"--out_dir={reference_run}", *RESUMABLE,
                         "--epochs=3", expect_success=False)
@@ -126,7 +142,7 @@ def test_resume_refuses_other_settings_and_a_longer_cosine_run(classification_di
     assert "lr: 0.05 -> 0.5" in result.stderr
 
 
-def test_the_two_stages_hand_the_backbone_over_unchanged(classification_dir, reference_run, synthetic_root, tmp_path):
+def test_the_two_stages_hand_the_backbone_over_unchanged(reference_run, synthetic_root, tmp_path):
     """With a zero learning rate the detector's backbone after its first step is the pretrained one
     (BatchNorm's running statistics excepted: they follow the detection images)."""
     out_dir = tmp_path / "detector"
@@ -160,8 +176,7 @@ def test_every_backbone_tensor_reaches_the_detector_and_nothing_else(tmp_path):
     detector = YOLOv1("darknet", grid_size=2, image_size=64, head_channels=8, fc_dim=8)
     head_before = {name: value.clone() for name, value in detector.head.state_dict().items()}
     load_backbone_weights(detector, path)
-    assert_same_weights(detector.backbone.state_dict(),
-                        {name: value for name, value in classifier.backbone.state_dict().items()})
+    assert_same_weights(detector.backbone.state_dict(), classifier.backbone.state_dict())
     assert_same_weights(detector.head.state_dict(), head_before)
 
 
@@ -202,7 +217,7 @@ def test_bad_pretraining_settings_are_clear_errors(classification_dir, tmp_path,
     assert "error: " in result.stderr and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-def test_train_and_val_must_hold_the_same_classes(classification_dir, tmp_path):
+def test_train_and_val_must_hold_the_same_classes(tmp_path):
     data_dir = tmp_path / "data"
     make_synthetic.generate_classification(data_dir, train=10, val=10, seed=0, size=32)
     for image in (data_dir / "val" / "cross").iterdir():
