@@ -15,13 +15,13 @@ events after a synchronisation on the GPU); throughput is batch size / median la
 one backbone and batch size run interleaved, one run of each in turn, so that load from other processes
 falls on all of them alike and their ratios stay meaningful on a shared machine. On the CPU the same rounds
 time a 2048 x 2048 fp32 matmul, the machine's practical peak, and the forward pass's FLOP rate is printed as
-a fraction of it. Rows are appended to `out`.
+a fraction of it. The rows go into `out` in place of earlier rows of the same measurement (device, backbone,
+dtype, batch size, mode, image size and compile); rows of other measurements stay.
 """
-import csv
 import datetime
+import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from yolo.distributed import resolve_device
 from yolo.inference import DTYPES, Detector, device_name, is_native, preprocess
 from yolo.model import YOLOv1
 from yolo.postprocess import EVAL_SCORE_THRESHOLD
+from yolo.results import ResultsError, check_writable, write_keyed
 
 # --- what to time
 backbones = ("resnet18", "resnet50")  # resnet18 | resnet50 | darknet, comma-separated
@@ -52,7 +53,7 @@ fc_dim = 4096                  # width of the hidden fully connected layer
 # --- timing and output
 warmup = 3                     # untimed runs of each measurement before timing
 iters = 20                     # timed runs of each measurement
-out = "results/benchmark.csv"  # CSV the rows are appended to (header written when the file is new)
+out = "results/benchmark.csv"  # CSV the rows are written to, replacing earlier rows of the same measurements
 
 NUM_CLASSES = 20
 SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500  # a typical VOC image
@@ -60,6 +61,8 @@ MATMUL_SIZE = 2048
 CSV_COLUMNS = ("backbone", "device", "device_name", "dtype", "batch_size", "image_size", "mode", "compile",
                "latency_ms_median", "latency_ms_p90", "throughput_img_s", "params_m", "gflops", "torch_version",
                "date")
+# What names one measurement: a rerun with these equal replaces the earlier rows.
+CSV_KEY = ("device_name", "backbone", "dtype", "batch_size", "mode", "image_size", "compile")
 
 
 def dtypes_to_time(names: tuple[str, ...], device: torch.device, include_emulated: bool) -> list[str]:
@@ -169,22 +172,6 @@ def time_interleaved(runs: dict, warmup: int, iters: int, device: torch.device) 
     return {key: np.array(values) for key, values in times.items()}
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    is_new = not path.exists() or path.stat().st_size == 0
-    if not is_new:
-        with path.open(newline="") as file:
-            header = tuple(next(csv.reader(file), ()))
-        if header != CSV_COLUMNS:
-            raise SystemExit(f"error: {path} has the columns {header}, not this script's {CSV_COLUMNS}; "
-                             f"move it aside or pass another --out.")
-    with path.open("a", newline="") as file:
-        writer = csv.DictWriter(file, CSV_COLUMNS)
-        if is_new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_names: list[str]) -> list[dict]:
     """Rows for one backbone, every batch size, dtype and mode; prints the speed-up and fraction of peak."""
     torch.manual_seed(0)
@@ -254,15 +241,22 @@ def main(config: dict) -> None:
         torch.set_num_threads(config["threads"])
     if config["compile"] and config["warmup"] < 1:
         raise SystemExit("error: --compile=true needs --warmup of at least 1: the first run compiles.")
+    try:
+        check_writable(config["out"], CSV_KEY, CSV_COLUMNS)
+    except ResultsError as error:
+        sys.exit(f"error: --out: {error}")
     device = resolve_device(config["device"])
     dtype_names = dtypes_to_time(config["dtypes"], device, config["emulated_dtypes"])
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     rows = []
     for backbone in config["backbones"]:
         rows += benchmark_backbone(backbone, config, device, dtype_names)
-    append_rows(Path(config["out"]), rows)
+    try:
+        replaced = write_keyed(config["out"], rows, CSV_KEY, CSV_COLUMNS)
+    except ResultsError as error:
+        sys.exit(f"error: --out: {error}")
     print_table(rows)
-    print(f"appended {len(rows)} rows to {config['out']}")
+    print(f"wrote {len(rows)} rows to {config['out']}, replacing {replaced} earlier rows of the same measurements")
 
 
 if __name__ == "__main__":
