@@ -119,8 +119,9 @@ def markdown_table(columns, rows: list[dict], quoted: tuple[dict, ...] = (), emp
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    """A results CSV with nullable dtypes (integers stay integers where a value is missing); empty if absent."""
-    return pd.read_csv(path).convert_dtypes() if path.exists() else pd.DataFrame()
+    """A results CSV with nullable dtypes (integers stay integers where a value is missing); empty if absent
+    or empty."""
+    return pd.read_csv(path).convert_dtypes() if path.exists() and path.stat().st_size else pd.DataFrame()
 
 
 def fastest_batch1(benchmark: pd.DataFrame, backbone: str, image_size) -> str:
@@ -157,10 +158,10 @@ def device_kind(row: dict) -> str:
 def results_section(folders: list[tuple[Path, str, str]]) -> str:
     accuracy = [row for folder, source, _ in folders for row in accuracy_rows(folder, source)]
     speed = [row for folder, _, source in folders for row in speed_rows(folder, source)]
-    kinds = sorted({device_kind(row) for row in speed}, key=lambda kind: (kind != "CPU", kind))
-    speed_tables = [line for kind in kinds for line in
-                    ["", f"{kind}:", "", *markdown_table(SPEED_COLUMNS, [row for row in speed
-                                                                         if device_kind(row) == kind])]]
+    speed_tables = []
+    for kind in sorted({device_kind(row) for row in speed}, key=lambda kind: (kind != "CPU", kind)):
+        speed_tables += ["", f"{kind}:", "", *markdown_table(SPEED_COLUMNS, [row for row in speed
+                                                                           if device_kind(row) == kind])]
     return "\n".join([
         "Accuracy (mAP at IoU 0.5 in %, VOC devkit rules; COCO AP@[.5:.95] by pycocotools' rules) and",
         "end-to-end speed at batch 1. Rows without a reference are measured by this repository's code.",

@@ -53,7 +53,8 @@ def test_make_table_only_reads_the_csvs_whatever_their_times(tmp_path):
         "backbone,device,device_name,dtype,batch_size,image_size,mode,compile,latency_ms_median,latency_ms_p90,"
         "throughput_img_s,params_m,gflops,torch_version,date\n"
         "resnet18,cuda,NVIDIA H100,bf16,1,448,end_to_end,False,5.0,6.0,200.0,255.8,19.6,2.14.1,2026-11-26\n")
-    (tmp_path / "voc/metrics.csv").write_text("model,backbone,split,voc12_map,image_size\nresnet18,resnet18,VOC2012 val,0.5,448\n")
+    (tmp_path / "voc/metrics.csv").write_text(
+        "model,backbone,split,voc12_map,image_size\nresnet18,resnet18,VOC2012 val,0.5,448\n")
     for path in (tmp_path / "voc").iterdir():
         os.utime(path, (0, 0))
     csvs = {path: path.read_bytes() for path in (tmp_path / "voc").iterdir()}

@@ -96,7 +96,8 @@ def test_one_speed_table_per_kind_of_device(tmp_path):
     readme = make_table(tmp_path)
     assert readme.index("CPU:") < readme.index("NVIDIA H100 80GB HBM3:") < readme.index("NVIDIA H200:")
     assert speed_table(readme, "CPU") == [
-        "| resnet18 | 128 | end_to_end | fp32 | 1 | False | 20.0 | 25.0 | 50.0 | AMD EPYC, torch 2.14.1 | `make demo` |"]
+        "| resnet18 | 128 | end_to_end | fp32 | 1 | False | 20.0 | 25.0 | 50.0 | AMD EPYC, torch 2.14.1 "
+        "| `make demo` |"]
     assert speed_table(readme, "NVIDIA H100 80GB HBM3") == [
         f"| {backbone} | 448 | forward | bf16 | 64 | True | 80.0 | 81.0 | 800.0 | NVIDIA H100 80GB HBM3, torch 2.14.1 "
         f"| `make benchmark` |" for backbone in ("resnet18", "resnet50")]
@@ -110,7 +111,8 @@ def test_a_column_an_older_csv_lacks_shows_a_dash(tmp_path):
         frame = pd.read_csv(tmp_path / "demo" / name)
         frame.drop(columns=dropped).to_csv(tmp_path / "demo" / name, index=False)
     readme = make_table(tmp_path)
-    assert "| resnet18 | resnet18 | synthetic val (- images) | 50.00 | 40.00 | 20.00 | 50.00 | - | 50.0 (fp32, " in readme
+    assert ("| resnet18 | resnet18 | synthetic val (- images) | 50.00 | 40.00 | 20.00 | 50.00 | - | 50.0 (fp32, "
+            in readme)
     assert speed_table(readme, "CPU")[0].startswith("| resnet18 | 128 | end_to_end | fp32 | 1 | - | 20.0 |")
 
 
