@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from yolo.checkpoint import CheckpointError, load_model
-from yolo.config import at_least, between, format_config, one_of, resolve_config
+from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.data import build_dataset, decode_image
 from yolo.engine import evaluate
 from yolo.device import DTYPES, device_name, inference_dtype, resolve_device
@@ -45,7 +45,8 @@ submission = False             # also write the VOC test-server files (comp4_det
 
 RULES = {"device": resolve_device, "batch_size": at_least(1), "num_workers": at_least(0),
          "dtype": one_of("auto", *DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
-         "max_detections": at_least(1), "num_examples": at_least(0)}
+         "max_detections": at_least(1), "num_examples": at_least(0),
+         "out_dir": writable_folder}
 METRIC_COLUMNS = ("voc07_map", "voc12_map", "coco_map", "coco_ap50", "coco_ap75")
 TEST_SPLITS = {"voc2012val": "VOC2012 val", "voc2007test": "VOC2007 test", "synthetic": "synthetic val"}
 
