@@ -1,6 +1,5 @@
 """train.py end to end on tiny synthetic sets: learning, exact resume, signals, torchrun, clear errors."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
