@@ -18,8 +18,9 @@ import torch
 from yolo.checkpoint import CheckpointError, load_model
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.data import build_dataset, decode_image
-from yolo.engine import evaluate
 from yolo.device import DTYPES, device_name, inference_dtype, resolve_device
+from yolo.engine import evaluate
+from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
 from yolo.metrics import voc_precision_recall
 from yolo.plots import plot_per_class_ap, plot_precision_recall
@@ -108,6 +109,7 @@ def main(config: dict) -> None:
     transform = EvalTransform(model.image_size, model.grid_size, model.num_classes)
     try:
         dataset = build_dataset(protocol_name, data_dir, train=False, transforms=transform, class_names=class_names)
+        require_readable_images([dataset.image_path(index) for index in range(len(dataset))])
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     if list(dataset.class_names) != list(class_names):

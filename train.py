@@ -24,6 +24,7 @@ from yolo.data import PROTOCOLS, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
+from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
 from yolo.model import BACKBONES, YOLOv1
 from yolo.optim import OPTIMIZERS, build_optimizer
@@ -173,6 +174,8 @@ def main(config: dict) -> None:
     val_set = build_dataset(config["protocol"], config["data_dir"], train=False,
                             transforms=EvalTransform(config["image_size"], config["grid_size"], len(class_names)),
                             class_names=class_names)
+    require_readable_images([dataset.image_path(index) for dataset in (train_set, val_set)
+                             for index in range(len(dataset))])
     model_args = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
     model_args["num_classes"] = len(class_names)
     run_config = {**config, "num_classes": len(class_names)}

@@ -238,3 +238,15 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_temporary_and_says_disk_f
         save_checkpoint({"step": 2, "weights": torch.zeros(100_000)}, path)
     assert not (tmp_path / "last.pt.tmp").exists()
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_an_unreadable_image_stops_the_run_before_training_naming_the_file(tmp_path):
+    data, out_dir = tmp_path / "data", tmp_path / "run"
+    make_synthetic.generate(data, train=8, val=2, seed=5)
+    broken = data / "JPEGImages" / "val_000001.jpg"
+    broken.write_bytes(b"\x00" * 100)
+    result = run_train(data, out_dir, *TINY, "--batch_size=8", "--micro_batch_size=8", "--epochs=1",
+                       expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"1 image(s) cannot be read ({broken}: not a readable image" in result.stderr
+    assert "training epochs" not in result.stdout
