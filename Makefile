@@ -43,12 +43,8 @@ DEMO_VAL_IMAGES ?= 128
 DEMO_EPOCHS ?= 5## resnet18's epochs (resnet50: DEMO_EPOCHS_RESNET50)
 DEMO_EPOCHS_RESNET50 ?= 2
 DEMO_BENCHMARK ?= --iters=5 --warmup=1## benchmark.py settings of the demo
-# From scratch on 2 cores: small inputs and grid, a narrow head, AdamW, no augmentation (the model
-# underfits in the few thousand images it sees) and a learning-rate drop for the last epoch.
-DEMO_TRAIN := --protocol=synthetic --pretrained=false --image_size=128 --grid_size=4 --head_channels=128 \
-	--fc_dim=512 --optimizer=adamw --lr=1e-3 --warmup_lr=1e-4 --warmup_epochs=0.1 --lr_gamma=0.2 \
-	--weight_decay=0 --augment=false --batch_size=16 --micro_batch_size=16 --num_workers=1 --eval_every=1 \
-	--device=cpu
+DEMO_MODEL ?= configs/demo_model.py## the demo's model shape (train.py and benchmark.py)
+DEMO_CONFIG ?= configs/demo.py## the demo's training recipe (train.py)
 DEMO_MODELS := resnet18 resnet50
 DEMO_STAMPS := $(DEMO_RUNS)/stamps
 DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_STAMPS)/eval-$(m))
@@ -143,9 +139,9 @@ $(DEMO_DATA)/classes.txt: data/make_synthetic.py | $(INSTALLED)
 
 $(DEMO_RUNS)/resnet18/done: DEMO_RUN_EPOCHS := $(DEMO_EPOCHS)
 $(DEMO_RUNS)/resnet50/done: DEMO_RUN_EPOCHS := $(DEMO_EPOCHS_RESNET50)
-$(DEMO_RUNS)/%/done: train.py $(PACKAGE) $(DEMO_DATA)/classes.txt
-	$(PY) train.py --backbone=$* --data_dir=$(DEMO_DATA) --epochs=$(DEMO_RUN_EPOCHS) \
-		--lr_milestones=$$(( $(DEMO_RUN_EPOCHS) - 1 )) --out_dir=$(@D) $(DEMO_TRAIN)
+$(DEMO_RUNS)/%/done: train.py $(PACKAGE) $(DEMO_MODEL) $(DEMO_CONFIG) $(DEMO_DATA)/classes.txt
+	$(PY) train.py $(DEMO_MODEL) $(DEMO_CONFIG) --backbone=$* --data_dir=$(DEMO_DATA) --epochs=$(DEMO_RUN_EPOCHS) \
+		--lr_milestones=$$(( $(DEMO_RUN_EPOCHS) - 1 )) --out_dir=$(@D)
 
 $(DEMO_STAMPS)/eval-%: $(DEMO_RUNS)/%/done evaluate.py $(PACKAGE)
 	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --model_name=$* --out_dir=$(DEMO_RESULTS) --device=cpu \
@@ -153,10 +149,9 @@ $(DEMO_STAMPS)/eval-%: $(DEMO_RUNS)/%/done evaluate.py $(PACKAGE)
 	cp $(<D)/log.csv $(DEMO_RESULTS)/$*_log.csv
 	mkdir -p $(@D) && touch $@
 
-$(DEMO_STAMPS)/benchmark: benchmark.py $(PACKAGE) | $(INSTALLED)
-	$(PY) benchmark.py --device=cpu --backbones=resnet18,resnet50 --image_size=128 --grid_size=4 \
-		--head_channels=128 --fc_dim=512 --batch_sizes=1,8 --dtypes=fp32 $(DEMO_BENCHMARK) \
-		--out=$(DEMO_RESULTS)/benchmark.csv
+$(DEMO_STAMPS)/benchmark: benchmark.py $(PACKAGE) $(DEMO_MODEL) | $(INSTALLED)
+	$(PY) benchmark.py $(DEMO_MODEL) --device=cpu --backbones=resnet18,resnet50 --batch_sizes=1,8 --dtypes=fp32 \
+		$(DEMO_BENCHMARK) --out=$(DEMO_RESULTS)/benchmark.csv
 	mkdir -p $(@D) && touch $@
 
 demo: $(DEMO_EVALS) $(DEMO_STAMPS)/benchmark ## the whole chain on the synthetic set, on a CPU, in minutes

@@ -29,11 +29,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
 from yolo.boxes import normalized_to_voc
-from yolo.config import format_config, resolve_config
-from yolo.distributed import resolve_device
-from yolo.inference import DTYPES, Detector, device_name, is_native, preprocess
-from yolo.model import YOLOv1
-from yolo.postprocess import EVAL_SCORE_THRESHOLD
+from yolo.config import at_least, between, format_config, one_of, resolve_config
+from yolo.device import DTYPES, device_name, is_native, resolve_device
+from yolo.inference import Detector, preprocess
+from yolo.model import BACKBONES, YOLOv1
+from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.results import ResultsError, check_writable, write_keyed
 
 # --- what to time
@@ -44,6 +44,9 @@ dtypes = ("fp32", "bf16", "fp16")  # fp32 | bf16 | fp16, comma-separated; ones t
 emulated_dtypes = False        # time those anyway (bf16 on a CPU without AVX512-BF16 / AMX: many times slower)
 compile = False                # torch.compile the inference model (baseline stays eager); CPU here: ~1.1 x, minutes
 baseline = True                # also time the straightforward pipeline (mode baseline_end_to_end, eager fp32)
+score_threshold = EVAL_SCORE_THRESHOLD  # end to end: keep (box, class) pairs scoring above this (0..1)
+nms_iou = NMS_IOU              # end to end: class-wise NMS IoU (0..1)
+max_detections = MAX_DETECTIONS  # end to end: detections kept per image
 threads = 0                    # CPU threads for PyTorch's intra-op parallelism; 0 keeps its default (one per core)
 # --- model (the defaults are the paper's; smaller values only make quick test models)
 image_size = 448               # input side in pixels; image_size / 32 must be grid_size or 2 x grid_size
@@ -58,6 +61,10 @@ out = "results/benchmark.csv"  # CSV the rows are written to, replacing earlier 
 NUM_CLASSES = 20
 SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500  # a typical VOC image
 MATMUL_SIZE = 2048
+RULES = {"device": resolve_device, "backbones": one_of(*BACKBONES), "batch_sizes": at_least(1),
+         "dtypes": one_of(*DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
+         "max_detections": at_least(1), "threads": at_least(0), "image_size": at_least(32), "grid_size": at_least(1),
+         "head_channels": at_least(1), "fc_dim": at_least(1), "warmup": at_least(0), "iters": at_least(1)}
 CSV_COLUMNS = ("backbone", "device", "device_name", "dtype", "batch_size", "image_size", "mode", "compile",
                "latency_ms_median", "latency_ms_p90", "throughput_img_s", "params_m", "gflops", "torch_version",
                "date")
@@ -68,8 +75,6 @@ CSV_KEY = ("device_name", "backbone", "dtype", "batch_size", "mode", "image_size
 def dtypes_to_time(names: tuple[str, ...], device: torch.device, include_emulated: bool) -> list[str]:
     chosen = []
     for name in names:
-        if name not in DTYPES:
-            raise SystemExit(f"error: --dtypes: unknown dtype {name!r}; expected {', '.join(DTYPES)}.")
         if include_emulated or is_native(DTYPES[name], device):
             chosen.append(name)
         else:
@@ -104,8 +109,7 @@ def numpy_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> li
 
 
 def decode_cells(cells: np.ndarray, num_classes: int, width: int, height: int,
-                 score_threshold: float = EVAL_SCORE_THRESHOLD, nms_iou: float = 0.5,
-                 max_detections: int = 100) -> np.ndarray:
+                 score_threshold: float, nms_iou: float, max_detections: int) -> np.ndarray:
     """The baseline's decoding of one image's (S, S, 5B + C) output, cell by cell -> (K, 6) VOC-pixel detections.
 
     The same rules as yolo.postprocess (class-specific scores, boxes clipped, class-wise NMS, best 100).
@@ -135,14 +139,14 @@ def decode_cells(cells: np.ndarray, num_classes: int, width: int, height: int,
     return np.column_stack([voc_boxes, scores[kept], labels[kept]]).astype(np.float64)
 
 
-def baseline_detect(model: YOLOv1, images: torch.Tensor) -> list[np.ndarray]:
+def baseline_detect(model: YOLOv1, images: torch.Tensor, postprocess: dict) -> list[np.ndarray]:
     """The straightforward pipeline: resize image by image, eager fp32 forward, `decode_cells` image by image."""
     height, width = images.shape[-2:]
     device = next(model.parameters()).device
     resized = torch.stack([v2.functional.resize(image, [model.image_size] * 2, antialias=True) for image in images])
     with torch.no_grad():
         pred = model(resized.to(device).float() / 255).cpu().numpy()
-    return [decode_cells(cells, model.num_classes, width, height) for cells in pred]
+    return [decode_cells(cells, model.num_classes, width, height, **postprocess) for cells in pred]
 
 
 def elapsed_ms(run, device: torch.device) -> float:
@@ -179,7 +183,9 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
                    head_channels=config["head_channels"], fc_dim=config["fc_dim"]).to(device).eval()
     params_m = sum(parameter.numel() for parameter in model.parameters()) / 1e6
     gflops = forward_gflops(model, device)
-    detectors = {name: Detector(model, DTYPES[name], device, config["compile"]) for name in dtype_names}
+    postprocess = {key: config[key] for key in ("score_threshold", "nms_iou", "max_detections")}
+    detectors = {name: Detector(model, DTYPES[name], device, config["compile"], **postprocess)
+                 for name in dtype_names}
     common = {"backbone": backbone, "device": device.type, "device_name": device_name(device),
               "image_size": config["image_size"], "params_m": round(params_m, 3), "gflops": round(gflops, 3),
               "torch_version": torch.__version__}
@@ -195,7 +201,7 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
             runs["forward", name, config["compile"]] = partial(detector.predict, inputs)
             runs["end_to_end", name, config["compile"]] = partial(detector, images)
         if config["baseline"]:
-            runs["baseline_end_to_end", "fp32", False] = partial(baseline_detect, model, images)
+            runs["baseline_end_to_end", "fp32", False] = partial(baseline_detect, model, images, postprocess)
         if device.type == "cpu":
             runs["matmul", "fp32", False] = partial(torch.mm, matrix, matrix)
         times = time_interleaved(runs, config["warmup"], config["iters"], device)
@@ -260,4 +266,4 @@ def main(config: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(resolve_config(globals()))
+    main(resolve_config(globals(), rules=RULES))

@@ -17,15 +17,17 @@ import torch
 from yolo.checkpoint import CheckpointError, load_model
 from yolo.config import format_config, resolve_config
 from yolo.data import ImageDecodeError, decode_image
-from yolo.distributed import resolve_device
-from yolo.inference import Detector, resolve_dtype
-from yolo.postprocess import DISPLAY_SCORE_THRESHOLD
+from yolo.device import inference_dtype, resolve_device
+from yolo.inference import Detector
+from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.visualize import draw_boxes, save_image
 
 checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint
 source = "data/examples"       # an image (.jpg/.jpeg/.png), a folder of images, or a video file
 out_dir = "detections"         # annotated media, detections.csv and detections.json go here
 score_threshold = DISPLAY_SCORE_THRESHOLD  # keep detections with class score at least this (0..1)
+nms_iou = NMS_IOU              # class-wise NMS IoU (0..1)
+max_detections = MAX_DETECTIONS  # detections kept per image
 batch_size = 8                 # images (or video frames) per forward pass
 device = "auto"                # auto (cuda if available) | cpu | cuda
 dtype = "auto"                 # auto (fastest the device computes natively) | fp32 | bf16 | fp16
@@ -38,8 +40,9 @@ CSV_COLUMNS = ("source", "frame", "x1", "y1", "x2", "y2", "score", "class_id", "
 def load_detector(path: Path, config: dict) -> tuple[Detector, list[str]]:
     model, state = load_model(path)
     device = resolve_device(config["device"])
-    detector = Detector(model.to(device), resolve_dtype(config["dtype"], device), device,
-                        score_threshold=config["score_threshold"])
+    detector = Detector(model.to(device), inference_dtype(config["dtype"], device), device,
+                        score_threshold=config["score_threshold"], nms_iou=config["nms_iou"],
+                        max_detections=config["max_detections"])
     return detector, state["class_names"]
 
 

@@ -15,14 +15,15 @@ import numpy as np
 import torch
 
 from yolo.checkpoint import CheckpointError, load_model
-from yolo.config import format_config, resolve_config
+from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.data import build_dataset, decode_image
-from yolo.distributed import resolve_device
+from yolo.device import DTYPES, device_name, inference_dtype, resolve_device
 from yolo.engine import evaluate
-from yolo.inference import Detector, device_name, resolve_dtype
+from yolo.imagecheck import require_readable_images
+from yolo.inference import Detector
 from yolo.metrics import voc_precision_recall
 from yolo.plots import plot_per_class_ap, plot_precision_recall
-from yolo.postprocess import DISPLAY_SCORE_THRESHOLD
+from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.results import ResultsError, check_writable, write_keyed
 from yolo.sampling import IndexedSamples
 from yolo.transforms import EvalTransform, build_loader
@@ -36,10 +37,17 @@ batch_size = 32                # images per forward pass
 num_workers = 4                # data-loading processes
 device = "auto"                # auto (cuda if available) | cpu | cuda
 dtype = "fp32"                 # fp32 | bf16 | fp16 | auto (fastest the device computes natively)
+score_threshold = EVAL_SCORE_THRESHOLD  # keep (box, class) pairs scoring above this (0..1); mAP wants nearly all
+nms_iou = NMS_IOU              # class-wise NMS IoU (0..1)
+max_detections = MAX_DETECTIONS  # detections kept per image
 out_dir = "results"            # where the CSVs and figures go
 num_examples = 6               # test images drawn with detections beside ground truth; 0: none
 submission = False             # also write the VOC test-server files (comp4_det_test_<class>.txt) and a .tar.gz
 
+RULES = {"device": resolve_device, "batch_size": at_least(1), "num_workers": at_least(0),
+         "dtype": one_of("auto", *DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
+         "max_detections": at_least(1), "num_examples": at_least(0),
+         "out_dir": writable_folder}
 METRIC_COLUMNS = ("voc07_map", "voc12_map", "coco_map", "coco_ap50", "coco_ap75")
 TEST_SPLITS = {"voc2012val": "VOC2012 val", "voc2007test": "VOC2007 test", "synthetic": "synthetic val"}
 # The CSVs written in out_dir, by their columns; rerunning a model replaces its rows (the key), others stay.
@@ -105,12 +113,15 @@ def main(config: dict) -> None:
     transform = EvalTransform(model.image_size, model.grid_size, model.num_classes)
     try:
         dataset = build_dataset(protocol_name, data_dir, train=False, transforms=transform, class_names=class_names)
+        require_readable_images([dataset.image_path(index) for index in range(len(dataset))])
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     if list(dataset.class_names) != list(class_names):
         sys.exit(f"error: the checkpoint's classes {class_names} differ from the dataset's {dataset.class_names}.")
     device = resolve_device(config["device"])
-    detector = Detector(model.to(device), resolve_dtype(config["dtype"], device), device)
+    detector = Detector(model.to(device), inference_dtype(config["dtype"], device), device,
+                        score_threshold=config["score_threshold"], nms_iou=config["nms_iou"],
+                        max_detections=config["max_detections"])
     loader = build_loader(IndexedSamples(dataset), config["batch_size"], shuffle=False,
                           num_workers=config["num_workers"])
     result = evaluate(detector, loader, dataset, loss_weights={}, desc=f"evaluate {model_name}")
@@ -147,4 +158,4 @@ def main(config: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(resolve_config(globals()))
+    main(resolve_config(globals(), rules=RULES))

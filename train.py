@@ -6,6 +6,7 @@
 Every constant below can be overridden as --name=value. A rerun of the same command continues from
 out_dir/last.pt; SIGINT or SIGTERM saves the current step and exits, and the rerun carries on from there.
 """
+import bisect
 import csv
 import json
 import random
@@ -18,13 +19,15 @@ import torch
 
 from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differences, git_commit, load_checkpoint,
                              save_checkpoint)
-from yolo.config import format_config, resolve_config
-from yolo.data import build_dataset
-from yolo.distributed import barrier, cleanup, init_distributed, is_main_process, resolve_device
+from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
+from yolo.data import PROTOCOLS, build_dataset
+from yolo.device import DTYPES, autocast_dtype, resolve_device
+from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
-from yolo.inference import DTYPES, Detector
-from yolo.model import YOLOv1
-from yolo.optim import build_optimizer, learning_rate
+from yolo.imagecheck import require_readable_images
+from yolo.inference import Detector
+from yolo.model import BACKBONES, YOLOv1
+from yolo.optim import OPTIMIZERS, build_optimizer
 from yolo.plots import plot_training_curve
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
 from yolo.transforms import EvalTransform, TrainTransform, build_loader
@@ -62,9 +65,29 @@ out_dir = "runs/resnet18_voc2012val"  # last.pt, best.pt, log.csv, config.json, 
 resume = "auto"                # auto: continue from out_dir/last.pt if present | never | path to a checkpoint
 seed = 0                       # model initialisation, data order and augmentation
 device = "auto"                # auto (cuda if available) | cpu | cuda
-dtype = "auto"                 # auto (CUDA: bf16 if supported else fp16; CPU: fp32) | fp32 | bf16 | fp16
+dtype = "auto"                 # autocast: auto (CUDA: bf16 where native, else fp16; CPU: fp32) | fp32 | bf16 | fp16
 compile = False                # torch.compile the model
 eval_every = 5                 # validate every N epochs and after the last; 0: only after the last
+
+
+RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size": at_least(32),
+         "grid_size": at_least(1), "num_boxes": at_least(1), "head_channels": at_least(1), "fc_dim": at_least(1),
+         "protocol": one_of(*PROTOCOLS), "num_workers": at_least(0), "epochs": at_least(1),
+         "batch_size": at_least(1), "micro_batch_size": at_least(1), "optimizer": one_of(*OPTIMIZERS),
+         "lr": at_least(0.0), "warmup_lr": at_least(0.0), "warmup_epochs": at_least(0.0),
+         "lr_milestones": at_least(0), "lr_gamma": at_least(0.0), "momentum": between(0.0, 1.0),
+         "weight_decay": at_least(0.0), "lambda_coord": at_least(0.0), "lambda_noobj": at_least(0.0),
+         "seed": at_least(0), "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0),
+         "out_dir": writable_folder}
+
+
+def learning_rate(epoch: float, config: dict) -> float:
+    """The schedule at a fractional epoch: linear warm-up from warmup_lr to lr, then lr x lr_gamma at each
+    of lr_milestones. Defined for every epoch >= 0, past the last milestone and the planned end too."""
+    if epoch < config["warmup_epochs"]:
+        return config["warmup_lr"] + (config["lr"] - config["warmup_lr"]) * epoch / config["warmup_epochs"]
+    return config["lr"] * config["lr_gamma"] ** bisect.bisect_right(sorted(config["lr_milestones"]), epoch)
+
 
 LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_map", "val_voc12_map",
                "images_per_s", "seconds")
@@ -73,17 +96,6 @@ LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_
 def say(*args) -> None:
     if is_main_process():
         print(*args, flush=True)
-
-
-def training_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: bf16 (else fp16) on CUDA for 'auto', fp32 on other devices."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name not in DTYPES:
-        sys.exit(f"error: --dtype={name}: expected auto, {', '.join(DTYPES)}.")
-    return DTYPES[name]
 
 
 class StopRequest:
@@ -145,7 +157,7 @@ def main(config: dict) -> None:
     device = resolve_device(config["device"], 0)
     rank, local_rank, world_size = init_distributed(device.type)
     device = resolve_device(config["device"], local_rank)
-    dtype = training_dtype(config["dtype"], device)
+    dtype = autocast_dtype(config["dtype"], device)
     out_dir = Path(config["out_dir"])
     say(f"train.py on {world_size} process(es), device {device}, dtype {str(dtype).removeprefix('torch.')}\n"
         f"{format_config(config)}")
@@ -162,6 +174,8 @@ def main(config: dict) -> None:
     val_set = build_dataset(config["protocol"], config["data_dir"], train=False,
                             transforms=EvalTransform(config["image_size"], config["grid_size"], len(class_names)),
                             class_names=class_names)
+    require_readable_images([dataset.image_path(index) for dataset in (train_set, val_set)
+                             for index in range(len(dataset))])
     model_args = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
     model_args["num_classes"] = len(class_names)
     run_config = {**config, "num_classes": len(class_names)}
@@ -188,13 +202,22 @@ def main(config: dict) -> None:
         if differences:
             sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
                      f"Rerun with the saved settings, or choose another out_dir to start a new run.")
+        if list(checkpoint["class_names"]) != list(class_names):
+            sys.exit(f"error: {checkpoint_path} was trained on the classes {list(checkpoint['class_names'])}, in "
+                     f"that order; the dataset now has {list(class_names)}. Restore the dataset's class list "
+                     f"(classes.txt), or choose another out_dir to start a new run.")
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
-        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-        random.setstate(checkpoint["rng"]["python"])
-        say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+        if "optimizer" in checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
+            torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+            random.setstate(checkpoint["rng"]["python"])
+            say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+        else:  # best.pt: weights only
+            start_epoch, best_map = checkpoint["epoch"], checkpoint["val_voc12_map"]
+            say(f"warm start from the weights of {checkpoint_path} (epoch {start_epoch}) with a fresh optimizer: "
+                f"momentum starts again from zero, so the run will not equal an uninterrupted one")
     if start_epoch >= config["epochs"]:
         say(f"{out_dir} already holds a finished run of {config['epochs']} epochs: nothing to do.")
         if is_main_process():
@@ -223,8 +246,7 @@ def main(config: dict) -> None:
     loss_weights = {"lambda_coord": config["lambda_coord"], "lambda_noobj": config["lambda_noobj"]}
 
     def lr_at(epoch: int, step: int) -> float:
-        return learning_rate(epoch + step / sampler.steps_per_epoch, config["lr"], config["warmup_lr"],
-                             config["warmup_epochs"], config["lr_milestones"], config["lr_gamma"])
+        return learning_rate(epoch + step / sampler.steps_per_epoch, config)
 
     stop = StopRequest()
     say(f"training epochs {start_epoch + 1}-{config['epochs']}: {sampler.steps_per_epoch} steps of "
@@ -287,6 +309,6 @@ def main(config: dict) -> None:
 
 if __name__ == "__main__":
     try:
-        main(resolve_config(globals()))
-    except (ValueError, FileNotFoundError) as error:  # bad settings or data, found while building the run
+        main(resolve_config(globals(), rules=RULES))
+    except (ValueError, FileNotFoundError, CheckpointError) as error:  # bad settings, data or disk
         sys.exit(f"error: {error}")

@@ -24,10 +24,9 @@ def synthetic_root(tmp_path_factory):
 # A run of train.py small enough for a test, trained until it detects its own training images: the
 # end-to-end check of targets, loss, decoding and metrics, and the checkpoint that evaluate.py,
 # detect.py and the inference tests run on. Validated on the training images themselves.
-OVERFIT_SETTINGS = ["--protocol=synthetic", "--pretrained=false", "--image_size=128", "--grid_size=4",
-                    "--head_channels=64", "--fc_dim=256", "--epochs=40", "--eval_every=10", "--batch_size=8",
-                    "--micro_batch_size=8", "--augment=false", "--optimizer=adamw", "--lr=1e-3", "--weight_decay=0",
-                    "--warmup_epochs=0", "--num_workers=0"]
+OVERFIT_SETTINGS = ["configs/tiny_model.py", "configs/tiny.py", "--head_channels=64", "--fc_dim=256", "--epochs=40",
+                    "--eval_every=10", "--batch_size=8", "--micro_batch_size=8", "--augment=false", "--optimizer=adamw",
+                    "--lr=1e-3", "--weight_decay=0", "--warmup_epochs=0"]
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,14 @@
-import pytest
+import runpy
+from pathlib import Path
 
-from yolo.config import ConfigError, apply_overrides, constants, resolve_config
+import pytest
+import torch
+
+from yolo.config import ConfigError, apply_overrides, at_least, constants, one_of, read_preset, resolve_config
+from yolo.device import resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 DEFAULTS = {"backbone": "resnet18", "epochs": 145, "lr": 1e-2, "pretrained": True, "milestones": (85, 115)}
 
@@ -37,3 +45,61 @@ def test_constants_reads_only_lower_case_public_settings():
 def test_resolve_config_exits_with_the_message():
     with pytest.raises(SystemExit, match="unknown setting"):
         resolve_config({"epochs": 1}, ["--nope=1"])
+
+
+def test_a_preset_file_is_read_before_later_overrides(tmp_path):
+    preset = tmp_path / "preset.py"
+    preset.write_text('"""A preset."""\nepochs = 3  # short\nlr = 1\nmilestones = (4, 5)\nbackbone = "darknet"\n')
+    config = apply_overrides(DEFAULTS, [str(preset), "--epochs=7"])
+    assert config == {"backbone": "darknet", "epochs": 7, "lr": 1.0, "pretrained": True, "milestones": (4, 5)}
+    assert apply_overrides(DEFAULTS, ["--epochs=7", str(preset)])["epochs"] == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epoch = 3\n", r"preset.py:1: epoch: unknown setting"),
+    ("epochs = 'three'\n", r"preset.py:1: epochs = 'three' is a str; expected a int"),
+    ("\npretrained = 1\n", r"preset.py:2: pretrained = 1 is a int; expected a bool"),
+    ("import os\n", "only `name = value` lines"),
+    ("epochs = 2 * 3\n", "must be a literal"),
+    ("epochs = (\n", "cannot read this preset"),
+])
+def test_bad_presets_name_the_file_and_line(tmp_path, text, message):
+    preset = tmp_path / "preset.py"
+    preset.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(DEFAULTS, [str(preset)])
+
+
+def test_a_missing_preset_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read this preset"):
+        apply_overrides(DEFAULTS, [str(tmp_path / "nope.py")])
+
+
+@pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.py")), ids=lambda path: path.name)
+def test_the_repositorys_presets_fit_the_scripts_they_name(preset):
+    scripts = ["train.py", "benchmark.py"] if preset.name.endswith("_model.py") else ["train.py"]
+    for script in scripts:
+        namespace = runpy.run_path(str(ROOT / script), run_name="not_main")
+        assert read_preset(preset, constants(namespace)), script
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("--epochs=0", r"--epochs=0: must be at least 1"),
+    ("--lr=-0.01", r"--lr=-0.01: must be at least 0.0"),
+    ("--milestones=5,-1", r"--milestones=\(5, -1\): must be at least 0"),
+    ("--backbone=vgg", r"--backbone='vgg': must be one of resnet18, resnet50"),
+])
+def test_rules_name_the_setting_and_what_is_allowed(argument, message):
+    rules = {"epochs": at_least(1), "lr": at_least(0.0), "milestones": at_least(0),
+             "backbone": one_of("resnet18", "resnet50")}
+    with pytest.raises(SystemExit, match=message):
+        resolve_config(DEFAULTS, [argument], rules=rules)
+    assert resolve_config(DEFAULTS, [], rules=rules) == DEFAULTS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_missing_gpu_is_a_setting_error():
+    with pytest.raises(SystemExit, match=r"--device='cuda': no CUDA GPU is available here: use --device=cpu"):
+        resolve_config({"device": "auto"}, ["--device=cuda"], rules={"device": resolve_device})
+    with pytest.raises(SystemExit, match=r"--device='tpu': not a device"):
+        resolve_config({"device": "auto"}, ["--device=tpu"], rules={"device": resolve_device})

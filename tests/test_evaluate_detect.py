@@ -135,3 +135,24 @@ def test_detect_rejects_an_unknown_source(overfit_run, tmp_path):
     result = run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={tmp_path / 'notes.txt'}",
                  expect_success=False)
     assert result.returncode != 0 and "is not an image" in result.stderr
+
+
+def test_evaluate_refuses_bad_settings_and_an_empty_split_before_evaluating(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    checkpoint = f"--checkpoint={run_dir / 'last.pt'}"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    empty = tmp_path / "empty"
+    (empty / "ImageSets/Main").mkdir(parents=True)
+    (empty / "ImageSets/Main/val.txt").write_text("")
+    (empty / "JPEGImages").mkdir()
+    (empty / "classes.txt").write_text((data_dir / "classes.txt").read_text())
+    for overrides, message in [
+        ([f"--out_dir={blocker}"], "a file is in the way"),
+        (["--batch_size=0"], "--batch_size=0: must be at least 1"),
+        (["--dtype=fp64"], "--dtype='fp64': must be one of auto, fp32, bf16, fp16"),
+        ([f"--data_dir={empty}", f"--out_dir={tmp_path / 'out'}"], "val.txt list(s) no images"),
+    ]:
+        result = run("evaluate.py", checkpoint, *overrides, expect_success=False)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert message in result.stderr, result.stderr

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from yolo.inference import (Detector, fold_batch_norms, is_native, prepare_for_inference, preprocess,
-                            resolve_dtype)
+from yolo.device import inference_dtype, is_native
+from yolo.inference import Detector, fold_batch_norms, prepare_for_inference, preprocess
 from yolo.loss import yolo_loss
 from yolo.metrics import evaluate_detections
 from yolo.model import BACKBONES, YOLOv1
@@ -70,11 +70,11 @@ def test_folding_needs_eval_mode_and_refuses_a_batch_norm_it_cannot_fold():
 
 
 def test_dtype_names():
-    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
+    assert inference_dtype("bf16", "cpu") == torch.bfloat16
     # auto: bf16 only where the CPU computes it natively (here, AVX2 only, it is emulated and slower).
-    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if is_native(torch.bfloat16, "cpu") else torch.float32)
-    with pytest.raises(ValueError, match="Unknown dtype"):
-        resolve_dtype("int8", "cpu")
+    assert inference_dtype("auto", "cpu") == (torch.bfloat16 if is_native(torch.bfloat16, "cpu") else torch.float32)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        inference_dtype("int8", "cpu")
 
 
 def test_preprocess_gives_the_evaluation_transforms_input():

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import make_synthetic
+import train
+from yolo.checkpoint import config_differences
+from yolo.device import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--protocol=synthetic", "--pretrained=false", "--image_size=128", "--grid_size=4", "--head_channels=32",
-        "--fc_dim=64", "--warmup_epochs=0.5", "--eval_every=0"]
+TINY = ["configs/tiny_model.py", "configs/tiny.py"]
 # At initialisation both predictors of a cell propose nearly the same box, so which one is responsible
 # (an argmax over IoUs) flips with the last bit of a sum: runs compared bit for bit must use the same
 # number of threads per process. One thread each also keeps two processes from oversubscribing 2 cores.
@@ -149,8 +151,14 @@ def test_torchrun_on_two_processes_matches_one_process(data_dir, reference_run, 
     (["--epoch=3"], "unknown setting. Valid names: backbone"),
     (["--micro_batch_size=3"], "not a multiple of micro_batch_size"),
     (["--batch_size=64"], "fewer than one batch"),
-    (["--backbone=vgg"], "known backbones"),
-    (["--protocol=coco"], "known protocols"),
+    (["--backbone=vgg"], "--backbone='vgg': must be one of resnet18, resnet50, darknet"),
+    (["--protocol=coco"], "--protocol='coco': must be one of voc2012val"),
+    (["--micro_batch_size=0"], "--micro_batch_size=0: must be at least 1"),
+    (["--epochs=0"], "--epochs=0: must be at least 1"),
+    (["--lr=-0.01"], "--lr=-0.01: must be at least 0.0"),
+    (["--warmup_lr=-5"], "--warmup_lr=-5.0: must be at least 0.0"),
+    (["--lr_gamma=-1"], "--lr_gamma=-1.0: must be at least 0.0"),
+    (["configs/tiny.py", "configs/nope.py"], "configs/nope.py: cannot read this preset"),
 ])
 def test_bad_settings_are_clear_errors(data_dir, tmp_path, overrides, message):
     result = run_train(data_dir, tmp_path / "run", *TINY, "--batch_size=8", "--micro_batch_size=8", *overrides,
@@ -164,3 +172,81 @@ def test_a_non_finite_loss_stops_the_run_and_names_the_step(data_dir, tmp_path):
                        "--lr=1e30", "--warmup_epochs=0", "--num_workers=0", expect_success=False)
     assert result.returncode != 0
     assert "NaN or infinite at epoch" in result.stderr and "optimizer step" in result.stderr
+
+
+def test_the_schedule_warms_up_then_steps_at_each_milestone():
+    config = {"lr": 1e-2, "warmup_lr": 1e-3, "warmup_epochs": 10.0, "lr_milestones": (85, 115), "lr_gamma": 0.1}
+    assert train.learning_rate(0.0, config) == pytest.approx(1e-3)
+    assert train.learning_rate(5.0, config) == pytest.approx(5.5e-3)
+    assert [train.learning_rate(epoch, config) for epoch in (10, 84.9, 85, 114.9, 115, 1000)] == \
+        pytest.approx([1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4])
+    assert train.learning_rate(0.0, {**config, "warmup_epochs": 0.0}) == pytest.approx(1e-2)
+
+
+def test_a_resume_may_change_only_the_listed_settings():
+    saved = {"epochs": 145, "lr": 0.01, "lr_milestones": [85, 115], "num_workers": 4, "dtype": "auto"}
+    current = {"epochs": 200, "lr": 0.01, "lr_milestones": (85, 115), "num_workers": 8, "dtype": "bf16"}
+    assert config_differences(saved, current) == []
+    assert config_differences(saved, {**current, "lr_milestones": (90, 115)}) == \
+        ["lr_milestones: [85, 115] -> (90, 115)"]
+    # a setting the saved run did not have (added since) is a difference too
+    assert config_differences(saved, {**current, "cache_images": True}) == ["cache_images: None -> True"]
+
+
+def test_autocast_dtype_on_a_cpu():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) == torch.float32
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp64'"):
+        autocast_dtype("fp64", cpu)
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_any_work(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    result = run_train(data_dir, blocker, *TINY, "--batch_size=8", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"--out_dir='{blocker}': a file is in the way" in result.stderr
+    assert blocker.read_text() == "keep me"
+
+
+def test_resume_refuses_reordered_classes_and_warm_starts_from_best_pt(tmp_path):
+    data, out_dir = tmp_path / "data", tmp_path / "run"
+    make_synthetic.generate(data, train=8, val=2, seed=4)
+    settings = [*TINY, "--batch_size=8", "--micro_batch_size=8"]
+    run_train(data, out_dir, *settings, "--epochs=1")
+    classes = (data / "classes.txt").read_text()
+    (data / "classes.txt").write_text("\n".join(classes.split()[::-1]) + "\n")
+    result = run_train(data, out_dir, *settings, "--epochs=2", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "was trained on the classes" in result.stderr and "classes.txt" in result.stderr
+
+    (data / "classes.txt").write_text(classes)
+    (out_dir / "last.pt").write_bytes((out_dir / "last.pt").read_bytes()[:1000])  # truncated
+    result = run_train(data, out_dir, *settings, "--epochs=2", f"--resume={out_dir / 'best.pt'}")
+    assert "warm start from the weights of" in result.stdout and "epoch 1" in result.stdout
+    assert torch.load(out_dir / "last.pt", weights_only=True)["epoch"] == 2
+    assert list(pd.read_csv(out_dir / "log.csv")["epoch"]) == [1, 2]
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_temporary_and_says_disk_full(tmp_path):
+    from yolo.checkpoint import CheckpointError, save_checkpoint
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+    (tmp_path / "last.pt.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    with pytest.raises(CheckpointError, match=r"disk full while saving .*last.pt \(.*still holds its previous"):
+        save_checkpoint({"step": 2, "weights": torch.zeros(100_000)}, path)
+    assert not (tmp_path / "last.pt.tmp").exists()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_an_unreadable_image_stops_the_run_before_training_naming_the_file(tmp_path):
+    data, out_dir = tmp_path / "data", tmp_path / "run"
+    make_synthetic.generate(data, train=8, val=2, seed=5)
+    broken = data / "JPEGImages" / "val_000001.jpg"
+    broken.write_bytes(b"\x00" * 100)
+    result = run_train(data, out_dir, *TINY, "--batch_size=8", "--micro_batch_size=8", "--epochs=1",
+                       expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"1 image(s) cannot be read ({broken}: not a readable image" in result.stderr
+    assert "training epochs" not in result.stdout

@@ -1,4 +1,5 @@
 """Training checkpoints: written atomically, read safely (weights_only), checked against the config."""
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -7,11 +8,12 @@ import torch
 
 from yolo.model import YOLOv1
 
-# Settings that change the model or the data a checkpoint was trained on: resuming with others is refused.
+# The settings that build the model.
 ARCHITECTURE_KEYS = ("backbone", "num_classes", "grid_size", "num_boxes", "image_size", "head_channels", "fc_dim")
-RUN_KEYS = ARCHITECTURE_KEYS + ("protocol", "data_dir", "batch_size", "seed", "optimizer", "lr", "warmup_lr", "warmup_epochs",
-                                "lr_milestones", "lr_gamma", "momentum", "weight_decay", "lambda_coord",
-                                "lambda_noobj", "use_difficult", "augment")
+# The only settings a resumed run may change: how long, where and how fast it runs, not what it computes
+# (a longer run continues the same schedule). Any other difference, in a setting added later too, is refused.
+RESUMABLE_CHANGES = ("epochs", "micro_batch_size", "num_workers", "eval_every", "device", "dtype", "compile",
+                     "out_dir", "resume")
 
 
 class CheckpointError(RuntimeError):
@@ -32,14 +34,34 @@ def git_commit() -> str:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file intact."""
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file intact.
+
+    A failed write removes the temporary file and raises CheckpointError saying why ("disk full" when it is).
+    """
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        temporary.unlink(missing_ok=True)
+        kept = f"{path} still holds its previous contents" if path.exists() else f"{path} was not written"
+        if _is_disk_full(error):
+            raise CheckpointError(f"disk full while saving {path} ({kept}): free some space on that disk, "
+                                  f"or choose another out_dir, and rerun to resume.") from error
+        raise CheckpointError(f"cannot save {path} ({error}); {kept}.") from error
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    # torch.save reports a short write either as ENOSPC or as its zip writer's "unexpected pos" error.
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -54,10 +76,15 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                               f"file and resume from an intact one.") from error
 
 
-def config_differences(saved: dict, current: dict, keys=RUN_KEYS) -> list[str]:
-    """'name: saved -> current' for each listed setting that differs."""
-    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys
-            if key in current and saved.get(key) != current.get(key)]
+def config_differences(saved: dict, current: dict, may_change=RESUMABLE_CHANGES) -> list[str]:
+    """'name: saved -> current' for each setting, in either config, that differs and may not change.
+
+    Values are compared as JSON would store them (a tuple equals the list it was saved as).
+    """
+    def normal(value):
+        return list(value) if isinstance(value, tuple) else value
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in dict.fromkeys([*saved, *current])
+            if key not in may_change and normal(saved.get(key)) != normal(current.get(key))]
 
 
 def load_model(path: str | Path) -> tuple[YOLOv1, dict]:

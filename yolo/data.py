@@ -153,6 +153,9 @@ class VOCDetection(torch.utils.data.Dataset):
                 self.image_ids.append(image_id)
                 self.annotations.append(read_voc_annotation(xml_path, self.class_names))
                 self._image_paths.append(voc_root / "JPEGImages" / f"{image_id}.jpg")
+        if not self.image_ids:
+            split_files = [str(Path(root) / "ImageSets" / "Main" / f"{split}.txt") for root, split in sources]
+            raise ValueError(f"{', '.join(split_files)} list(s) no images: add images to the split or fix data_dir")
         if len(set(self.image_ids)) != len(self.image_ids):
             raise ValueError(f"image ids repeat across {list(sources)}; each image may be listed only once")
 

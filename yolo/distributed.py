@@ -22,15 +22,6 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
     return rank, local_rank, world_size
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' is CUDA when available, else the CPU; 'cuda' is this process's GPU under torchrun."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    return torch.device(name)
-
-
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

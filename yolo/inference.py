@@ -7,9 +7,7 @@ channels-last (oneDNN's and cuDNN's native layout, so no reorder around every co
 dtype the device computes natively, and no autograd.
 """
 import copy
-import platform
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,57 +16,10 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from yolo.postprocess import EVAL_SCORE_THRESHOLD, decode_predictions, to_voc_array
+from yolo.device import inference_dtype
+from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_predictions, to_voc_array
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESNET_CONV_BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
-# CPU instructions that compute in bf16 / fp16; without them oneDNN converts to fp32 and back around
-# every op, several times slower than plain fp32.
-NATIVE_CPU_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
-
-
-def read_cpuinfo() -> dict[str, str]:
-    """The first processor's entries of /proc/cpuinfo ('model name', 'flags', ...); empty where there is none."""
-    path = Path("/proc/cpuinfo")
-    if not path.is_file():
-        return {}
-    first_processor = path.read_text().split("\n\n")[0]
-    return {key.strip(): value.strip() for key, _, value in
-            (line.partition(":") for line in first_processor.splitlines())}
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and the threads torch uses: what a timing or a result ran on."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = read_cpuinfo().get("model name") or platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def is_native(dtype: torch.dtype, device: torch.device | str) -> bool:
-    """Whether `device` computes in `dtype` at full speed (fp32 always; bf16 / fp16 where the hardware has them)."""
-    device = torch.device(device)
-    if dtype == torch.float32:
-        return True
-    if device.type == "cuda":
-        if dtype == torch.bfloat16:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        return True
-    return bool(set(NATIVE_CPU_FLAGS[dtype]) & set(read_cpuinfo().get("flags", "").split()))
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
-    """'auto' -> bf16 where `device` computes it natively, else fp32; 'fp32' / 'bf16' / 'fp16' -> that dtype.
-
-    fp16 is never chosen automatically: unlike bf16 it can overflow, and its agreement with fp32 is untested.
-    """
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if is_native(torch.bfloat16, device) else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}.")
-    return DTYPES[dtype]
 
 
 def fold_batch_norms(model: nn.Module) -> nn.Module:
@@ -107,7 +58,7 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto",
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     inference_model = fold_batch_norms(copy.deepcopy(model).eval())
-    inference_model.to(device=device, dtype=resolve_dtype(dtype, device), memory_format=torch.channels_last)
+    inference_model.to(device=device, dtype=inference_dtype(dtype, device), memory_format=torch.channels_last)
     inference_model.requires_grad_(False)
     if not compile:
         return inference_model
@@ -158,11 +109,11 @@ class Detector:
     """
 
     def __init__(self, model: nn.Module, dtype: str | torch.dtype = "auto", device: torch.device | str | None = None,
-                 compile: bool = False, score_threshold: float = EVAL_SCORE_THRESHOLD, nms_iou: float = 0.5,
-                 max_detections: int = 100):
+                 compile: bool = False, score_threshold: float = EVAL_SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
+                 max_detections: int = MAX_DETECTIONS):
         self.image_size, self.num_classes = model.image_size, model.num_classes
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype = inference_dtype(dtype, self.device)
         self.model = prepare_for_inference(model, self.dtype, self.device, compile)
         self.score_threshold, self.nms_iou, self.max_detections = score_threshold, nms_iou, max_detections
 

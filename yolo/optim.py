@@ -1,6 +1,4 @@
-"""The training recipe's optimizer and learning-rate schedule (SPEC section 5)."""
-import bisect
-
+"""The training recipe's optimizer (SPEC section 5); the schedule lives beside its settings in train.py."""
 import torch
 from torch import nn
 
@@ -26,17 +24,6 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
     raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
-
-
-def learning_rate(epoch: float, lr: float, warmup_lr: float, warmup_epochs: float,
-                  milestones: tuple[int, ...], gamma: float) -> float:
-    """Learning rate at a fractional epoch: linear warm-up from warmup_lr to lr, then steps of gamma.
-
-    Defined for every epoch >= 0, past the last milestone and past the planned end too.
-    """
-    if epoch < warmup_epochs:
-        return warmup_lr + (lr - warmup_lr) * epoch / warmup_epochs
-    return lr * gamma ** bisect.bisect_right(sorted(milestones), epoch)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:

@@ -5,12 +5,15 @@ from torchvision.ops import batched_nms
 
 from yolo.boxes import cell_to_normalized, normalized_to_voc
 
+# The post-processing settings of every script (SPEC section 6); the scripts expose them as constants.
 EVAL_SCORE_THRESHOLD = 0.005  # keeps nearly everything: mAP integrates over all scores
-DISPLAY_SCORE_THRESHOLD = 0.2
+DISPLAY_SCORE_THRESHOLD = 0.2  # what detect.py draws and evaluate.py's example figures show
+NMS_IOU = 0.5                  # class-wise NMS suppresses a box overlapping a better one by more than this
+MAX_DETECTIONS = 100           # detections kept per image (the COCO evaluation counts 100)
 
 
 def decode_predictions(pred: torch.Tensor, num_classes: int, score_threshold: float = EVAL_SCORE_THRESHOLD,
-                       nms_iou: float = 0.5, max_detections: int = 100) -> list[dict[str, torch.Tensor]]:
+                       nms_iou: float = NMS_IOU, max_detections: int = MAX_DETECTIONS) -> list[dict[str, torch.Tensor]]:
     """Detections per image from pred (N, S, S, 5B + C), in normalised x1, y1, x2, y2 clipped to the image.
 
     Every (predictor, class) pair is a candidate with score conf x p(class) (the paper's class-specific
