@@ -177,6 +177,14 @@ def test_missing_data_hint_names_real_make_targets():
     assert "data/make_synthetic.py" in MISSING_DATA_HINT
 
 
+def test_box_under_a_pixel_is_drawn_as_one_pixel():
+    # A decoded detection narrower than a pixel has x2 < x1 in VOC's inclusive convention.
+    for size, box, pixel in ((1, (1.2, 1.3, 0.4, 0.9), (0, 0)), (5, (3.2, 4.1, 2.6, 3.5), (3, 2))):
+        image = torch.zeros(3, size, size, dtype=torch.uint8)
+        drawn = draw_boxes(image, [box], [0], CLASSES, colors=[(255, 128, 7)], width=1)
+        assert drawn[:, pixel[0], pixel[1]].tolist() == [255, 128, 7]
+
+
 def test_empty_annotation_is_valid(tmp_path):
     dataset = dataset_of(tmp_path, [write_item(tmp_path, "empty").stem], transforms=EvalTransform(32, 4, 2))
     image, target = dataset[0]
