@@ -191,7 +191,7 @@ def download_voc(data_dir, archives, mirror=None, archives_dir=None, stall_timeo
     archives_dir: folder already holding the archives; they are verified and extracted, never downloaded.
     stall_timeout, deadline: seconds, as for `fetch`.
     """
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).expanduser()
     download_dir = data_dir / "archives"
     download_dir.mkdir(parents=True, exist_ok=True)
     for archive in map(Archive._make, archives):
@@ -200,7 +200,7 @@ def download_voc(data_dir, archives, mirror=None, archives_dir=None, stall_timeo
             print(f"{archive.filename}: already extracted in {data_dir}, nothing to do")
             continue
         if archives_dir is not None:
-            path = Path(archives_dir) / archive.filename
+            path = Path(archives_dir).expanduser() / archive.filename
             if not path.is_file():
                 raise DownloadError(f"{path} not found; put {archive.filename} there or drop --archives-dir")
             verify(path, archive.md5, move_aside=False)

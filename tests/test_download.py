@@ -233,13 +233,14 @@ def test_archive_escaping_the_target_is_rejected(tmp_path, serve, kind):
     assert not (data_dir / "archives" / f"{NAME}.extracted").exists()
 
 
-def test_archives_dir_and_mirror(tmp_path, server, serve, voc_tar):
+def test_archives_dir_and_mirror(tmp_path, server, serve, voc_tar, monkeypatch):
     archives = serve(voc_tar)
-    mine = tmp_path / "mine"
+    mine = tmp_path / "my archives"
     mine.mkdir()
     (mine / NAME).write_bytes(voc_tar)
     offline = [(name, md5, "http://127.0.0.1:9/unreachable") for name, md5, _ in archives]
-    download(tmp_path / "from_dir", offline, archives_dir=mine)
+    monkeypatch.setenv("HOME", str(tmp_path))  # a shell leaves ~ unexpanded inside quotes
+    download(tmp_path / "from_dir", offline, archives_dir="~/my archives")
     assert_extracted(tmp_path / "from_dir")
     assert server.log == [] and (mine / NAME).is_file()
     assert not (tmp_path / "from_dir" / "archives" / NAME).exists()  # used in place, not copied
