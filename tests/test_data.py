@@ -213,15 +213,6 @@ def test_image_size_disagreeing_with_xml_trusts_pixels(tmp_path):
     np.testing.assert_array_equal(annotation["boxes"], [[5, 5, 20, 16]])
 
 
-@pytest.mark.parametrize("mode", ["L", "CMYK"])
-def test_grayscale_and_cmyk_decode_to_rgb(tmp_path, mode):
-    write_item(tmp_path, "x")
-    Image.new(mode, (WIDTH, HEIGHT)).save(tmp_path / "JPEGImages" / "x.jpg")
-    image, annotation = dataset_of(tmp_path, ["x"])[0]
-    assert image.shape == (3, HEIGHT, WIDTH) and image.dtype == torch.uint8
-    assert annotation["image_id"] == "x"
-
-
 def test_voc_protocols_combine_the_right_splits(tmp_path):
     splits = {"VOC2007": {"trainval": ["000005"], "test": ["000001"]},
               "VOC2012": {"train": ["2008_000001"], "val": ["2008_000002"], "trainval": ["2008_000001", "2008_000002"]}}
