@@ -17,6 +17,7 @@ import make_synthetic
 from download_voc import DownloadError, download_voc as download
 from yolo.data import VOCDetection
 
+SILENCE_S = 1.0
 TRICKLED_BYTES = 100  # at most, so a trickling handler ends soon after the client gave up
 NAME = "VOCtrainval_06-Nov-2007.tar"  # a real archive name, so the CLI test meets it too
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "download_voc.py"
@@ -25,12 +26,15 @@ SCRIPT = Path(__file__).resolve().parents[1] / "data" / "download_voc.py"
 class RangeHandler(BaseHTTPRequestHandler):
     """Serves server.files by name, honours "Range: bytes=N-", and logs (name, Range header) per request.
 
-    A name in server.trickle is sent one byte per that many seconds, as a failing mirror does.
+    A name in server.trickle is sent one byte per that many seconds, as a failing mirror does; the answer
+    to a name in server.silent waits SILENCE_S seconds before it starts.
     """
 
     def do_GET(self):
         name = self.path.lstrip("/")
         self.server.log.append((name, self.headers.get("Range")))
+        if name in self.server.silent:
+            time.sleep(SILENCE_S)
         data = self.server.files.get(name)
         if data is None:
             self.send_error(404)
@@ -70,7 +74,7 @@ class RangeHandler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    httpd.files, httpd.log, httpd.cut_short, httpd.trickle = {}, [], set(), {}
+    httpd.files, httpd.log, httpd.cut_short, httpd.trickle, httpd.silent = {}, [], set(), {}, set()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -96,6 +100,7 @@ def serve(server):
     server.log.clear()
     server.cut_short.clear()
     server.trickle.clear()
+    server.silent.clear()
 
     def serve_bytes(data, md5=None):
         server.files[NAME] = data
@@ -171,6 +176,15 @@ def test_stalling_or_trickling_host_is_given_up_and_the_part_resumes(tmp_path, s
     download(tmp_path, archives, **settings)
     assert server.log[-1] == (NAME, f"bytes={len(kept)}-")
     assert_extracted(tmp_path)
+
+
+def test_host_that_never_answers_is_given_up(tmp_path, server, serve, voc_tar):
+    archives = serve(voc_tar)
+    server.silent.add(NAME)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"no answer within 0\.2 s \(--stall-timeout\): could not download"):
+        download(tmp_path, archives, stall_timeout=0.2)
+    assert time.monotonic() - started < SILENCE_S
 
 
 def test_cli_gives_up_on_a_trickling_mirror_without_traceback(tmp_path, server, serve, voc_tar):
