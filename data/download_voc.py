@@ -93,9 +93,11 @@ def fetch(url, destination, stall_timeout=STALL_TIMEOUT_S, deadline=DEADLINE_S):
             partial.rename(destination)
             return
         raise DownloadError(f"HTTP {error.code} {error.reason}: {_network_hint(url)}") from None
-    except TimeoutError:
-        raise DownloadError(f"no answer within {stall_timeout:g} s (--stall-timeout): {_network_hint(url)}") from None
-    except (OSError, http.client.HTTPException) as error:  # URLError, refused or reset connections
+    except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, refused or reset connections
+        # A timeout while connecting comes wrapped in a URLError, one while waiting for the answer bare.
+        if isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError):
+            raise DownloadError(f"no answer within {stall_timeout:g} s (--stall-timeout): "
+                                f"{_network_hint(url)}") from None
         raise DownloadError(f"{error}: {_network_hint(url)}") from None
     with response:
         if offset and response.status != 206:
@@ -224,7 +226,8 @@ def seconds(allow_zero):
         except ValueError:
             value = float("nan")
         if not (value >= 0 if allow_zero else value > 0):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds {'>= 0' if allow_zero else '> 0'}")
+            bound = ">= 0" if allow_zero else "> 0"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds {bound}")
         return value
     return parse
 
@@ -235,7 +238,8 @@ def main(argv=None):
     parser.add_argument("--mirror", default=os.environ.get("VOC_MIRROR"),
                         help="base URL serving the same archive file names (default: $VOC_MIRROR)")
     parser.add_argument("--archives-dir", help="folder holding the .tar files already; no download")
-    parser.add_argument("--stall-timeout", type=seconds(allow_zero=False), default=STALL_TIMEOUT_S, metavar="SECONDS",
+    parser.add_argument("--stall-timeout", type=seconds(allow_zero=False), default=STALL_TIMEOUT_S,
+                        metavar="SECONDS",
                         help=f"give up on a host that sends nothing for this long (default: {STALL_TIMEOUT_S})")
     parser.add_argument("--deadline", type=seconds(allow_zero=True), default=DEADLINE_S, metavar="SECONDS",
                         help=f"give up on an archive not downloaded within this; 0: never (default: {DEADLINE_S})")

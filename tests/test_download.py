@@ -160,7 +160,8 @@ def test_dropped_connection_keeps_part_then_resumes(tmp_path, server, serve, voc
 
 @pytest.mark.parametrize("seconds_per_byte, settings, message", [
     (2.0, {"stall_timeout": 0.3, "deadline": 0}, r"no data for 0\.3 s \(--stall-timeout\) after [1-9]\d* bytes"),
-    (0.02, {"stall_timeout": 5, "deadline": 0.5}, r"not downloaded within 0\.5 s \(--deadline\), [1-9]\d* of \d+ bytes so far"),
+    (0.02, {"stall_timeout": 5, "deadline": 0.5},
+     r"not downloaded within 0\.5 s \(--deadline\), [1-9]\d* of \d+ bytes so far"),
 ], ids=["stall", "deadline"])
 def test_stalling_or_trickling_host_is_given_up_and_the_part_resumes(tmp_path, server, serve, voc_tar,
                                                                      seconds_per_byte, settings, message):
