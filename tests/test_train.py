@@ -147,6 +147,16 @@ def test_torchrun_on_two_processes_matches_one_process(data_dir, reference_run, 
             torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path):
+    out_dir = tmp_path / "ddp1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+               f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE, "--epochs=1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "train.py on 1 process(es) in a gloo process group" in result.stdout
+    assert (out_dir / "done").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["--epoch=3"], "unknown setting. Valid names: backbone"),
     (["--micro_batch_size=3"], "not a multiple of micro_batch_size"),
