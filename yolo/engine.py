@@ -52,8 +52,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
     step, stopped = start_step, False
     step_is_finite = torch.ones((), device=device)
     first_non_finite_step = torch.full((), -1, dtype=torch.long, device=device)
-    skip_with_found_inf = skips_on_device(optimizer) and not scaler.is_enabled()
-    check_on_host = not skip_with_found_inf and not scaler.is_enabled()
+    check_on_host = not skips_on_device(optimizer) and not scaler.is_enabled()
     progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                     disable=None if is_main_process() else True)
     for index, (images, targets, _) in enumerate(progress):
@@ -81,7 +80,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
         first_non_finite_step = torch.where((first_non_finite_step < 0) & non_finite, step, first_non_finite_step)
         if check_on_host:
             raise_if_non_finite(first_non_finite_step.item(), epoch)
-        apply_update(optimizer, scaler, skip=first_non_finite_step >= 0, use_found_inf=skip_with_found_inf)
+        apply_update(optimizer, scaler, skip=first_non_finite_step >= 0)
         step, step_is_finite = step + 1, torch.ones((), device=device)
         epoch_ends = index + 1 == len(loader)
         if step % read_every and not epoch_ends:
@@ -101,9 +100,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
             "steps": step, "stopped": stopped}
 
 
-def apply_update(optimizer, scaler, *, skip: torch.Tensor, use_found_inf: bool) -> None:
-    """One optimizer step from the accumulated gradients, none where the device-side flag `skip` is set."""
-    if use_found_inf:
+def apply_update(optimizer, scaler, skip: torch.Tensor) -> None:
+    """One optimizer step from the accumulated gradients, none where the device-side flag `skip` is set
+    (which only a fused optimizer or the GradScaler honour without a host read)."""
+    if skips_on_device(optimizer) and not scaler.is_enabled():
         optimizer.found_inf = skip.float()
         optimizer.step()
         del optimizer.found_inf
