@@ -45,7 +45,7 @@ DEMO_MODELS := resnet18 resnet50
 DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_RESULTS)/$(m)_ap.png)
 
 .PHONY: help test download train-resnet18 train-resnet50 train-darknet eval benchmark table reproduce demo \
-	clean check-gpu
+	clean check-gpu gpu-check
 
 help: ## list the targets and the variables they read
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -114,6 +114,12 @@ table: $(README) ## regenerate the README results table from the CSV files in re
 reproduce: check-gpu ## download, train both models, evaluate, benchmark, table (CUDA)
 	$(MAKE) $(VOC_EVALS) $(RESULTS)/benchmark.csv
 	$(MAKE) table
+
+# A VENV given on the command line (or in the environment) is used as it is: nothing is installed into it.
+GPU_CHECK_ENV := $(if $(filter command line environment,$(origin VENV)),,$(INSTALLED))
+
+gpu-check: | $(GPU_CHECK_ENV) ## exercise every CUDA path on a small synthetic set (one GPU, <= 8 min) into results/gpu/
+	$(PY) gpu_check.py --out_dir=$(RESULTS)/gpu
 
 # --- demo
 $(DEMO_DATA)/classes.txt: data/make_synthetic.py | $(INSTALLED)
