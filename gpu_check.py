@@ -8,7 +8,8 @@ kept in work_dir/<check>.log. results go to out_dir: checks.csv (one row per che
 benchmark.py rows, which name the device). Needs only torch, torchvision, numpy, pillow, pandas, matplotlib
 and tqdm. Sizing on one H100: each training run is a process start (~15 s with CUDA and the 256 M parameter
 model), 2 epochs of 4 steps of 16 images, and a 2 GB last.pt per epoch; the compile run adds about two
-minutes; the benchmark 2 backbones x 2 batch sizes x 3 dtypes x 3 modes of 13 runs each.
+minutes; the in-process check that training steps do not synchronise the host with the GPU builds
+one more model; the benchmark 2 backbones x 2 batch sizes x 3 dtypes x 3 modes of 13 runs each.
 
 GPU kernels are not bitwise reproducible run to run (cuDNN autotuning, atomic adds), so SIGTERM-then-resume
 is compared with the uninterrupted run relative to one epoch's change of the weights; the CPU tests
@@ -21,12 +22,17 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from benchmark import random_training_batch
 from yolo.config import at_least, resolve_config
 from yolo.device import device_name
+from yolo.engine import train_one_epoch
+from yolo.model import YOLOv1
+from yolo.optim import build_optimizer
 
 # --- what to run
 out_dir = "results/gpu"        # checks.csv, benchmark.csv and the evaluation's CSVs
@@ -89,6 +95,40 @@ def last_epoch_row(config: dict, run_name: str) -> dict:
     if not rows or not all(float(rows[-1][key]) == float(rows[-1][key]) for key in ("train_loss", "val_loss")):
         raise CheckFailed(f"{run_name}/log.csv has no finite train and val loss: {rows[-1:] or 'no rows'}")
     return rows[-1]
+
+
+def host_synchronisations(steps: int, model, optimizer, batch: tuple) -> int:
+    """Synchronising CUDA calls (as torch's sync debug mode reports them) in one bf16 epoch of `steps`
+    steps on `batch`, with the host reading the device's results only at the end of the epoch."""
+    device = torch.device("cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_one_epoch(model, [batch] * steps, optimizer, torch.amp.GradScaler("cuda", enabled=False), epoch=0,
+                            start_step=0, accumulation=1, lr_at=lambda step: 1e-3,
+                            loss_weights={"lambda_coord": 5.0, "lambda_noobj": 0.5}, device=device,
+                            dtype=torch.bfloat16, stop_requested=lambda: False, read_every=steps)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(warning.message) for warning in caught)
+
+
+def check_no_host_sync(config: dict, shared: dict) -> str:
+    """More optimizer steps between two reads add no synchronisation of the host with the GPU."""
+    torch.manual_seed(0)
+    model = YOLOv1("resnet18", image_size=config["image_size"]).to("cuda", memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, "sgd", 1e-3, 0.9, 5e-4, fused=True)
+    images, targets = random_training_batch(8, {"image_size": config["image_size"], "grid_size": 7},
+                                            torch.device("cpu"))
+    batch = (images.float().div(255).pin_memory(), targets.pin_memory(), None)  # pinned, as the DataLoader's
+    host_synchronisations(2, model, optimizer, batch)  # cuDNN autotuning and lazy initialisation happen once
+    few, many = (host_synchronisations(steps, model, optimizer, batch) for steps in (2, 6))
+    if many != few:
+        raise CheckFailed(f"an epoch of 6 steps synchronised {many} times, one of 2 steps {few} times")
+    del model, optimizer
+    torch.cuda.empty_cache()  # leave the GPU's memory to the scripts the next checks start
+    return f"{few} synchronisations per epoch of 2 or of 6 steps (the reads at its end)"
 
 
 def check_data(config: dict, shared: dict) -> str:
@@ -202,7 +242,8 @@ def main(config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     gpu = device_name(torch.device("cuda"))
     print(f"gpu_check on {gpu}, torch {torch.__version__}; logs in {work}", flush=True)
-    checks = {"synthetic data": check_data, "bf16 training": check_bf16, "fp16 + GradScaler": check_fp16,
+    checks = {"synthetic data": check_data, "training steps without host sync": check_no_host_sync,
+              "bf16 training": check_bf16, "fp16 + GradScaler": check_fp16,
               "compile": check_compile, "torchrun nccl 1 process": check_torchrun,
               "SIGTERM then resume": check_sigterm_resume, "evaluate.py": check_evaluate,
               "benchmark forward/end_to_end/train_step": check_benchmark,

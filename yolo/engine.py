@@ -50,6 +50,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
     model.train()
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=device)  # terms x images, then images
     step, stopped = start_step, False
+    one_batch = torch.ones((), dtype=torch.float64, device=device)  # made once: a copy from the host would wait
     step_is_finite = torch.ones((), device=device)
     first_non_finite_step = torch.full((), -1, dtype=torch.long, device=device)
     check_on_host = not skips_on_device(optimizer) and not scaler.is_enabled()
@@ -71,8 +72,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
             loss = sum(terms.values())
             scaler.scale(loss / accumulation).backward()
         step_is_finite = step_is_finite * torch.isfinite(loss)
-        sums += torch.stack([*(terms[name].detach().double() for name in LOSS_TERMS), sums.new_tensor(1.0)]) \
-            * len(images)
+        sums += torch.stack([*(terms[name].detach().double() for name in LOSS_TERMS), one_batch]) * len(images)
         if not last_micro_step:
             continue
         # The same on every process, so that all of them skip (or apply) the same updates.
