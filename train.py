@@ -102,7 +102,7 @@ def say(*args) -> None:
 
 
 class StopRequest:
-    """Turns SIGINT and SIGTERM into a flag the loop reads after each optimizer step."""
+    """Turns SIGINT and SIGTERM into a flag the loop reads at its read points (see the module docstring)."""
 
     def __init__(self):
         self.signal = None
@@ -117,6 +117,11 @@ class StopRequest:
 
     def __call__(self) -> bool:
         return self.signal is not None
+
+    def exit_code(self) -> int:
+        """128 + the signal, as a shell reports it; a process stopping because another one was signalled
+        reports SIGTERM."""
+        return 128 + (self.signal or signal.SIGTERM)
 
 
 def read_log(path: Path, up_to_epoch: int) -> list[dict]:
@@ -278,7 +283,7 @@ def main(config: dict) -> None:
                 f"rerun the same command to resume")
             barrier()  # no process exits (which makes torchrun end the others) before the save is complete
             cleanup()
-            sys.exit(128 + stop.signal)
+            sys.exit(stop.exit_code())
         start_step = 0
         seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
@@ -311,7 +316,7 @@ def main(config: dict) -> None:
         if any_process(stop(), device) and not last_epoch:
             say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
             cleanup()
-            sys.exit(128 + stop.signal)
+            sys.exit(stop.exit_code())
     if is_main_process():
         mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the final model (best.pt: best validation mAP, for reference only)")
