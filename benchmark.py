@@ -295,12 +295,15 @@ def benchmark_train_step(backbone: str, config: dict, device: torch.device, dtyp
         scaler = torch.amp.GradScaler(device.type, enabled=DTYPES[name] == torch.float16)
         trainers[name] = (torch.compile(model) if config["compile"] else model, optimizer, scaler)
     rows = []
+    autotuning = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as train.py trains on CUDA
     for batch_size in config["batch_sizes"]:
         torch._dynamo.reset()  # one graph per training model and batch size, as for the inference modes
         images, targets = random_training_batch(batch_size, config, device)
         runs = {("train_step", name, config["compile"]): partial(train_step, *trainer, images, targets, DTYPES[name])
                 for name, trainer in trainers.items()}
         rows += timing_rows(time_interleaved(runs, config["warmup"], config["iters"], device), common, batch_size)
+    torch.backends.cudnn.benchmark = autotuning
     return rows
 
 

@@ -17,6 +17,7 @@ is compared with the uninterrupted run relative to one epoch's change of the wei
 """
 import csv
 import datetime
+import math
 import shutil
 import signal
 import subprocess
@@ -59,13 +60,14 @@ class CheckFailed(Exception):
 
 
 def run(name: str, command: list[str], config: dict) -> str:
-    """Run `command`, keep its output in work_dir/<name>.log, and return it; a non-zero exit is a CheckFailed."""
+    """Run `command`, add its output to work_dir/<name>.log, and return it; a non-zero exit is a CheckFailed."""
     log = Path(config["work_dir"]) / f"{name}.log"
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=config["timeout"])
     except subprocess.TimeoutExpired:
         raise CheckFailed(f"{' '.join(command[:3])} ran past {config['timeout']} s") from None
-    log.write_text(result.stdout + result.stderr)
+    with log.open("a") as file:
+        file.write(f"$ {' '.join(command)}\n{result.stdout}{result.stderr}")
     if result.returncode != 0:
         last_line = (result.stderr.strip() or result.stdout.strip() or "no output").splitlines()[-1]
         raise CheckFailed(f"exit {result.returncode}: {last_line} (log: {log})")
@@ -92,7 +94,7 @@ def distance(first: dict, second: dict) -> float:
 def last_epoch_row(config: dict, run_name: str) -> dict:
     with open(Path(config["work_dir"]) / run_name / "log.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    if not rows or not all(float(rows[-1][key]) == float(rows[-1][key]) for key in ("train_loss", "val_loss")):
+    if not rows or not all(math.isfinite(float(rows[-1][key])) for key in ("train_loss", "val_loss")):
         raise CheckFailed(f"{run_name}/log.csv has no finite train and val loss: {rows[-1:] or 'no rows'}")
     return rows[-1]
 
