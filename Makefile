@@ -54,7 +54,7 @@ DEMO_STAMPS := $(DEMO_RUNS)/stamps
 DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_STAMPS)/eval-$(m))
 
 .PHONY: help test download train-resnet18 train-resnet50 train-darknet eval benchmark table reproduce demo \
-	clean check-gpu
+	clean check-gpu gpu-check
 
 help: ## list the targets and the variables they read
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -140,6 +140,12 @@ reproduce: check-gpu ## download, train both models, evaluate, benchmark, table 
 	$(MAKE) eval
 	$(MAKE) benchmark
 	$(MAKE) table
+
+# A VENV given on the command line (or in the environment) is used as it is: nothing is installed into it.
+GPU_CHECK_ENV := $(if $(filter command line environment,$(origin VENV)),,$(INSTALLED))
+
+gpu-check: | $(GPU_CHECK_ENV) ## exercise every CUDA path on a small synthetic set (one GPU, <= 8 min) into results/gpu/
+	$(PY) gpu_check.py --out_dir=$(RESULTS)/gpu
 
 # --- demo
 $(DEMO_DATA)/classes.txt: data/make_synthetic.py | $(INSTALLED)

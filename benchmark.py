@@ -3,6 +3,11 @@
     python benchmark.py                                                   # CUDA if available, else CPU
     python benchmark.py --device=cpu --backbones=resnet18 --batch_sizes=1,8 --iters=10
 
+Modes (`modes`): `forward` times the model alone, `end_to_end` the whole detection pipeline,
+`baseline_end_to_end` the straightforward pipeline below, `train_step` one training step on device-resident
+batches (uint8 -> float on the device, forward and loss under the dtype's autocast with fp32 weights,
+backward, the recipe's SGD step, fused on CUDA, with a GradScaler for fp16): the GPU-only training rate.
+
 End to end is what evaluation and detection do: a uint8 batch of VOC-sized images (500 x 375) -> resize ->
 forward -> decoding and class-wise NMS -> per-image VOC-pixel detections, at the evaluation score threshold.
 The models have random weights (speed does not depend on them), so every candidate box passes that
@@ -29,6 +34,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
 from yolo.boxes import normalized_to_voc
+from yolo.engine import apply_update, autocast_context
+from yolo.loss import yolo_loss_terms
+from yolo.optim import build_optimizer
+from yolo.targets import encode_target
 from yolo.config import at_least, between, format_config, one_of, resolve_config
 from yolo.device import DTYPES, device_name, is_native, resolve_device
 from yolo.inference import Detector, preprocess
@@ -38,6 +47,7 @@ from yolo.results import ResultsError, check_writable, write_keyed
 
 # --- what to time
 backbones = ("resnet18", "resnet50")  # resnet18 | resnet50 | darknet, comma-separated
+modes = ("forward", "end_to_end", "baseline_end_to_end")  # those and train_step, comma-separated
 device = "auto"                # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
 batch_sizes = (1, 8)           # images per batch, comma-separated: 1 gives the latency, larger the throughput
 dtypes = ("fp32", "bf16", "fp16")  # fp32 | bf16 | fp16, comma-separated; ones the device emulates are skipped
@@ -61,7 +71,9 @@ out = "results/benchmark.csv"  # CSV the rows are written to, replacing earlier 
 NUM_CLASSES = 20
 SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500  # a typical VOC image
 MATMUL_SIZE = 2048
-RULES = {"device": resolve_device, "backbones": one_of(*BACKBONES), "batch_sizes": at_least(1),
+MODES = ("forward", "end_to_end", "baseline_end_to_end", "train_step")
+INFERENCE_MODES = MODES[:3]
+RULES = {"device": resolve_device, "backbones": one_of(*BACKBONES), "modes": one_of(*MODES), "batch_sizes": at_least(1),
          "dtypes": one_of(*DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
          "max_detections": at_least(1), "threads": at_least(0), "image_size": at_least(32), "grid_size": at_least(1),
          "head_channels": at_least(1), "fc_dim": at_least(1), "warmup": at_least(0), "iters": at_least(1)}
@@ -183,15 +195,21 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
                    head_channels=config["head_channels"], fc_dim=config["fc_dim"]).to(device).eval()
     params_m = sum(parameter.numel() for parameter in model.parameters()) / 1e6
     gflops = forward_gflops(model, device)
-    postprocess = {key: config[key] for key in ("score_threshold", "nms_iou", "max_detections")}
-    detectors = {name: Detector(model, DTYPES[name], device, config["compile"], **postprocess)
-                 for name in dtype_names}
     common = {"backbone": backbone, "device": device.type, "device_name": device_name(device),
               "image_size": config["image_size"], "params_m": round(params_m, 3), "gflops": round(gflops, 3),
               "torch_version": torch.__version__}
+    rows = benchmark_train_step(backbone, config, device, dtype_names, common) if "train_step" in config["modes"] \
+        else []
+    if not set(config["modes"]) & set(INFERENCE_MODES):
+        return rows
+    postprocess = {key: config[key] for key in ("score_threshold", "nms_iou", "max_detections")}
+    detectors = {name: Detector(model, DTYPES[name], device, config["compile"], **postprocess)
+                 for name in dtype_names}
     matrix = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-    rows = []
     for batch_size in config["batch_sizes"]:
+        # Each batch size compiles anew (one graph per detector): never past Dynamo's recompile limit,
+        # beyond which it would silently run eager in rows that say compile.
+        torch._dynamo.reset()
         images = torch.randint(0, 256, (batch_size, 3, SOURCE_HEIGHT, SOURCE_WIDTH), dtype=torch.uint8)
         if device.type == "cuda":
             images = images.pin_memory()
@@ -200,22 +218,79 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
             inputs = preprocess(images, config["image_size"], detector.dtype, device)
             runs["forward", name, config["compile"]] = partial(detector.predict, inputs)
             runs["end_to_end", name, config["compile"]] = partial(detector, images)
-        if config["baseline"]:
+        runs = {key: run for key, run in runs.items() if key[0] in config["modes"]}
+        if config["baseline"] and "baseline_end_to_end" in config["modes"]:
             runs["baseline_end_to_end", "fp32", False] = partial(baseline_detect, model, images, postprocess)
         if device.type == "cpu":
             runs["matmul", "fp32", False] = partial(torch.mm, matrix, matrix)
         times = time_interleaved(runs, config["warmup"], config["iters"], device)
         matmul_ms = times.pop(("matmul", "fp32", False), None)
-        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        batch_rows = []
-        for (mode, dtype, compiled), milliseconds in times.items():
-            median = float(np.median(milliseconds))
-            batch_rows.append({**common, "dtype": dtype, "batch_size": batch_size, "mode": mode, "compile": compiled,
-                               "latency_ms_median": round(median, 3),
-                               "latency_ms_p90": round(float(np.percentile(milliseconds, 90)), 3),
-                               "throughput_img_s": round(batch_size * 1e3 / median, 3), "date": date})
+        batch_rows = timing_rows(times, common, batch_size)
         print_summary(batch_rows, gflops, matmul_ms)
         rows += batch_rows
+    return rows
+
+
+def timing_rows(times: dict[tuple, np.ndarray], common: dict, batch_size: int) -> list[dict]:
+    """CSV rows from the milliseconds of each (mode, dtype, compiled) measurement."""
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for (mode, dtype, compiled), milliseconds in times.items():
+        median = float(np.median(milliseconds))
+        rows.append({**common, "dtype": dtype, "batch_size": batch_size, "mode": mode, "compile": compiled,
+                     "latency_ms_median": round(median, 3),
+                     "latency_ms_p90": round(float(np.percentile(milliseconds, 90)), 3),
+                     "throughput_img_s": round(batch_size * 1e3 / median, 3), "date": date})
+    return rows
+
+
+def random_training_batch(batch_size: int, config: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-resident uint8 images at the input size and YOLO targets of 1-4 random boxes per image."""
+    generator = torch.Generator().manual_seed(batch_size)
+    images = torch.randint(0, 256, (batch_size, 3, config["image_size"], config["image_size"]), dtype=torch.uint8,
+                           generator=generator)
+    targets = []
+    for _ in range(batch_size):
+        count = int(torch.randint(1, 5, (), generator=generator))
+        corners = torch.rand(count, 2, 2, generator=generator).sort(dim=1).values  # (x1, y1) <= (x2, y2)
+        boxes = corners.flatten(1).clamp(0, 1)
+        targets.append(encode_target(boxes, torch.randint(0, NUM_CLASSES, (count,), generator=generator),
+                                     config["grid_size"], NUM_CLASSES))
+    return images.to(device).contiguous(memory_format=torch.channels_last), torch.stack(targets).to(device)
+
+
+def train_step(model, optimizer, scaler, images: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> None:
+    """One training step as train.py takes it, with nothing left to skip (the batch is known finite)."""
+    with autocast_context(images.device, dtype):
+        predictions = model(images.float().div_(255))
+    loss = sum(yolo_loss_terms(predictions, targets).values())
+    scaler.scale(loss).backward()
+    apply_update(optimizer, scaler, skip=torch.zeros((), dtype=torch.bool, device=images.device))
+
+
+def benchmark_train_step(backbone: str, config: dict, device: torch.device, dtype_names: list[str],
+                         common: dict) -> list[dict]:
+    """Rows of mode train_step for every batch size and dtype: one training model per dtype, all timed
+    interleaved. Training keeps fp32 weights whatever the dtype (autocast), unlike the inference modes."""
+    torch.manual_seed(0)
+    trainers = {}
+    for name in dtype_names:
+        model = YOLOv1(backbone, NUM_CLASSES, config["grid_size"], image_size=config["image_size"],
+                       head_channels=config["head_channels"], fc_dim=config["fc_dim"])
+        model = model.to(device, memory_format=torch.channels_last).train()
+        optimizer = build_optimizer(model, "sgd", 1e-4, 0.9, 5e-4, fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=DTYPES[name] == torch.float16)
+        trainers[name] = (torch.compile(model) if config["compile"] else model, optimizer, scaler)
+    rows = []
+    autotuning = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as train.py trains on CUDA
+    for batch_size in config["batch_sizes"]:
+        torch._dynamo.reset()  # one graph per training model and batch size, as for the inference modes
+        images, targets = random_training_batch(batch_size, config, device)
+        runs = {("train_step", name, config["compile"]): partial(train_step, *trainer, images, targets, DTYPES[name])
+                for name, trainer in trainers.items()}
+        rows += timing_rows(time_interleaved(runs, config["warmup"], config["iters"], device), common, batch_size)
+    torch.backends.cudnn.benchmark = autotuning
     return rows
 
 

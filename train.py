@@ -5,6 +5,10 @@
 
 Every constant below can be overridden as --name=value. A rerun of the same command continues from
 out_dir/last.pt; SIGINT or SIGTERM saves the current step and exits, and the rerun carries on from there.
+
+On CUDA the loop reads the device's results (shown loss, non-finite check, stop request) every `log_every`
+optimizer steps, so a stop lands on the next such step; on a CPU, where ops run synchronously and a read
+costs nothing, it reads after every step.
 """
 import bisect
 import csv
@@ -22,7 +26,7 @@ from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differen
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.data import PROTOCOLS, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
-from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
+from yolo.distributed import any_process, backend, barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
 from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
@@ -66,7 +70,8 @@ resume = "auto"                # auto: continue from out_dir/last.pt if present 
 seed = 0                       # model initialisation, data order and augmentation
 device = "auto"                # auto (cuda if available) | cpu | cuda
 dtype = "auto"                 # autocast: auto (CUDA: bf16 where native, else fp16; CPU: fp32) | fp32 | bf16 | fp16
-compile = False                # torch.compile the model
+compile = False                # torch.compile the model for training (one compilation; validation stays eager)
+log_every = 20                 # CUDA: optimizer steps between reads of the loss and stop/non-finite flags (CPU: 1)
 eval_every = 5                 # validate every N epochs and after the last; 0: only after the last
 
 
@@ -77,7 +82,7 @@ RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size":
          "lr": at_least(0.0), "warmup_lr": at_least(0.0), "warmup_epochs": at_least(0.0),
          "lr_milestones": at_least(0), "lr_gamma": at_least(0.0), "momentum": between(0.0, 1.0),
          "weight_decay": at_least(0.0), "lambda_coord": at_least(0.0), "lambda_noobj": at_least(0.0),
-         "seed": at_least(0), "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0),
+         "seed": at_least(0), "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0), "log_every": at_least(1),
          "out_dir": writable_folder}
 
 
@@ -99,7 +104,7 @@ def say(*args) -> None:
 
 
 class StopRequest:
-    """Turns SIGINT and SIGTERM into a flag the loop reads after each optimizer step."""
+    """Turns SIGINT and SIGTERM into a flag the loop reads at its read points (see the module docstring)."""
 
     def __init__(self):
         self.signal = None
@@ -114,6 +119,11 @@ class StopRequest:
 
     def __call__(self) -> bool:
         return self.signal is not None
+
+    def exit_code(self) -> int:
+        """128 + the signal, as a shell reports it; a process stopping because another one was signalled
+        reports SIGTERM."""
+        return 128 + (self.signal or signal.SIGTERM)
 
 
 def read_log(path: Path, up_to_epoch: int) -> list[dict]:
@@ -153,14 +163,28 @@ def find_checkpoint(config: dict, out_dir: Path) -> Path | None:
     return Path(config["resume"])
 
 
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, saved_dtype: str | None) -> None:
+    """The GradScaler's saved state where both runs use one (fp16); a run switching dtype starts afresh."""
+    if not scaler.is_enabled():
+        return  # fp16 -> bf16 / fp32: the scale has no use without fp16 gradients
+    if state:
+        scaler.load_state_dict(state)
+    else:
+        say(f"the checkpoint was trained with dtype {saved_dtype} and has no gradient scaler state: "
+            f"fp16 starts a fresh one (scale {scaler.get_scale():g})")
+
+
 def main(config: dict) -> None:
     device = resolve_device(config["device"], 0)
     rank, local_rank, world_size = init_distributed(device.type)
     device = resolve_device(config["device"], local_rank)
     dtype = autocast_dtype(config["dtype"], device)
     out_dir = Path(config["out_dir"])
-    say(f"train.py on {world_size} process(es), device {device}, dtype {str(dtype).removeprefix('torch.')}\n"
-        f"{format_config(config)}")
+    process_group = f" in a {backend()} process group" if backend() else ""
+    say(f"train.py on {world_size} process(es){process_group}, device {device}, "
+        f"dtype {str(dtype).removeprefix('torch.')}\n{format_config(config)}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: time the convolution algorithms once
 
     random.seed(config["seed"])
     torch.manual_seed(config["seed"])
@@ -188,7 +212,8 @@ def main(config: dict) -> None:
                               config["micro_batch_size"], shuffle=False, num_workers=config["num_workers"])
 
     model = YOLOv1(**model_args, pretrained=config["pretrained"]).to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config["optimizer"], config["lr"], config["momentum"], config["weight_decay"])
+    optimizer = build_optimizer(model, config["optimizer"], config["lr"], config["momentum"], config["weight_decay"],
+                                fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, start_step, best_map = 0, 0, -1.0
 
@@ -209,7 +234,7 @@ def main(config: dict) -> None:
         model.load_state_dict(checkpoint["model"])
         if "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
-            scaler.load_state_dict(checkpoint["scaler"])
+            load_scaler_state(scaler, checkpoint["scaler"], checkpoint["config"].get("dtype"))
             start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
             torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
             random.setstate(checkpoint["rng"]["python"])
@@ -231,10 +256,11 @@ def main(config: dict) -> None:
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
         write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch))
     train_model = model
-    if world_size > 1:
+    if backend():
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None)
     if config["compile"]:
+        # PyTorch's recommended order: compile the DDP wrapper, whose optimizer splits the graph at its buckets.
         train_model = torch.compile(train_model)
 
     def checkpoint_state(epoch: int, step: int) -> dict:
@@ -249,6 +275,7 @@ def main(config: dict) -> None:
         return learning_rate(epoch + step / sampler.steps_per_epoch, config)
 
     stop = StopRequest()
+    read_every = config["log_every"] if device.type == "cuda" else 1
     say(f"training epochs {start_epoch + 1}-{config['epochs']}: {sampler.steps_per_epoch} steps of "
         f"{config['batch_size']} images each ({sampler.accumulation} accumulated micro-batches per process)")
     for epoch in range(start_epoch, config["epochs"]):
@@ -258,7 +285,7 @@ def main(config: dict) -> None:
             stats = train_one_epoch(
                 train_model, train_loader, optimizer, scaler, epoch=epoch, start_step=start_step,
                 accumulation=sampler.accumulation, loss_weights=loss_weights, device=device, dtype=dtype,
-                stop_requested=stop, lr_at=lambda step: lr_at(epoch, step))
+                stop_requested=stop, lr_at=lambda step: lr_at(epoch, step), read_every=read_every)
         except NonFiniteLossError as error:
             cleanup()
             sys.exit(f"error: {error}")
@@ -267,8 +294,9 @@ def main(config: dict) -> None:
                 save_checkpoint(checkpoint_state(epoch, stats["steps"]), out_dir / "last.pt")
             say(f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
                 f"rerun the same command to resume")
+            barrier()  # no process exits (which makes torchrun end the others) before the save is complete
             cleanup()
-            sys.exit(128 + stop.signal)
+            sys.exit(stop.exit_code())
         start_step = 0
         seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
@@ -278,7 +306,8 @@ def main(config: dict) -> None:
                "val_loss": "", "val_voc07_map": "", "val_voc12_map": ""}
         last_epoch = epoch + 1 == config["epochs"]
         if last_epoch or (config["eval_every"] > 0 and (epoch + 1) % config["eval_every"] == 0):
-            validation = evaluate(Detector(model, dtype, device), val_loader, val_set, loss_weights=loss_weights,
+            # fp32 weights: bf16 scores take 128 values in [0.5, 1), and their ties would rank by image order.
+            validation = evaluate(Detector(model, torch.float32, device), val_loader, val_set, loss_weights=loss_weights,
                                   desc=f"validate {epoch + 1}")
             row["val_loss"] = f"{validation['loss']:.6f}"
             if is_main_process():
@@ -297,10 +326,10 @@ def main(config: dict) -> None:
                 plot_training_curve(out_dir / "log.csv", out_dir / "training_curve.png")
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
-        if stop() and not last_epoch:
+        if any_process(stop(), device) and not last_epoch:
             say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
             cleanup()
-            sys.exit(128 + stop.signal)
+            sys.exit(stop.exit_code())
     if is_main_process():
         mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the final model (best.pt: best validation mAP, for reference only)")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import benchmark
+from yolo.config import resolve_config
 from yolo.model import YOLOv1
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_predictions, to_voc_array
 
@@ -95,3 +96,35 @@ def test_the_baselines_cell_by_cell_decoding_matches_decode_predictions(seed):
                                         nms_iou=NMS_IOU, max_detections=MAX_DETECTIONS)
         assert actual.shape == expected.shape
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_train_step_mode_writes_rows_of_the_same_schema(tmp_path):
+    out = tmp_path / "train_step.csv"
+    benchmark.main(resolve_config(vars(benchmark), [*TINY, "--modes=train_step", "--batch_sizes=1,2",
+                                                    "--dtypes=fp32", "--threads=1", f"--out={out}"]))
+    header, *rows = read_rows(out)
+    assert tuple(header) == benchmark.CSV_COLUMNS
+    rows = [dict(zip(header, row)) for row in rows]
+    assert [(row["mode"], row["batch_size"], row["dtype"]) for row in rows] == [
+        ("train_step", "1", "fp32"), ("train_step", "2", "fp32")]
+    for row in rows:
+        assert float(row["throughput_img_s"]) == pytest.approx(int(row["batch_size"]) * 1e3
+                                                               / float(row["latency_ms_median"]), rel=1e-3)
+
+
+def test_a_train_step_lowers_the_loss_of_its_batch():
+    config = {"image_size": 64, "grid_size": 2}
+    torch.manual_seed(0)
+    model = YOLOv1("resnet18", grid_size=2, image_size=64, head_channels=8, fc_dim=16).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, targets = benchmark.random_training_batch(4, config, torch.device("cpu"))
+    assert images.dtype == torch.uint8 and targets.shape == (4, 2, 2, 25) and targets[..., 4].sum() >= 1
+
+    def loss():
+        return sum(benchmark.yolo_loss_terms(model(images.float() / 255), targets).values()).item()
+
+    before = loss()
+    for _ in range(5):
+        benchmark.train_step(model, optimizer, scaler, images, targets, torch.float32)
+    assert loss() < before

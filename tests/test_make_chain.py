@@ -3,6 +3,7 @@ what `make table` and a fresh clone's file times do and do not run."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -90,7 +91,7 @@ def test_an_interpreter_older_than_3_11_is_refused_before_the_venv(tmp_path):
 def test_help_lists_every_target():
     output = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     for target in ("download", "train-resnet18", "train-resnet50", "train-darknet", "eval", "benchmark", "table",
-                   "reproduce", "demo", "test", "clean", "help"):
+                   "reproduce", "demo", "test", "clean", "help", "gpu-check"):
         assert f"  {target} " in output, target
 
 
@@ -101,6 +102,25 @@ def test_reproduce_without_a_gpu_stops_before_downloading():
     assert result.returncode != 0
     assert "No CUDA GPU found" in result.stderr and "FORCE_CPU=1" in result.stderr
     assert "download_voc.py" not in result.stdout
+
+
+def test_gpu_check_without_a_gpu_stops_at_once_and_installs_nothing(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: make gpu-check would start for real")
+    # An environment given as VENV is used as it is: this one has no install stamp, and make must not
+    # try to create or fill it.
+    environment = tmp_path / "env"
+    (environment / "bin").mkdir(parents=True)
+    (environment / "bin/python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (environment / "bin/python").chmod(0o755)
+    command = ["make", "--no-print-directory", "gpu-check", f"VENV={environment}", f"RESULTS={tmp_path}"]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "error: gpu_check.py exercises the CUDA paths and torch finds no CUDA GPU" in result.stderr
+    assert "pip" not in result.stdout and "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "gpu").exists() and not (environment / ".installed-requirements").exists()
 
 
 @pytest.mark.parametrize("target", ["train-resnet18", "train-darknet", "eval"])

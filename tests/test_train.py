@@ -147,6 +147,64 @@ def test_torchrun_on_two_processes_matches_one_process(data_dir, reference_run, 
             torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def worker_with_rank(launcher_pid, rank):
+    """The pid of the torchrun worker of `rank` (a child of the launcher whose environment says RANK=rank)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])
+            environment = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if parent == launcher_pid and f"RANK={rank}".encode() in environment:
+            return int(stat.parent.name)
+    return None
+
+
+def catches_sigterm(pid):
+    """Whether the process has installed a SIGTERM handler (bit 15 of its caught-signals mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_a_stop_signalled_to_one_torchrun_process_stops_all_at_one_step(data_dir, reference_run, tmp_path):
+    """SIGTERM to rank 1 only: both processes agree on the step, rank 0 saves, and the resume completes the run."""
+    out_dir = tmp_path / "ddp_stop"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE]
+    launcher = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    deadline, rank_1 = time.monotonic() + 300, None
+    while time.monotonic() < deadline and launcher.poll() is None:
+        rank_1 = rank_1 or worker_with_rank(launcher.pid, 1)
+        if rank_1 and catches_sigterm(rank_1):
+            break
+        time.sleep(0.05)
+    os.kill(rank_1, signal.SIGTERM)
+    output = launcher.communicate(timeout=300)[0]
+    assert output.count("rerun the same command to resume") == 1, output  # said by rank 0 alone
+    saved = torch.load(out_dir / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) < (2, 0), output
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
+    ddp, single = final_weights(out_dir), final_weights(reference_run)
+    for name, value in single.items():
+        if value.is_floating_point() and "running" not in name:
+            torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path):
+    out_dir = tmp_path / "ddp1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+               f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE, "--epochs=1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "train.py on 1 process(es) in a gloo process group" in result.stdout
+    assert (out_dir / "done").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["--epoch=3"], "unknown setting. Valid names: backbone"),
     (["--micro_batch_size=3"], "not a multiple of micro_batch_size"),
