@@ -190,7 +190,7 @@ def test_a_resume_may_change_only_the_listed_settings():
     assert config_differences(saved, {**current, "lr_milestones": (90, 115)}) == \
         ["lr_milestones: [85, 115] -> (90, 115)"]
     # a setting the saved run did not have (added since) is a difference too
-    assert config_differences(saved, {**current, "cache_images": True}) == ["cache_images: None -> True"]
+    assert config_differences(saved, {**current, "label_smoothing": 0.1}) == ["label_smoothing: None -> 0.1"]
 
 
 def test_autocast_dtype_on_a_cpu():
