@@ -94,7 +94,8 @@ MATMUL_SIZE = 2048
 INFERENCE_MODES = ("forward", "end_to_end", "baseline_end_to_end")
 LOADER_MODES = ("loader", "baseline_loader")
 LOADER_SYNTHETIC_IMAGES = 64   # the loader cycles through them: enough distinct files to decode
-RULES = {"modes": one_of(*INFERENCE_MODES, *LOADER_MODES), "device": resolve_device, "backbones": one_of(*BACKBONES), "batch_sizes": at_least(1),
+RULES = {"modes": one_of(*INFERENCE_MODES, *LOADER_MODES), "device": resolve_device,
+         "backbones": one_of(*BACKBONES), "batch_sizes": at_least(1),
          "dtypes": one_of(*DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
          "max_detections": at_least(1), "threads": at_least(0), "image_size": at_least(32), "grid_size": at_least(1),
          "head_channels": at_least(1), "fc_dim": at_least(1), "protocol": one_of(*PROTOCOLS),
@@ -367,7 +368,8 @@ def benchmark_loader(config: dict, device: torch.device) -> list[dict]:
         protocol = config["protocol"] if config["data_dir"] else "synthetic"
         dataset = build_dataset(protocol, data_dir, train=True)
         transform_args = (config["image_size"], config["grid_size"], len(dataset.class_names))
-        transforms = {"loader": TrainTransform(*transform_args), "baseline_loader": BaselineTrainTransform(*transform_args)}
+        transforms = {"loader": TrainTransform(*transform_args),
+                      "baseline_loader": BaselineTrainTransform(*transform_args)}
         dtypes = {"loader": "uint8", "baseline_loader": "fp32"}
         rows = []
         for workers in config["num_workers"]:

@@ -44,7 +44,7 @@ protocol = "voc2012val"        # voc2012val | voc2007test | synthetic
 data_dir = "data"              # folder holding VOCdevkit/, or the synthetic set's VOC-layout folder
 use_difficult = True           # keep objects marked difficult in the training targets (the seed did)
 augment = True                 # the paper's augmentation; false: resize only (for overfitting checks)
-num_workers = "auto"           # data-loading processes per training process: auto (its share of the cores, less one) | N
+num_workers = "auto"           # loading processes per training process: auto (its share of the cores, less one) | N
 cache_images = False           # decode all train and validation images into RAM once (VOC07+12: ~9 GB per process)
 pin_memory = True              # CUDA: page-locked batches, copied to the GPU while it computes
 prefetch_factor = 4            # batches each loading process prepares ahead (uint8 448 x 448: 0.6 MB per image)
@@ -188,8 +188,8 @@ def main(config: dict) -> None:
 
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
-    loading = {"num_workers": num_loader_workers(config["num_workers"]),
-               "pin_memory": config["pin_memory"] and device.type == "cuda", "prefetch_factor": config["prefetch_factor"]}
+    loading = {"num_workers": num_loader_workers(config["num_workers"]), "prefetch_factor": config["prefetch_factor"],
+               "pin_memory": config["pin_memory"] and device.type == "cuda"}
     train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False, sampler=sampler,
                                 **loading)
     val_loader = build_loader(IndexedSamples(val_set, range(rank, len(val_set), world_size)),

@@ -136,7 +136,8 @@ class EvalTransform:
 
     def __call__(self, image, annotation):
         return v2.functional.resize(image, [self.image_size, self.image_size], antialias=True), _target(
-            _normalized_boxes(annotation, slice(None), image.shape[2], image.shape[1]), torch.from_numpy(annotation["labels"]),
+            _normalized_boxes(annotation, slice(None), image.shape[2], image.shape[1]),
+            torch.from_numpy(annotation["labels"]),
             torch.from_numpy(annotation["difficult"]), annotation, image.shape[1:], self.grid_size,
             self.num_classes)
 
