@@ -337,7 +337,14 @@ def write_voc_sized_set(root: Path) -> Path:
     return root
 
 
-def time_loader(dataset, transform, batch_size: int, workers: int, skip: int, count: int,
+def baseline_collate(batch):
+    """The baseline's collate: float32 images stacked, and the target dicts passed on as they are (a tensor
+    each, so a shared-memory segment each from a worker)."""
+    images, targets = zip(*batch)
+    return torch.stack(images), torch.stack([target["grid"] for target in targets]), list(targets)
+
+
+def time_loader(dataset, transform, collate, batch_size: int, workers: int, skip: int, count: int,
                 device: torch.device) -> np.ndarray:
     """Milliseconds between `count` consecutive batches delivered on `device`, after `skip` batches.
 
@@ -349,7 +356,7 @@ def time_loader(dataset, transform, batch_size: int, workers: int, skip: int, co
     # (index, seed) pairs cycling through the images: a fresh augmentation for every sample.
     samples = [(position % len(dataset), position) for position in range(batches * batch_size)]
     loader = build_loader(SeededSamples(dataset), batch_size, shuffle=False, num_workers=workers, sampler=samples,
-                          pin_memory=device.type == "cuda")
+                          pin_memory=device.type == "cuda", collate_fn=collate)
     marks = []
     for images, _, _ in loader:
         images.to(device, non_blocking=True)
@@ -368,8 +375,8 @@ def benchmark_loader(config: dict, device: torch.device) -> list[dict]:
         protocol = config["protocol"] if config["data_dir"] else "synthetic"
         dataset = build_dataset(protocol, data_dir, train=True)
         transform_args = (config["image_size"], config["grid_size"], len(dataset.class_names))
-        transforms = {"loader": TrainTransform(*transform_args),
-                      "baseline_loader": BaselineTrainTransform(*transform_args)}
+        pipelines = {"loader": (TrainTransform(*transform_args), collate_detection),
+                     "baseline_loader": (BaselineTrainTransform(*transform_args), baseline_collate)}
         dtypes = {"loader": "uint8", "baseline_loader": "fp32"}
         rows = []
         for workers in config["num_workers"]:
@@ -379,7 +386,7 @@ def benchmark_loader(config: dict, device: torch.device) -> list[dict]:
                 times = {mode: [] for mode in modes}
                 for round_modes in (modes, modes[::-1]):
                     for mode in round_modes:
-                        times[mode].append(time_loader(dataset, transforms[mode], batch_size, workers, skip,
+                        times[mode].append(time_loader(dataset, *pipelines[mode], batch_size, workers, skip,
                                                        math.ceil(config["iters"] / 2), device))
                 date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                 batch_rows = []
@@ -395,7 +402,7 @@ def benchmark_loader(config: dict, device: torch.device) -> list[dict]:
                         "throughput_img_s": round(batch_size * 1e3 / median, 3), "params_m": 0, "gflops": 0,
                         "torch_version": torch.__version__, "date": date})
                 if "loader" in modes:
-                    dataset.transforms = transforms["loader"]
+                    dataset.transforms = pipelines["loader"][0]
                     images, _, target_dicts = collate_detection([SeededSamples(dataset)[(index, index)]
                                                                  for index in range(batch_size)])
                     images, factors = images.to(device), stacked_colour_factors(target_dicts)

@@ -143,10 +143,17 @@ class EvalTransform:
 
 
 def collate_detection(batch):
-    """[(image, target dict)] -> (images (N, 3, H, W) channels-last, grids (N, S, S, 5 + C), [target dicts])."""
+    """[(image, target dict)] -> (images (N, 3, H, W) channels-last, grids (N, S, S, 5 + C), [target dicts]).
+
+    The batch's target dicts hold the per-image values as NumPy arrays, without the grid (stacked already):
+    from a loader worker every tensor travels in a shared-memory segment of its own, which for a handful
+    of small tensors per image costs more than decoding the image, while arrays are copied inline.
+    """
     images, targets = zip(*batch)
     stacked = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, memory_format=torch.channels_last)
-    return torch.stack(images, out=stacked), torch.stack([t["grid"] for t in targets]), list(targets)
+    target_dicts = [{key: value.numpy() if isinstance(value, torch.Tensor) else value
+                     for key, value in target.items() if key != "grid"} for target in targets]
+    return torch.stack(images, out=stacked), torch.stack([t["grid"] for t in targets]), target_dicts
 
 
 # num_workers="auto" gives each training process its share of the CPU cores less one (that process's own
@@ -174,7 +181,7 @@ def num_loader_workers(setting: str) -> int:
 
 
 def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_last=False, seed=0,
-                 pin_memory=None, prefetch_factor=None):
+                 pin_memory=None, prefetch_factor=None, collate_fn=collate_detection):
     """DataLoader for detection batches.
 
     Reproducible augmentation: the seeded generator fixes the shuffling order and every worker's torch
@@ -193,7 +200,7 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
         shuffle=shuffle,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_detection,
+        collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
