@@ -14,6 +14,8 @@ NPROC ?= 1## GPUs to train on (torchrun when more than 1)
 FORCE_CPU ?= 0## 1: let `make reproduce` train on a CPU (months)
 VOC_MIRROR ?=## base URL of a mirror serving the VOC .tar files
 VOC_ARCHIVES_DIR ?=## folder already holding the VOC .tar files (verified, not downloaded)
+VOC_STALL_TIMEOUT ?= 60## seconds without a byte before the VOC download gives up on a host
+VOC_DEADLINE ?= 14400## seconds one VOC archive may take to download before giving up (0: no limit)
 README ?= README.md## the file whose results table `make table` regenerates
 
 PY := $(VENV)/bin/python
@@ -21,6 +23,8 @@ INSTALLED := $(VENV)/.installed-requirements
 PACKAGE := $(wildcard yolo/*.py)
 RESULTS := results
 RUNS := runs
+# A value as one shell word, whatever spaces or quotes it holds.
+quote = '$(subst ','\'',$(1))'
 TRAIN_CMD := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
 # --- the VOC reproduction (CUDA)
@@ -68,8 +72,9 @@ download: $(VOC_MARKERS) ## download, verify and extract VOC2007 trainval/test a
 # The markers are written once an archive is verified and fully extracted; an edited download script
 # need not invalidate the data (and everything trained on it), hence order-only.
 $(VOC_MARKERS) &: | data/download_voc.py $(INSTALLED)
-	$(PY) data/download_voc.py --data-dir data $(if $(VOC_MIRROR),--mirror $(VOC_MIRROR)) \
-		$(if $(VOC_ARCHIVES_DIR),--archives-dir $(VOC_ARCHIVES_DIR))
+	$(PY) data/download_voc.py --data-dir data $(if $(VOC_MIRROR),--mirror $(call quote,$(VOC_MIRROR))) \
+		$(if $(VOC_ARCHIVES_DIR),--archives-dir $(call quote,$(VOC_ARCHIVES_DIR))) \
+		--stall-timeout $(call quote,$(VOC_STALL_TIMEOUT)) --deadline $(call quote,$(VOC_DEADLINE))
 
 NO_GPU_MESSAGE := No CUDA GPU found. The full reproduction trains two 256-282 M parameter models for 145 \
 	epochs on 16.5k images, which takes days on a GPU. A 2-core CPU trains resnet18 at 448 px at about \
@@ -80,12 +85,16 @@ check-gpu: | $(INSTALLED)
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or '$(FORCE_CPU)' == '1' \
 		else '$(NO_GPU_MESSAGE)')"
 
-$(RUNS)/%_$(PROTOCOL)/done: train.py $(PACKAGE) $(VOC_MARKERS) | check-gpu
+# The data comes from the recipe, not a prerequisite, so that no GPU means a refusal before a 2.8 GB
+# download, even under make -j.
+$(RUNS)/%_$(PROTOCOL)/done: train.py $(PACKAGE) | check-gpu
+	$(MAKE) --no-print-directory download
 	$(TRAIN_CMD) train.py --backbone=$* --protocol=$(PROTOCOL) --out_dir=$(@D)
 
 train-resnet18: $(RUNS)/resnet18_$(PROTOCOL)/done ## train YOLOv1-ResNet18 with the paper's recipe (resumes)
 train-resnet50: $(RUNS)/resnet50_$(PROTOCOL)/done ## train YOLOv1-ResNet50 with the paper's recipe (resumes)
-train-darknet: $(VOC_MARKERS) | check-gpu ## train the paper's Darknet backbone from scratch (not in reproduce)
+train-darknet: check-gpu ## train the paper's Darknet backbone from scratch (not in reproduce)
+	$(MAKE) --no-print-directory download
 	$(TRAIN_CMD) train.py --backbone=darknet --pretrained=false --protocol=$(PROTOCOL) \
 		--out_dir=$(RUNS)/darknet_$(PROTOCOL)
 

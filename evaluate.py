@@ -16,10 +16,11 @@ import pandas as pd
 import torch
 
 from yolo.checkpoint import CheckpointError, load_model
-from yolo.config import at_least, between, format_config, one_of, resolve_config
+from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.data import build_dataset, decode_image
-from yolo.engine import evaluate
 from yolo.device import DTYPES, device_name, inference_dtype, resolve_device
+from yolo.engine import evaluate
+from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
 from yolo.metrics import voc_precision_recall
 from yolo.plots import plot_per_class_ap, plot_precision_recall
@@ -45,7 +46,8 @@ submission = False             # also write the VOC test-server files (comp4_det
 
 RULES = {"device": resolve_device, "batch_size": at_least(1), "num_workers": at_least(0),
          "dtype": one_of("auto", *DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
-         "max_detections": at_least(1), "num_examples": at_least(0)}
+         "max_detections": at_least(1), "num_examples": at_least(0),
+         "out_dir": writable_folder}
 METRIC_COLUMNS = ("voc07_map", "voc12_map", "coco_map", "coco_ap50", "coco_ap75")
 TEST_SPLITS = {"voc2012val": "VOC2012 val", "voc2007test": "VOC2007 test", "synthetic": "synthetic val"}
 
@@ -107,6 +109,7 @@ def main(config: dict) -> None:
     transform = EvalTransform(model.image_size, model.grid_size, model.num_classes)
     try:
         dataset = build_dataset(protocol_name, data_dir, train=False, transforms=transform, class_names=class_names)
+        require_readable_images([dataset.image_path(index) for index in range(len(dataset))])
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     if list(dataset.class_names) != list(class_names):

@@ -19,11 +19,12 @@ import torch
 
 from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differences, git_commit, load_checkpoint,
                              save_checkpoint)
-from yolo.config import at_least, between, format_config, one_of, resolve_config
-from yolo.data import PROTOCOLS, build_dataset
+from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
+from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
+from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
 from yolo.model import BACKBONES, YOLOv1
 from yolo.optim import OPTIMIZERS, build_optimizer
@@ -80,7 +81,8 @@ RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size":
          "lr": at_least(0.0), "warmup_lr": at_least(0.0), "warmup_epochs": at_least(0.0),
          "lr_milestones": at_least(0), "lr_gamma": at_least(0.0), "momentum": between(0.0, 1.0),
          "weight_decay": at_least(0.0), "lambda_coord": at_least(0.0), "lambda_noobj": at_least(0.0),
-         "seed": at_least(0), "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0)}
+         "seed": at_least(0), "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0),
+         "out_dir": writable_folder}
 
 
 def learning_rate(epoch: float, config: dict) -> float:
@@ -176,6 +178,8 @@ def main(config: dict) -> None:
     val_set = build_dataset(config["protocol"], config["data_dir"], train=False,
                             transforms=EvalTransform(config["image_size"], config["grid_size"], len(class_names)),
                             class_names=class_names)
+    require_readable_images([dataset.image_path(index) for dataset in (train_set, val_set)
+                             for index in range(len(dataset))])
     model_args = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
     model_args["num_classes"] = len(class_names)
     run_config = {**config, "num_classes": len(class_names)}
@@ -183,8 +187,11 @@ def main(config: dict) -> None:
     if config["cache_images"]:
         say(f"decoding {len(train_set) + len(val_set)} images into RAM "
             f"({(train_set.cached_bytes() + val_set.cached_bytes()) / 1e9:.1f} GB)")
-        train_set.cache_images()
-        val_set.cache_images()
+        try:
+            train_set.cache_images()
+            val_set.cache_images()
+        except ImageDecodeError as error:
+            sys.exit(f"error: {error}")
 
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
@@ -210,13 +217,22 @@ def main(config: dict) -> None:
         if differences:
             sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
                      f"Rerun with the saved settings, or choose another out_dir to start a new run.")
+        if list(checkpoint["class_names"]) != list(class_names):
+            sys.exit(f"error: {checkpoint_path} was trained on the classes {list(checkpoint['class_names'])}, in "
+                     f"that order; the dataset now has {list(class_names)}. Restore the dataset's class list "
+                     f"(classes.txt), or choose another out_dir to start a new run.")
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
-        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-        random.setstate(checkpoint["rng"]["python"])
-        say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+        if "optimizer" in checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
+            torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+            random.setstate(checkpoint["rng"]["python"])
+            say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+        else:  # best.pt: weights only
+            start_epoch, best_map = checkpoint["epoch"], checkpoint["val_voc12_map"]
+            say(f"warm start from the weights of {checkpoint_path} (epoch {start_epoch}) with a fresh optimizer: "
+                f"momentum starts again from zero, so the run will not equal an uninterrupted one")
     if start_epoch >= config["epochs"]:
         say(f"{out_dir} already holds a finished run of {config['epochs']} epochs: nothing to do.")
         if is_main_process():
@@ -309,5 +325,5 @@ def main(config: dict) -> None:
 if __name__ == "__main__":
     try:
         main(resolve_config(globals(), rules=RULES))
-    except (ValueError, FileNotFoundError) as error:  # bad settings or data, found while building the run
+    except (ValueError, FileNotFoundError, CheckpointError) as error:  # bad settings, data or disk
         sys.exit(f"error: {error}")

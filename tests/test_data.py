@@ -1,6 +1,8 @@
 import copy
+import re
 import warnings
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +14,8 @@ import benchmark
 import make_synthetic
 from yolo import transforms
 from yolo.boxes import normalized_to_voc
-from yolo.data import (PROTOCOLS, AnnotationError, ImageDecodeError, VOCDetection, build_dataset,
-                       read_voc_annotation)
+from yolo.data import (MISSING_DATA_HINT, PROTOCOLS, AnnotationError, ImageDecodeError, VOCDetection,
+                       build_dataset, decode_image, read_voc_annotation)
 from yolo.photometric import MAX_COLOUR_FACTOR, draw_colour_factors, model_input, stacked_colour_factors
 from yolo.sampling import SeededSamples
 from yolo.transforms import EvalTransform, TrainTransform, build_loader, num_loader_workers
@@ -107,6 +109,88 @@ def test_corrupt_or_truncated_jpeg_names_the_file(tmp_path):
             dataset[index]
 
 
+PIXELS = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+GRAY = PIXELS[..., 0]
+
+
+def palette_image():
+    return Image.fromarray(PIXELS).convert("P")
+
+
+# name -> (how to write it, the RGB pixels expected back, or None: as PIL's own decode of the file gives)
+IMAGE_FORMATS = {
+    "rgb.png": (lambda path: Image.fromarray(PIXELS).save(path), PIXELS),
+    "rgba.png": (lambda path: Image.fromarray(np.dstack([PIXELS, GRAY])).save(path), PIXELS),
+    "palette.png": (lambda path: palette_image().save(path), np.array(palette_image().convert("RGB"))),
+    "gray.png": (lambda path: Image.fromarray(GRAY).save(path), np.dstack([GRAY] * 3)),
+    "gray16.png": (lambda path: Image.fromarray(GRAY.astype(np.uint16) * 257).save(path), np.dstack([GRAY] * 3)),
+    "rgb.bmp": (lambda path: Image.fromarray(PIXELS).save(path), PIXELS),
+    "rgb.tif": (lambda path: Image.fromarray(PIXELS).save(path), PIXELS),
+    "gray.jpg": (lambda path: Image.fromarray(GRAY).save(path), None),
+    "cmyk.jpg": (lambda path: Image.fromarray(PIXELS).convert("CMYK").save(path), None),
+}
+
+
+@pytest.mark.parametrize("name", IMAGE_FORMATS)
+def test_decode_image_reads_every_format_as_rgb(tmp_path, name):
+    write, expected = IMAGE_FORMATS[name]
+    path = tmp_path / name
+    write(path)
+    if expected is None:
+        expected = np.array(Image.open(path).convert("RGB"))
+    image = decode_image(path)
+    assert image.dtype == torch.uint8 and image.shape == (3, 5, 7)
+    np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), expected, atol=1)
+
+
+def test_png_named_jpg_in_a_dataset_is_read_by_content(tmp_path):
+    write_item(tmp_path, "disguised")
+    pixels = np.random.default_rng(2).integers(0, 256, (HEIGHT, WIDTH, 4), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "JPEGImages" / "disguised.jpg", format="PNG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image, annotation = dataset_of(tmp_path, ["disguised"])[0]
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), pixels[..., :3])
+    assert (annotation["width"], annotation["height"]) == (WIDTH, HEIGHT)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "the file is empty"),
+    (b"name,score\nfoo,1\n", "not an image"),
+    ("truncated", "truncated"),
+])
+def test_undecodable_file_is_one_clear_error(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        Image.fromarray(PIXELS).resize((64, 64)).save(path)
+        content = path.read_bytes()[:300]
+    path.write_bytes(content)
+    with pytest.raises(ImageDecodeError, match=rf"bad\.jpg: cannot decode image \(.*{reason}") as raised:
+        decode_image(path)
+    message = str(raised.value)
+    assert "\n" not in message and "csrc" not in message and ".cpp" not in message
+
+
+def test_unreadable_path_names_the_file(tmp_path):
+    with pytest.raises(ImageDecodeError, match=r"missing\.jpg: cannot read the file \(No such file"):
+        decode_image(tmp_path / "missing.jpg")
+
+
+def test_missing_data_hint_names_real_make_targets():
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    targets = re.findall(r"`make (\S+)`", MISSING_DATA_HINT)
+    assert targets and all(re.search(rf"^{target}:", makefile, re.MULTILINE) for target in targets)
+    assert "data/make_synthetic.py" in MISSING_DATA_HINT
+
+
+def test_box_under_a_pixel_is_drawn_as_one_pixel():
+    # A decoded detection narrower than a pixel has x2 < x1 in VOC's inclusive convention.
+    for size, box, pixel in ((1, (1.2, 1.3, 0.4, 0.9), (0, 0)), (5, (3.2, 4.1, 2.6, 3.5), (3, 2))):
+        image = torch.zeros(3, size, size, dtype=torch.uint8)
+        drawn = draw_boxes(image, [box], [0], CLASSES, colors=[(255, 128, 7)], width=1)
+        assert drawn[:, pixel[0], pixel[1]].tolist() == [255, 128, 7]
+
+
 def test_empty_annotation_is_valid(tmp_path):
     dataset = dataset_of(tmp_path, [write_item(tmp_path, "empty").stem], transforms=EvalTransform(32, 4, 2))
     image, target = dataset[0]
@@ -133,15 +217,6 @@ def test_image_size_disagreeing_with_xml_trusts_pixels(tmp_path):
         image, annotation = dataset[0]
     assert image.shape == (3, 16, 20) and (annotation["width"], annotation["height"]) == (20, 16)
     np.testing.assert_array_equal(annotation["boxes"], [[5, 5, 20, 16]])
-
-
-@pytest.mark.parametrize("mode", ["L", "CMYK"])
-def test_grayscale_and_cmyk_decode_to_rgb(tmp_path, mode):
-    write_item(tmp_path, "x")
-    Image.new(mode, (WIDTH, HEIGHT)).save(tmp_path / "JPEGImages" / "x.jpg")
-    image, annotation = dataset_of(tmp_path, ["x"])[0]
-    assert image.shape == (3, HEIGHT, WIDTH) and image.dtype == torch.uint8
-    assert annotation["image_id"] == "x"
 
 
 def test_voc_protocols_combine_the_right_splits(tmp_path):

@@ -1,4 +1,5 @@
 """The Makefile's demo chain end to end at toy size: data -> train both -> evaluate -> benchmark -> table."""
+import os
 import subprocess
 from pathlib import Path
 
@@ -52,3 +53,29 @@ def test_reproduce_without_a_gpu_stops_before_downloading():
     assert result.returncode != 0
     assert "No CUDA GPU found" in result.stderr and "FORCE_CPU=1" in result.stderr
     assert "download_voc.py" not in result.stdout
+
+
+@pytest.mark.parametrize("target", ["train-resnet18", "train-darknet", "eval"])
+def test_training_targets_without_a_gpu_stop_before_downloading(target):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the target would start for real")
+    result = subprocess.run(["make", target], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "No CUDA GPU found" in result.stderr
+    assert "download_voc.py" not in result.stdout + result.stderr
+
+
+def test_download_passes_paths_with_spaces_and_quotes_as_single_arguments(tmp_path):
+    # A stand-in interpreter that prints its arguments one per line: the recipe really runs through the shell.
+    echo = tmp_path / "echo-arguments"
+    echo.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    echo.chmod(0o755)
+    (tmp_path / "installed").touch()
+    variables = [f"PY={echo}", f"INSTALLED={tmp_path / 'installed'}", "VOC_MIRROR=http://mirror/my voc",
+                 f"VOC_ARCHIVES_DIR={tmp_path}/my 'archives'", "VOC_STALL_TIMEOUT=7", "VOC_DEADLINE=0"]
+    result = subprocess.run(["make", "--no-print-directory", "download", *variables], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "MAKEFLAGS": ""})
+    assert result.returncode == 0, result.stdout + result.stderr
+    arguments = result.stdout.splitlines()[-11:]
+    assert arguments == ["data/download_voc.py", "--data-dir", "data", "--mirror", "http://mirror/my voc",
+                         "--archives-dir", f"{tmp_path}/my 'archives'", "--stall-timeout", "7", "--deadline", "0"]

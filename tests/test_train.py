@@ -200,3 +200,54 @@ def test_autocast_dtype_on_a_cpu():
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'fp64'"):
         autocast_dtype("fp64", cpu)
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_any_work(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    result = run_train(data_dir, blocker, *TINY, "--batch_size=8", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"--out_dir='{blocker}': a file is in the way" in result.stderr
+    assert blocker.read_text() == "keep me"
+
+
+def test_resume_refuses_reordered_classes_and_warm_starts_from_best_pt(tmp_path):
+    data, out_dir = tmp_path / "data", tmp_path / "run"
+    make_synthetic.generate(data, train=8, val=2, seed=4)
+    settings = [*TINY, "--batch_size=8", "--micro_batch_size=8"]
+    run_train(data, out_dir, *settings, "--epochs=1")
+    classes = (data / "classes.txt").read_text()
+    (data / "classes.txt").write_text("\n".join(classes.split()[::-1]) + "\n")
+    result = run_train(data, out_dir, *settings, "--epochs=2", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "was trained on the classes" in result.stderr and "classes.txt" in result.stderr
+
+    (data / "classes.txt").write_text(classes)
+    (out_dir / "last.pt").write_bytes((out_dir / "last.pt").read_bytes()[:1000])  # truncated
+    result = run_train(data, out_dir, *settings, "--epochs=2", f"--resume={out_dir / 'best.pt'}")
+    assert "warm start from the weights of" in result.stdout and "epoch 1" in result.stdout
+    assert torch.load(out_dir / "last.pt", weights_only=True)["epoch"] == 2
+    assert list(pd.read_csv(out_dir / "log.csv")["epoch"]) == [1, 2]
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_temporary_and_says_disk_full(tmp_path):
+    from yolo.checkpoint import CheckpointError, save_checkpoint
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+    (tmp_path / "last.pt.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    with pytest.raises(CheckpointError, match=r"disk full while saving .*last.pt \(.*still holds its previous"):
+        save_checkpoint({"step": 2, "weights": torch.zeros(100_000)}, path)
+    assert not (tmp_path / "last.pt.tmp").exists()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_an_unreadable_image_stops_the_run_before_training_naming_the_file(tmp_path):
+    data, out_dir = tmp_path / "data", tmp_path / "run"
+    make_synthetic.generate(data, train=8, val=2, seed=5)
+    broken = data / "JPEGImages" / "val_000001.jpg"
+    broken.write_bytes(b"\x00" * 100)
+    result = run_train(data, out_dir, *TINY, "--batch_size=8", "--micro_batch_size=8", "--epochs=1",
+                       expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"1 image(s) cannot be read ({broken}: not a readable image" in result.stderr
+    assert "training epochs" not in result.stdout

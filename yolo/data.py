@@ -3,7 +3,9 @@
 Boxes stay in VOC's own convention here (1-based inclusive pixels, as written in the XML); the
 transforms in `yolo.transforms` convert them to normalised coordinates.
 """
+import io
 import os
+import re
 import warnings
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+import torchvision.io
+from PIL import Image
+from torchvision.io import ImageReadMode
+from torchvision.transforms.v2.functional import to_dtype
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -31,7 +36,11 @@ PROTOCOLS = {
     "synthetic": {"train": [(".", "train")], "test": [(".", "val")]},
 }
 
-MISSING_DATA_HINT = "run `make download` (or `make synthetic` for the synthetic set) or check data_dir"
+MISSING_DATA_HINT = ("run `make download` for VOC (or `python data/make_synthetic.py --out DIR` for a synthetic "
+                     "set, `make demo` for the whole demo), or check data_dir")
+
+# What a folder scan picks up as images; decode_image reads them by content, whatever the extension says.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class AnnotationError(ValueError):
@@ -116,15 +125,51 @@ def usable_cores():
 
 
 def decode_image(path):
-    """JPEG file -> uint8 (3, H, W) RGB tensor (grayscale and CMYK converted); ImageDecodeError names the file."""
+    """Image file -> uint8 (3, H, W) RGB tensor; ImageDecodeError names the file.
+
+    The format is read from the content, not the extension (a PNG named .jpg is still a PNG). JPEG, PNG,
+    GIF and WebP go through torchvision's decoder (the fast path, and JPEG is what training reads); anything
+    it refuses (BMP, TIFF, a JPEG it finds damaged) gets a second try through PIL. Alpha is dropped,
+    grayscale, palette and CMYK are converted to RGB, 16-bit samples scaled to 8 bits, and an animated
+    GIF gives its first frame.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageDecodeError(f"{path}: cannot read the file ({error.strerror}); check the path and its "
+                               "permissions") from None
+    if not data:
+        raise ImageDecodeError(f"{path}: cannot decode image (the file is empty); re-extract or replace the file")
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoder in favour of TorchCodec, which the pinned environment
             # lacks; the decoder is still there and about twice as fast as going through PIL.
             warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io")
-            return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+            image = torchvision.io.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                                mode=ImageReadMode.RGB)
     except RuntimeError as error:
-        raise ImageDecodeError(f"{path}: cannot decode image ({error}); re-extract or replace the file") from None
+        torchvision_reason = _torchvision_reason(error)
+    else:
+        image = image[0] if image.ndim == 4 else image
+        return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
+    return _decode_with_pil(data, path, torchvision_reason)
+
+
+def _torchvision_reason(error):
+    # Its messages start with the C++ function and source location, which help nobody here.
+    return re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().splitlines()[0])
+
+
+def _decode_with_pil(data, path, torchvision_reason):
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except Image.UnidentifiedImageError:
+        reason = "not an image in a format this reads: JPEG, PNG, GIF, WebP, BMP, TIFF and others"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        unsupported_by_torchvision = torchvision_reason.startswith("Unsupported image file")
+        reason = str(error) if unsupported_by_torchvision else torchvision_reason
+    raise ImageDecodeError(f"{path}: cannot decode image ({reason}); re-extract or replace the file")
 
 
 class VOCDetection(torch.utils.data.Dataset):
@@ -164,6 +209,9 @@ class VOCDetection(torch.utils.data.Dataset):
                 self.image_ids.append(image_id)
                 self.annotations.append(read_voc_annotation(xml_path, self.class_names))
                 self._image_paths.append(voc_root / "JPEGImages" / f"{image_id}.jpg")
+        if not self.image_ids:
+            split_files = [str(Path(root) / "ImageSets" / "Main" / f"{split}.txt") for root, split in sources]
+            raise ValueError(f"{', '.join(split_files)} list(s) no images: add images to the split or fix data_dir")
         if len(set(self.image_ids)) != len(self.image_ids):
             raise ValueError(f"image ids repeat across {list(sources)}; each image may be listed only once")
 
