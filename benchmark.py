@@ -20,16 +20,17 @@ model_input: float conversion and, for the new path, the colour jitter) is timed
 modes read the same images (`protocol` and `data_dir` as for train.py, or a temporary synthetic set of
 VOC-sized images) with the same workers and batch size, one after the other, in two rounds of alternating
 order. Their rows name no backbone ("none"), the batch's dtype as the loader delivers it, and the worker
-count in device_name; their latency is the interval between batches in the steady state.
+count in device_name (so each worker count is a measurement of its own); their latency is the interval
+between batches in the steady state.
 
 Latency is per batch: median and 90th percentile of `iters` timed runs after `warmup` untimed ones (CUDA
 events after a synchronisation on the GPU); throughput is batch size / median latency. The measurements of
 one backbone and batch size run interleaved, one run of each in turn, so that load from other processes
 falls on all of them alike and their ratios stay meaningful on a shared machine. On the CPU the same rounds
 time a 2048 x 2048 fp32 matmul, the machine's practical peak, and the forward pass's FLOP rate is printed as
-a fraction of it. Rows are appended to `out`.
+a fraction of it. The rows go into `out` in place of earlier rows of the same measurement (device, backbone,
+dtype, batch size, mode, image size and compile); rows of other measurements stay.
 """
-import csv
 import datetime
 import math
 import sys
@@ -52,6 +53,7 @@ from yolo.inference import Detector, preprocess
 from yolo.model import BACKBONES, YOLOv1
 from yolo.photometric import MAX_COLOUR_FACTOR, model_input, stacked_colour_factors
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
+from yolo.results import ResultsError, check_writable, write_keyed
 from yolo.sampling import SeededSamples
 from yolo.targets import encode_target
 from yolo.transforms import (FILL, FLIP_PROBABILITY, MIN_BOX_PIXELS, TrainTransform, build_loader,
@@ -86,7 +88,7 @@ num_workers = (4,)             # loading processes, comma-separated: one measure
 # --- timing and output
 warmup = 3                     # untimed runs of each measurement before timing
 iters = 20                     # timed runs of each measurement
-out = "results/benchmark.csv"  # CSV the rows are appended to (header written when the file is new)
+out = "results/benchmark.csv"  # CSV the rows are written to, replacing earlier rows of the same measurements
 
 NUM_CLASSES = 20
 SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500  # a typical VOC image
@@ -103,6 +105,8 @@ RULES = {"modes": one_of(*INFERENCE_MODES, *LOADER_MODES), "device": resolve_dev
 CSV_COLUMNS = ("backbone", "device", "device_name", "dtype", "batch_size", "image_size", "mode", "compile",
                "latency_ms_median", "latency_ms_p90", "throughput_img_s", "params_m", "gflops", "torch_version",
                "date")
+# What names one measurement: a rerun with these equal replaces the earlier rows.
+CSV_KEY = ("device_name", "backbone", "dtype", "batch_size", "mode", "image_size", "compile")
 
 
 def dtypes_to_time(names: tuple[str, ...], device: torch.device, include_emulated: bool) -> list[str]:
@@ -207,22 +211,6 @@ def time_interleaved(runs: dict, warmup: int, iters: int, device: torch.device) 
         for key in keys[shift:] + keys[:shift]:
             times[key].append(elapsed_ms(runs[key], device))
     return {key: np.array(values) for key, values in times.items()}
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    is_new = not path.exists() or path.stat().st_size == 0
-    if not is_new:
-        with path.open(newline="") as file:
-            header = tuple(next(csv.reader(file), ()))
-        if header != CSV_COLUMNS:
-            raise SystemExit(f"error: {path} has the columns {header}, not this script's {CSV_COLUMNS}; "
-                             f"move it aside or pass another --out.")
-    with path.open("a", newline="") as file:
-        writer = csv.DictWriter(file, CSV_COLUMNS)
-        if is_new:
-            writer.writeheader()
-        writer.writerows(rows)
 
 
 def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_names: list[str]) -> list[dict]:
@@ -447,6 +435,10 @@ def main(config: dict) -> None:
         torch.set_num_threads(config["threads"])
     if config["compile"] and config["warmup"] < 1:
         raise SystemExit("error: --compile=true needs --warmup of at least 1: the first run compiles.")
+    try:
+        check_writable(config["out"], CSV_KEY, CSV_COLUMNS)
+    except ResultsError as error:
+        sys.exit(f"error: --out: {error}")
     device = resolve_device(config["device"])
     dtype_names = dtypes_to_time(config["dtypes"], device, config["emulated_dtypes"])
     print(f"device: {device_name(device)}; torch {torch.__version__}")
@@ -458,10 +450,13 @@ def main(config: dict) -> None:
         try:
             rows += benchmark_loader(config, device)
         except (ValueError, FileNotFoundError) as error:  # a missing or unreadable data_dir
-            raise SystemExit(f"error: {error}") from None
-    append_rows(Path(config["out"]), rows)
+            sys.exit(f"error: {error}")
+    try:
+        replaced = write_keyed(config["out"], rows, CSV_KEY, CSV_COLUMNS)
+    except ResultsError as error:
+        sys.exit(f"error: --out: {error}")
     print_table(rows)
-    print(f"appended {len(rows)} rows to {config['out']}")
+    print(f"wrote {len(rows)} rows to {config['out']}, replacing {replaced} earlier rows of the same measurements")
 
 
 if __name__ == "__main__":

@@ -23,21 +23,30 @@ def read_rows(path):
         return list(csv.reader(file))
 
 
-def test_rows_follow_the_schema_and_are_appended(tmp_path):
+def test_rows_follow_the_schema_and_a_rerun_replaces_its_own(tmp_path):
     out = tmp_path / "results" / "benchmark.csv"
-    # One thread: on a busy machine, synchronising two threads costs more than these tiny ops.
-    subprocess.run([sys.executable, "benchmark.py", *TINY, "--batch_sizes=1,2", "--dtypes=fp32,bf16",
-                    "--emulated_dtypes=true", "--threads=1", f"--out={out}"], cwd=ROOT, check=True,
-                   capture_output=True)
-    benchmark.main(resolve_config(vars(benchmark), [*TINY, "--batch_sizes=1", "--dtypes=fp32", f"--out={out}"]))
+
+    def run(*settings):
+        # One thread (part of device_name, so of the key): on a busy machine, synchronising two threads
+        # costs more than these tiny ops.
+        subprocess.run([sys.executable, "benchmark.py", *TINY, *settings, "--threads=1", f"--out={out}"], cwd=ROOT,
+                       check=True, capture_output=True)
+
+    run("--batch_sizes=1,2", "--dtypes=fp32,bf16", "--emulated_dtypes=true")
+    _, *first = read_rows(out)
+    run("--batch_sizes=1", "--dtypes=fp32")
 
     header, *rows = read_rows(out)
     assert tuple(header) == benchmark.CSV_COLUMNS
+    # 2 batch sizes x (2 dtypes x forward, end_to_end + the fp32 baseline); the rerun measured 3 of them again
+    # and replaced those rows where they stood.
+    assert len(rows) == 10
+    key = [benchmark.CSV_COLUMNS.index(name) for name in benchmark.CSV_KEY]
+    assert [[row[i] for i in key] for row in rows] == [[row[i] for i in key] for row in first]
     rows = [dict(zip(header, row)) for row in rows]
-    # First run: 2 batch sizes x (2 dtypes x forward, end_to_end + the fp32 baseline); second run: 1 x (2 + 1).
-    assert len(rows) == 10 + 3
-    assert [(row["batch_size"], row["dtype"], row["mode"]) for row in rows[-3:]] == [
-        ("1", "fp32", "forward"), ("1", "fp32", "end_to_end"), ("1", "fp32", "baseline_end_to_end")]
+    changed = {(row["batch_size"], row["dtype"], row["mode"]) for row, old in zip(rows, first)
+               if list(row.values()) != old}
+    assert changed <= {("1", "fp32", mode) for mode in ("forward", "end_to_end", "baseline_end_to_end")}
     assert {row["mode"] for row in rows} == {"forward", "end_to_end", "baseline_end_to_end"}
     assert {row["dtype"] for row in rows} == {"fp32", "bf16"}
     model = YOLOv1("resnet18", grid_size=2, image_size=64, head_channels=8, fc_dim=16)
@@ -52,11 +61,16 @@ def test_rows_follow_the_schema_and_are_appended(tmp_path):
         assert row["torch_version"] == torch.__version__ and row["date"]
 
 
-def test_a_file_with_other_columns_is_not_appended_to(tmp_path):
+def test_a_file_with_other_columns_is_refused_before_timing(tmp_path):
     out = tmp_path / "old.csv"
     out.write_text("backbone,fps\nresnet18,97.88\n")
-    with pytest.raises(SystemExit, match="columns"):
-        benchmark.append_rows(out, [])
+    result = subprocess.run([sys.executable, "benchmark.py", *TINY, "--batch_sizes=1", f"--out={out}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: --out: {out} has the columns backbone, fps, not these "
+                                                  f"rows' {', '.join(benchmark.CSV_COLUMNS)}; move it aside or "
+                                                  f"write to another file."]
+    assert "device:" not in result.stdout
     assert out.read_text() == "backbone,fps\nresnet18,97.88\n"
 
 

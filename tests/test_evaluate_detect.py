@@ -92,6 +92,12 @@ def test_evaluate_errors_name_the_problem(overfit_run, tmp_path):
     result = run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--data_dir={tmp_path / 'nowhere'}",
                  expect_success=False)
     assert "not found" in result.stderr and "nowhere" in result.stderr
+    (tmp_path / "foreign_results").mkdir()
+    (tmp_path / "foreign_results/metrics.csv").write_text("model,fps\nseed,97.88\n")
+    result = run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--out_dir={tmp_path / 'foreign_results'}",
+                 expect_success=False)
+    assert result.stderr.startswith("error: --out_dir: ") and "metrics.csv has the columns model, fps" in result.stderr
+    assert (tmp_path / "foreign_results/metrics.csv").read_text() == "model,fps\nseed,97.88\n"
 
 
 def test_detect_on_a_folder_of_images(overfit_run, tmp_path):
