@@ -1,7 +1,9 @@
-"""Inference speed of YOLOv1: the model's forward pass alone, and end to end, per backbone, batch size and dtype.
+"""Inference speed of YOLOv1: the model's forward pass alone, and end to end, per backbone, batch size and dtype;
+and the rate at which the training data path delivers images.
 
     python benchmark.py                                                   # CUDA if available, else CPU
     python benchmark.py --device=cpu --backbones=resnet18 --batch_sizes=1,8 --iters=10
+    python benchmark.py --modes=loader,baseline_loader --num_workers=1 --device=cpu   # the data path
 
 Modes (`modes`): `forward` times the model alone, `end_to_end` the whole detection pipeline,
 `baseline_end_to_end` the straightforward pipeline below, `train_step` one training step on device-resident
@@ -15,6 +17,17 @@ threshold: the most decoding and NMS work there can be. Mode `baseline_end_to_en
 straightforward pipeline the inference mode (yolo/inference.py) is measured against: image-by-image resize,
 the eager fp32 model, cell-by-cell Python decoding and NumPy NMS.
 
+Mode `loader` times the training data path with the paper's augmentation and no model: workers decode,
+crop, resize and flip uint8 images and draw each image's colour factors; mode `baseline_loader` times the
+path it replaced, which converted every image to float32 and jittered its colours in the worker. A batch
+counts as delivered once copied to the device. The training step's work on it there (yolo.photometric's
+model_input: float conversion and, for the new path, the colour jitter) is timed apart and printed. Both
+modes read the same images (`protocol` and `data_dir` as for train.py, or a temporary synthetic set of
+VOC-sized images) with the same workers and batch size, one after the other, in two rounds of alternating
+order. Their rows name no backbone ("none"), the batch's dtype as the loader delivers it, and the worker
+count in device_name (so each worker count is a measurement of its own); their latency is the interval
+between batches in the steady state.
+
 Latency is per batch: median and 90th percentile of `iters` timed runs after `warmup` untimed ones (CUDA
 events after a synchronisation on the GPU); throughput is batch size / median latency. The measurements of
 one backbone and batch size run interleaved, one run of each in turn, so that load from other processes
@@ -24,30 +37,42 @@ a fraction of it. The rows go into `out` in place of earlier rows of the same me
 dtype, batch size, mode, image size and compile); rows of other measurements stay.
 """
 import datetime
+import math
 import sys
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from yolo.boxes import normalized_to_voc
-from yolo.engine import apply_update, autocast_context
-from yolo.loss import yolo_loss_terms
-from yolo.optim import build_optimizer
-from yolo.targets import encode_target
+from yolo.boxes import normalized_to_voc, voc_to_normalized
 from yolo.config import at_least, between, format_config, one_of, resolve_config
+from yolo.data import PROTOCOLS, build_dataset
 from yolo.device import DTYPES, device_name, is_native, resolve_device
+from yolo.engine import apply_update, autocast_context
 from yolo.inference import Detector, preprocess
+from yolo.loss import yolo_loss_terms
 from yolo.model import BACKBONES, YOLOv1
+from yolo.optim import build_optimizer
+from yolo.photometric import MAX_COLOUR_FACTOR, model_input, stacked_colour_factors
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.results import ResultsError, check_writable, write_keyed
+from yolo.sampling import SeededSamples
+from yolo.targets import encode_target
+from yolo.transforms import (FILL, FLIP_PROBABILITY, MIN_BOX_PIXELS, TrainTransform, build_loader,
+                             collate_detection, map_boxes, random_windows)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
+import make_synthetic  # noqa: E402  (a plain script beside the data it makes)
 
 # --- what to time
+modes = ("forward", "end_to_end", "baseline_end_to_end")  # those, train_step, loader, baseline_loader; comma-separated
 backbones = ("resnet18", "resnet50")  # resnet18 | resnet50 | darknet, comma-separated
-modes = ("forward", "end_to_end", "baseline_end_to_end")  # those and train_step, comma-separated
 device = "auto"                # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
 batch_sizes = (1, 8)           # images per batch, comma-separated: 1 gives the latency, larger the throughput
 dtypes = ("fp32", "bf16", "fp16")  # fp32 | bf16 | fp16, comma-separated; ones the device emulates are skipped
@@ -63,6 +88,10 @@ image_size = 448               # input side in pixels; image_size / 32 must be g
 grid_size = 7                  # S, cells per side
 head_channels = 1024           # width of the head's convolutions
 fc_dim = 4096                  # width of the hidden fully connected layer
+# --- loader modes
+protocol = "synthetic"         # voc2012val | voc2007test | synthetic: the training set the loader reads
+data_dir = ""                  # as train.py's; empty: a temporary synthetic set of VOC-sized (500 x 375) JPEGs
+num_workers = (4,)             # loading processes, comma-separated: one measurement each
 # --- timing and output
 warmup = 3                     # untimed runs of each measurement before timing
 iters = 20                     # timed runs of each measurement
@@ -71,12 +100,15 @@ out = "results/benchmark.csv"  # CSV the rows are written to, replacing earlier 
 NUM_CLASSES = 20
 SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500  # a typical VOC image
 MATMUL_SIZE = 2048
-MODES = ("forward", "end_to_end", "baseline_end_to_end", "train_step")
-INFERENCE_MODES = MODES[:3]
-RULES = {"device": resolve_device, "backbones": one_of(*BACKBONES), "modes": one_of(*MODES), "batch_sizes": at_least(1),
+INFERENCE_MODES = ("forward", "end_to_end", "baseline_end_to_end")
+LOADER_MODES = ("loader", "baseline_loader")
+LOADER_SYNTHETIC_IMAGES = 64   # the loader cycles through them: enough distinct files to decode
+RULES = {"modes": one_of(*INFERENCE_MODES, "train_step", *LOADER_MODES), "device": resolve_device,
+         "backbones": one_of(*BACKBONES), "batch_sizes": at_least(1),
          "dtypes": one_of(*DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
          "max_detections": at_least(1), "threads": at_least(0), "image_size": at_least(32), "grid_size": at_least(1),
-         "head_channels": at_least(1), "fc_dim": at_least(1), "warmup": at_least(0), "iters": at_least(1)}
+         "head_channels": at_least(1), "fc_dim": at_least(1), "protocol": one_of(*PROTOCOLS),
+         "num_workers": at_least(0), "warmup": at_least(0), "iters": at_least(1)}
 CSV_COLUMNS = ("backbone", "device", "device_name", "dtype", "batch_size", "image_size", "mode", "compile",
                "latency_ms_median", "latency_ms_p90", "throughput_img_s", "params_m", "gflops", "torch_version",
                "date")
@@ -262,7 +294,7 @@ def random_training_batch(batch_size: int, config: dict, device: torch.device) -
 def train_step(model, optimizer, scaler, images: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> None:
     """One training step as train.py takes it, with nothing left to skip (the batch is known finite)."""
     with autocast_context(images.device, dtype):
-        predictions = model(images.float().div_(255))
+        predictions = model(model_input(images, images.device))
     loss = sum(yolo_loss_terms(predictions, targets).values())
     scaler.scale(loss).backward()
     apply_update(optimizer, scaler, skip=torch.zeros((), dtype=torch.bool, device=images.device))
@@ -291,6 +323,156 @@ def benchmark_train_step(backbone: str, config: dict, device: torch.device, dtyp
                 for name, trainer in trainers.items()}
         rows += timing_rows(time_interleaved(runs, config["warmup"], config["iters"], device), common, batch_size)
     torch.backends.cudnn.benchmark = autotuning
+    return rows
+
+
+class BaselineScaleTranslateResize(v2.Transform):
+    """The baseline's geometry: the same windows as TrainTransform's, applied through torchvision's v2
+    transform machinery to a channels-first image and its BoundingBoxes."""
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.BoundingBoxes)
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def make_params(self, flat_inputs):
+        return dict(zip(("x", "y"), random_windows(*v2.query_size(flat_inputs), self.size)))
+
+    def transform(self, inpt, params):
+        if isinstance(inpt, tv_tensors.BoundingBoxes):
+            boxes = map_boxes(inpt.as_subclass(torch.Tensor), params["x"], params["y"], self.size)
+            return tv_tensors.wrap(boxes, like=inpt, canvas_size=(self.size, self.size))
+        (x_src1, x_src2, x_out1, x_out2), (y_src1, y_src2, y_out1, y_out2) = params["x"], params["y"]
+        canvas = torch.full((inpt.shape[0], self.size, self.size), FILL, dtype=inpt.dtype)
+        canvas[:, y_out1:y_out2, x_out1:x_out2] = v2.functional.resize(
+            inpt.as_subclass(torch.Tensor)[:, y_src1:y_src2, x_src1:x_src2], [y_out2 - y_out1, x_out2 - x_out1],
+            antialias=True)
+        return tv_tensors.Image(canvas)
+
+
+def _labels_and_difficult(inputs):
+    return inputs[1]["labels"], inputs[1]["difficult"]  # module level: it pickles into loader workers
+
+
+class BaselineTrainTransform(TrainTransform):
+    """The training transform as it was before the colour jitter moved to the device: the same random
+    draws in the same order, through torchvision's v2 pipeline, with float32 and ColorJitter (uniform
+    factors, random order) on each image in the worker."""
+
+    def __init__(self, image_size, grid_size, num_classes):
+        super().__init__(image_size, grid_size, num_classes)
+        factor_range = (1 / MAX_COLOUR_FACTOR, MAX_COLOUR_FACTOR)
+        self.augment = v2.Compose([
+            BaselineScaleTranslateResize(image_size), v2.RandomHorizontalFlip(p=FLIP_PROBABILITY),
+            v2.ToDtype(torch.float32, scale=True), v2.ColorJitter(brightness=factor_range, saturation=factor_range),
+            v2.SanitizeBoundingBoxes(min_size=MIN_BOX_PIXELS, labels_getter=_labels_and_difficult)])
+
+    def __call__(self, image, annotation):
+        height, width = image.shape[1:]
+        boxes = voc_to_normalized(torch.from_numpy(annotation["boxes"]), width, height)
+        image, target = self.augment(tv_tensors.Image(image), {
+            "boxes": tv_tensors.BoundingBoxes(boxes * torch.tensor([width, height] * 2), format="XYXY",
+                                              canvas_size=(height, width)),
+            "labels": torch.from_numpy(annotation["labels"]), "difficult": torch.from_numpy(annotation["difficult"])})
+        boxes = target["boxes"].as_subclass(torch.Tensor) / self.image_size
+        return image.as_subclass(torch.Tensor), {
+            "grid": encode_target(boxes, target["labels"], self.grid_size, self.num_classes), "boxes": boxes,
+            "labels": target["labels"], "difficult": target["difficult"], "image_id": annotation["image_id"],
+            "orig_size": torch.tensor([height, width])}
+
+
+def write_voc_sized_set(root: Path) -> Path:
+    """LOADER_SYNTHETIC_IMAGES synthetic JPEGs of 500 x 375 with their annotations, as the train split of `root`."""
+    make_synthetic.make_voc_dirs(root)
+    ids = [f"train_{index:06d}" for index in range(LOADER_SYNTHETIC_IMAGES)]
+    for index, image_id in enumerate(ids):
+        pixels, objects = make_synthetic.render_image(np.random.default_rng([0, index]), SOURCE_WIDTH, SOURCE_HEIGHT)
+        make_synthetic.write_voc_item(root, image_id, pixels, objects)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{image_id}\n" for image_id in ids))
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in make_synthetic.CLASS_NAMES))
+    return root
+
+
+def baseline_collate(batch):
+    """The baseline's collate: float32 images stacked, and the target dicts passed on as they are (a tensor
+    each, so a shared-memory segment each from a worker)."""
+    images, targets = zip(*batch)
+    return torch.stack(images), torch.stack([target["grid"] for target in targets]), list(targets)
+
+
+def time_loader(dataset, transform, collate, batch_size: int, workers: int, skip: int, count: int,
+                device: torch.device) -> np.ndarray:
+    """Milliseconds between `count` consecutive batches delivered on `device`, after `skip` batches.
+
+    Delivered: the loader's batch copied to the device. What the training step then does to it there
+    (`model_input`: float conversion and, for the new path, the colour jitter) is device work, timed apart.
+    """
+    dataset.transforms = transform
+    batches = skip + count + 1
+    # (index, seed) pairs cycling through the images: a fresh augmentation for every sample.
+    samples = [(position % len(dataset), position) for position in range(batches * batch_size)]
+    loader = build_loader(SeededSamples(dataset), batch_size, shuffle=False, num_workers=workers, sampler=samples,
+                          pin_memory=device.type == "cuda", collate_fn=collate)
+    marks = []
+    for images, _, _ in loader:
+        images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+    del loader  # shuts its workers down before the next measurement starts its own
+    return np.diff(marks[skip:]) * 1e3
+
+
+def benchmark_loader(config: dict, device: torch.device) -> list[dict]:
+    """Rows for the loader modes: every worker count and batch size, the modes timed in alternating rounds."""
+    modes = [mode for mode in config["modes"] if mode in LOADER_MODES]
+    with tempfile.TemporaryDirectory() as temporary:
+        data_dir = config["data_dir"] or write_voc_sized_set(Path(temporary))
+        protocol = config["protocol"] if config["data_dir"] else "synthetic"
+        dataset = build_dataset(protocol, data_dir, train=True)
+        transform_args = (config["image_size"], config["grid_size"], len(dataset.class_names))
+        pipelines = {"loader": (TrainTransform(*transform_args), collate_detection),
+                     "baseline_loader": (BaselineTrainTransform(*transform_args), baseline_collate)}
+        dtypes = {"loader": "uint8", "baseline_loader": "fp32"}
+        rows = []
+        for workers in config["num_workers"]:
+            for batch_size in config["batch_sizes"]:
+                # Skip the start: workers starting, and the first batches of all workers arriving at once.
+                skip = config["warmup"] + workers
+                times = {mode: [] for mode in modes}
+                for round_modes in (modes, modes[::-1]):
+                    for mode in round_modes:
+                        times[mode].append(time_loader(dataset, *pipelines[mode], batch_size, workers, skip,
+                                                       math.ceil(config["iters"] / 2), device))
+                date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                batch_rows = []
+                for mode, parts in times.items():
+                    milliseconds = np.concatenate(parts)
+                    median = float(np.median(milliseconds))
+                    batch_rows.append({
+                        "backbone": "none", "device": device.type,
+                        "device_name": f"{device_name(device)}, {workers} loader workers", "dtype": dtypes[mode],
+                        "batch_size": batch_size, "image_size": config["image_size"], "mode": mode, "compile": False,
+                        "latency_ms_median": round(median, 3),
+                        "latency_ms_p90": round(float(np.percentile(milliseconds, 90)), 3),
+                        "throughput_img_s": round(batch_size * 1e3 / median, 3), "params_m": 0, "gflops": 0,
+                        "torch_version": torch.__version__, "date": date})
+                if "loader" in modes:
+                    dataset.transforms = pipelines["loader"][0]
+                    images, _, target_dicts = collate_detection([SeededSamples(dataset)[(index, index)]
+                                                                 for index in range(batch_size)])
+                    images, factors = images.to(device), stacked_colour_factors(target_dicts)
+                    device_ms = np.median([elapsed_ms(partial(model_input, images, device, factors), device)
+                                           for _ in range(config["iters"])])
+                    print(f"batch {batch_size}: float conversion and colour jitter on {device_name(device)}: "
+                          f"{device_ms:.2f} ms per batch (device work of the training step, not in the loader rows)")
+                throughput = {row["mode"]: row["throughput_img_s"] for row in batch_rows}
+                if len(throughput) == 2:
+                    print(f"loader, {workers} workers, batch {batch_size}: {throughput['loader']:.1f} img/s = "
+                          f"{throughput['loader'] / throughput['baseline_loader']:.2f} x the baseline's "
+                          f"{throughput['baseline_loader']:.1f}")
+                rows += batch_rows
     return rows
 
 
@@ -330,8 +512,14 @@ def main(config: dict) -> None:
     dtype_names = dtypes_to_time(config["dtypes"], device, config["emulated_dtypes"])
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     rows = []
-    for backbone in config["backbones"]:
-        rows += benchmark_backbone(backbone, config, device, dtype_names)
+    if set(config["modes"]) & {*INFERENCE_MODES, "train_step"}:
+        for backbone in config["backbones"]:
+            rows += benchmark_backbone(backbone, config, device, dtype_names)
+    if set(config["modes"]) & set(LOADER_MODES):
+        try:
+            rows += benchmark_loader(config, device)
+        except (ValueError, FileNotFoundError) as error:  # a missing or unreadable data_dir
+            sys.exit(f"error: {error}")
     try:
         replaced = write_keyed(config["out"], rows, CSV_KEY, CSV_COLUMNS)
     except ResultsError as error:

@@ -123,7 +123,7 @@ def check_no_host_sync(config: dict, shared: dict) -> str:
     optimizer = build_optimizer(model, "sgd", 1e-3, 0.9, 5e-4, fused=True)
     images, targets = random_training_batch(8, {"image_size": config["image_size"], "grid_size": 7},
                                             torch.device("cpu"))
-    batch = (images.float().div(255).pin_memory(), targets.pin_memory(), None)  # pinned, as the DataLoader's
+    batch = (images.pin_memory(), targets.pin_memory(), None)  # uint8 and pinned, as the DataLoader's
     host_synchronisations(2, model, optimizer, batch)  # cuDNN autotuning and lazy initialisation happen once
     few, many = (host_synchronisations(steps, model, optimizer, batch) for steps in (2, 6))
     if many != few:

@@ -24,7 +24,7 @@ import torch
 from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differences, git_commit, load_checkpoint,
                              save_checkpoint)
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
-from yolo.data import PROTOCOLS, build_dataset
+from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import any_process, backend, barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
@@ -34,7 +34,7 @@ from yolo.model import BACKBONES, YOLOv1
 from yolo.optim import OPTIMIZERS, build_optimizer
 from yolo.plots import plot_training_curve
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
-from yolo.transforms import EvalTransform, TrainTransform, build_loader
+from yolo.transforms import EvalTransform, TrainTransform, build_loader, check_num_workers, num_loader_workers
 
 # --- model
 backbone = "resnet18"          # resnet18 | resnet50 | darknet
@@ -49,7 +49,10 @@ protocol = "voc2012val"        # voc2012val | voc2007test | synthetic
 data_dir = "data"              # folder holding VOCdevkit/, or the synthetic set's VOC-layout folder
 use_difficult = True           # keep objects marked difficult in the training targets (the seed did)
 augment = True                 # the paper's augmentation; false: resize only (for overfitting checks)
-num_workers = 4                # data-loading processes per training process
+num_workers = "auto"           # loading processes per training process: auto (its share of the cores, less one) | N
+cache_images = False           # decode all train and validation images into RAM once (VOC07+12: ~9 GB per process)
+pin_memory = True              # CUDA: page-locked batches, copied to the GPU while it computes
+prefetch_factor = 4            # batches each loading process prepares ahead (uint8 448 x 448: 0.6 MB per image)
 # --- recipe (SPEC section 5)
 epochs = 145                   # total epochs
 batch_size = 64                # images per optimizer step, summed over processes and accumulation
@@ -77,7 +80,8 @@ eval_every = 5                 # validate every N epochs and after the last; 0: 
 
 RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size": at_least(32),
          "grid_size": at_least(1), "num_boxes": at_least(1), "head_channels": at_least(1), "fc_dim": at_least(1),
-         "protocol": one_of(*PROTOCOLS), "num_workers": at_least(0), "epochs": at_least(1),
+         "protocol": one_of(*PROTOCOLS), "num_workers": check_num_workers, "prefetch_factor": at_least(1),
+         "epochs": at_least(1),
          "batch_size": at_least(1), "micro_batch_size": at_least(1), "optimizer": one_of(*OPTIMIZERS),
          "lr": at_least(0.0), "warmup_lr": at_least(0.0), "warmup_epochs": at_least(0.0),
          "lr_milestones": at_least(0), "lr_gamma": at_least(0.0), "momentum": between(0.0, 1.0),
@@ -204,12 +208,23 @@ def main(config: dict) -> None:
     model_args["num_classes"] = len(class_names)
     run_config = {**config, "num_classes": len(class_names)}
 
+    if config["cache_images"]:
+        say(f"decoding {len(train_set) + len(val_set)} images into RAM "
+            f"({(train_set.cached_bytes() + val_set.cached_bytes()) / 1e9:.1f} GB)")
+        try:
+            train_set.cache_images()
+            val_set.cache_images()
+        except ImageDecodeError as error:
+            sys.exit(f"error: {error}")
+
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
-    train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
-                                num_workers=config["num_workers"], sampler=sampler)
+    loading = {"num_workers": num_loader_workers(config["num_workers"]), "prefetch_factor": config["prefetch_factor"],
+               "pin_memory": config["pin_memory"] and device.type == "cuda"}
+    train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False, sampler=sampler,
+                                **loading)
     val_loader = build_loader(IndexedSamples(val_set, range(rank, len(val_set), world_size)),
-                              config["micro_batch_size"], shuffle=False, num_workers=config["num_workers"])
+                              config["micro_batch_size"], shuffle=False, **loading)
 
     model = YOLOv1(**model_args, pretrained=config["pretrained"]).to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config["optimizer"], config["lr"], config["momentum"], config["weight_decay"],

@@ -128,3 +128,26 @@ def test_a_train_step_lowers_the_loss_of_its_batch():
     for _ in range(5):
         benchmark.train_step(model, optimizer, scaler, images, targets, torch.float32)
     assert loss() < before
+
+
+def test_loader_modes_time_both_pipelines_on_a_generated_set_in_the_same_schema(tmp_path, capsys):
+    out = tmp_path / "loader.csv"
+    benchmark.main(resolve_config(vars(benchmark), [
+        "--device=cpu", "--modes=loader,baseline_loader", "--image_size=64", "--grid_size=2", "--batch_sizes=2",
+        "--num_workers=0,1", "--warmup=0", "--iters=2", f"--out={out}"]))
+    header, *rows = read_rows(out)
+    rows = [dict(zip(header, row)) for row in rows]
+    assert [(row["mode"], row["dtype"], row["device_name"].rsplit(", ", 1)[1]) for row in rows] == [
+        ("loader", "uint8", "0 loader workers"), ("baseline_loader", "fp32", "0 loader workers"),
+        ("loader", "uint8", "1 loader workers"), ("baseline_loader", "fp32", "1 loader workers")]
+    for row in rows:
+        assert row["backbone"] == "none" and row["batch_size"] == "2" and row["image_size"] == "64"
+        assert float(row["throughput_img_s"]) == pytest.approx(2e3 / float(row["latency_ms_median"]), rel=1e-3)
+    assert "x the baseline's" in capsys.readouterr().out
+
+
+def test_loader_modes_name_a_missing_data_dir(tmp_path):
+    result = subprocess.run([sys.executable, "benchmark.py", "--device=cpu", "--modes=loader", "--protocol=voc2007test",
+                             f"--data_dir={tmp_path}", f"--out={tmp_path / 'x.csv'}"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "error: split list" in result.stderr and "VOC2007" in result.stderr

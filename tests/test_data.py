@@ -1,3 +1,4 @@
+import copy
 import re
 import warnings
 import xml.etree.ElementTree as ET
@@ -7,12 +8,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
+import benchmark
 import make_synthetic
+from yolo import transforms
 from yolo.boxes import normalized_to_voc
 from yolo.data import (MISSING_DATA_HINT, PROTOCOLS, AnnotationError, ImageDecodeError, VOCDetection,
                        build_dataset, decode_image, read_voc_annotation)
-from yolo.transforms import EvalTransform, TrainTransform, build_loader
+from yolo.photometric import MAX_COLOUR_FACTOR, draw_colour_factors, model_input, stacked_colour_factors
+from yolo.sampling import SeededSamples
+from yolo.transforms import EvalTransform, TrainTransform, build_loader, num_loader_workers
 from yolo.visualize import draw_boxes, save_image
 
 CLASSES = ("cat", "dog")
@@ -250,8 +256,7 @@ def test_synthetic_set_through_both_transforms_loader_and_drawing(synthetic_root
         dataset = build_dataset("synthetic", synthetic_root, train=split, transforms=transform)
         for index in range(4):
             image, target = dataset[index]
-            assert image.shape == (3, 64, 64) and image.dtype == torch.float32
-            assert 0 <= image.min() and image.max() <= 1
+            assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
             boxes = target["boxes"]
             assert boxes.dtype == torch.float32 and ((boxes >= 0) & (boxes <= 1)).all()
             assert (boxes[:, 2:] > boxes[:, :2]).all()
@@ -269,9 +274,8 @@ def test_synthetic_set_through_both_transforms_loader_and_drawing(synthetic_root
     images, grids, targets = next(iter(loader))
     assert images.shape == (3, 3, 64, 64) and grids.shape == (3, 4, 4, 5 + num_classes) and len(targets) == 3
 
-    pixels = image.mul(255).round().to(torch.uint8)
-    drawn = draw_boxes(pixels, normalized_to_voc(boxes, 64, 64), target["labels"], dataset.class_names)
-    assert drawn.shape == (3, 64, 64) and drawn.dtype == torch.uint8 and not torch.equal(drawn, pixels)
+    drawn = draw_boxes(image, normalized_to_voc(boxes, 64, 64), target["labels"], dataset.class_names)
+    assert drawn.shape == (3, 64, 64) and drawn.dtype == torch.uint8 and not torch.equal(drawn, image)
     save_image(drawn, tmp_path / "drawn.png")
     assert Image.open(tmp_path / "drawn.png").size == (64, 64)
 
@@ -290,3 +294,131 @@ def test_train_transform_can_drop_difficult_and_is_seeded(synthetic_root):
         _, again = TrainTransform(64, 4, num_classes, use_difficult=False)(image, annotation)
         assert not first["difficult"].any()
         torch.testing.assert_close(first["boxes"], again["boxes"])
+
+
+def test_colour_factors_are_log_uniform_with_half_of_them_darkening():
+    torch.manual_seed(0)
+    factors = torch.stack([draw_colour_factors() for _ in range(20_000)])
+    assert factors.shape == (20_000, 2) and factors.dtype == torch.float32
+    assert factors.min() >= 1 / MAX_COLOUR_FACTOR - 1e-6 and factors.max() <= MAX_COLOUR_FACTOR + 1e-6
+    # log f / log 1.5 must be uniform on [-1, 1]. Kolmogorov-Smirnov: at n = 20,000 the 0.1 % critical
+    # distance is 1.95 / sqrt(n) = 0.014; the old draw (uniform in [1/1.5, 1.5], 39 % darkening) is 0.11 away.
+    positions = (factors.double().log() / np.log(MAX_COLOUR_FACTOR)).clamp(-1, 1)
+    for column in positions.T:
+        ordered = column.sort().values
+        cdf = (ordered + 1) / 2
+        ranks = torch.arange(1, len(ordered) + 1, dtype=torch.float64) / len(ordered)
+        distance = torch.maximum(ranks - cdf, cdf - (ranks - 1 / len(ordered))).max().item()
+        assert distance < 1.95 / np.sqrt(len(ordered)), distance
+        # About half darken (or desaturate): 0.5 within 4 standard deviations (0.0035 each) of the count.
+        assert abs((column < 0).double().mean().item() - 0.5) < 4 * 0.5 / np.sqrt(len(ordered))
+    # The two factors of an image are drawn independently.
+    assert abs(np.corrcoef(positions.T.numpy())[0, 1]) < 4 / np.sqrt(len(positions))
+
+
+def test_the_batched_jitter_is_torchvisions_brightness_then_saturation_per_image():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 24, 40), dtype=torch.uint8, generator=generator)
+    factors = torch.tensor([[1 / 1.5, 1.5], [1.5, 1 / 1.5], [1.0, 1.0], [1.3, 1.2], [0.8, 0.9]])
+    batch = model_input(images, torch.device("cpu"), factors)
+    assert batch.dtype == torch.float32 and batch.is_contiguous(memory_format=torch.channels_last)
+    for image, factor, actual in zip(images, factors, batch):
+        expected = v2.functional.to_dtype(image, torch.float32, scale=True)
+        expected = v2.functional.adjust_saturation(v2.functional.adjust_brightness(expected, factor[0].item()),
+                                                   factor[1].item())
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+    # Without factors (evaluation, augment=false): only the scaling to [0, 1].
+    torch.testing.assert_close(model_input(images, torch.device("cpu")), images.float() / 255)
+    # A float batch is left as it was by the in-place jitter.
+    floats = images.float() / 255
+    model_input(floats, torch.device("cpu"), factors)
+    torch.testing.assert_close(floats, images.float() / 255)
+
+
+def test_boxes_stay_on_their_object_through_geometry_and_colour_jitter(tmp_path):
+    """A red rectangle on a dark background: after the training transform its box must hold only red
+    pixels and be surrounded by others; the colour jitter changes pixels, never boxes, and the boxes are
+    the ones the torchvision pipeline it replaced gives for the same seed."""
+    width, height, box = 200, 150, (41, 31, 120, 100)  # VOC pixels, 1-based inclusive
+    write_item(tmp_path, "x", [("cat", box, False)], size=(width, height))
+    pixels = np.full((height, width, 3), 30, dtype=np.uint8)
+    pixels[box[1] - 1:box[3], box[0] - 1:box[2]] = (220, 30, 30)
+    Image.fromarray(pixels).save(tmp_path / "JPEGImages" / "x.jpg", quality=100)
+    transform = TrainTransform(96, 4, 2)
+    dataset = dataset_of(tmp_path, ["x"], transforms=transform)
+    seeded = SeededSamples(dataset)
+    baseline = benchmark.BaselineTrainTransform(96, 4, 2)
+    flips = 0
+    for seed in range(40):
+        image, target = seeded[(0, seed)]
+        assert image.dtype == torch.uint8 and image.shape == (3, 96, 96)
+        (x1, y1, x2, y2), = (target["boxes"] * 96).tolist()
+        inside = image[:, round(y1) + 2:round(y2) - 2, round(x1) + 2:round(x2) - 2].int()
+        assert (inside[0] > 180).all() and (inside[1:] < 70).all(), seed
+        ring = torch.ones(96, 96, dtype=torch.bool)
+        ring[max(round(y1) - 2, 0):round(y2) + 2, max(round(x1) - 2, 0):round(x2) + 2] = False
+        assert (image[0][ring] < 150).all(), seed
+        flips += x1 > 96 - x2  # the rectangle sits left of centre: a flip moves it right
+        jittered = model_input(image[None], torch.device("cpu"), target["colour_factors"][None])
+        assert not torch.equal(jittered, image[None].float() / 255)
+        torch.manual_seed(seed)
+        _, old_target = baseline(*_without_transforms(dataset)[0])
+        torch.testing.assert_close(old_target["boxes"], target["boxes"])
+        assert torch.equal(old_target["grid"], target["grid"])
+    assert 10 <= flips <= 30
+
+
+def _without_transforms(dataset):
+    """A shallow copy of a VOCDetection that returns raw (image, annotation) pairs."""
+    raw = copy.copy(dataset)
+    raw.transforms = None
+    return raw
+
+
+def test_workers_deliver_uint8_batches_equal_to_in_process_and_cached_ones(synthetic_root):
+    num_classes = len(make_synthetic.CLASS_NAMES)
+    samples = [(index % 16, 1000 + index) for index in range(12)]
+
+    def batches(num_workers, cache):
+        dataset = build_dataset("synthetic", synthetic_root, train=True, transforms=TrainTransform(64, 4, num_classes))
+        if cache:
+            assert dataset.cached_bytes() == sum(3 * a["width"] * a["height"] for a in dataset.annotations)
+            dataset.cache_images()
+        loader = build_loader(SeededSamples(dataset), batch_size=4, shuffle=False, num_workers=num_workers,
+                              sampler=samples, pin_memory=False, prefetch_factor=2)
+        return [(images, grids, stacked_colour_factors(targets)) for images, grids, targets in loader]
+
+    reference = batches(num_workers=0, cache=False)
+    for images, grids, factors in reference:
+        assert images.dtype == torch.uint8 and images.shape == (4, 3, 64, 64)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert factors.shape == (4, 2) and grids.shape == (4, 4, 4, 5 + num_classes)
+    for num_workers, cache in ((1, False), (0, True), (2, True)):
+        for actual, expected in zip(batches(num_workers, cache), reference, strict=True):
+            for a, e in zip(actual, expected):
+                assert torch.equal(a, e), (num_workers, cache)
+
+
+def test_cached_images_are_copies(synthetic_root):
+    dataset = build_dataset("synthetic", synthetic_root, train=True)
+    dataset.cache_images()
+    image, _ = dataset[0]
+    image.zero_()
+    assert dataset[0][0].any()
+    assert torch.equal(dataset[0][0], build_dataset("synthetic", synthetic_root, train=True)[0][0])
+
+
+def test_num_workers_auto_shares_the_cores_among_processes(monkeypatch):
+    monkeypatch.setattr(transforms, "usable_cores", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert num_loader_workers("auto") == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert num_loader_workers("auto") == 3
+    monkeypatch.setattr(transforms, "usable_cores", lambda: 2)
+    assert num_loader_workers("auto") == 0
+    monkeypatch.setattr(transforms, "usable_cores", lambda: 256)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert num_loader_workers("auto") == transforms.MAX_AUTO_WORKERS
+    assert num_loader_workers("3") == 3
+    with pytest.raises(ValueError, match="auto or a whole number"):
+        num_loader_workers("-1")

@@ -213,6 +213,7 @@ def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path
     (["--protocol=coco"], "--protocol='coco': must be one of voc2012val"),
     (["--micro_batch_size=0"], "--micro_batch_size=0: must be at least 1"),
     (["--epochs=0"], "--epochs=0: must be at least 1"),
+    (["--num_workers=many"], "--num_workers='many': must be auto or a whole number of at least 0"),
     (["--lr=-0.01"], "--lr=-0.01: must be at least 0.0"),
     (["--warmup_lr=-5"], "--warmup_lr=-5.0: must be at least 0.0"),
     (["--lr_gamma=-1"], "--lr_gamma=-1.0: must be at least 0.0"),
@@ -248,7 +249,7 @@ def test_a_resume_may_change_only_the_listed_settings():
     assert config_differences(saved, {**current, "lr_milestones": (90, 115)}) == \
         ["lr_milestones: [85, 115] -> (90, 115)"]
     # a setting the saved run did not have (added since) is a difference too
-    assert config_differences(saved, {**current, "cache_images": True}) == ["cache_images: None -> True"]
+    assert config_differences(saved, {**current, "label_smoothing": 0.1}) == ["label_smoothing: None -> 0.1"]
 
 
 def test_autocast_dtype_on_a_cpu():

@@ -4,9 +4,11 @@ Boxes stay in VOC's own convention here (1-based inclusive pixels, as written in
 transforms in `yolo.transforms` convert them to normalised coordinates.
 """
 import io
+import os
 import re
 import warnings
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,11 @@ def clip_to_image(annotation, width, height, source):
             "difficult": annotation["difficult"][keep], "width": width, "height": height}
 
 
+def usable_cores():
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def decode_image(path):
     """Image file -> uint8 (3, H, W) RGB tensor; ImageDecodeError names the file.
 
@@ -175,12 +182,16 @@ class VOCDetection(torch.utils.data.Dataset):
     An image whose decoded size disagrees with its XML <size>: the decoded pixels are trusted (they are
     what the model sees), the boxes are clipped to them and a warning names the file. `annotations`
     keeps the XML's view, since checking every image's size at construction would decode them all.
+
+    `cache_images()` decodes every image once into RAM; loader workers forked afterwards share those
+    pages with the training process (copy-on-write) instead of decoding each image again every epoch.
     """
 
     def __init__(self, sources, class_names=VOC_CLASSES, transforms=None):
         self.class_names = tuple(class_names)
         self.transforms = transforms
         self.image_ids, self.annotations, self._image_paths = [], [], []
+        self._decoded = None
         for voc_root, split in sources:
             voc_root = Path(voc_root)
             split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
@@ -210,9 +221,19 @@ class VOCDetection(torch.utils.data.Dataset):
     def image_path(self, index):
         return self._image_paths[index]
 
+    def cached_bytes(self):
+        """RAM that cache_images() will take, from the annotations' image sizes (uint8 RGB)."""
+        return sum(3 * annotation["width"] * annotation["height"] for annotation in self.annotations)
+
+    def cache_images(self):
+        """Decode every image into RAM now (in threads: the decoder releases the GIL)."""
+        with ThreadPoolExecutor(usable_cores()) as pool:
+            self._decoded = list(pool.map(decode_image, self._image_paths))
+
     def __getitem__(self, index):
         path = self._image_paths[index]
-        image = decode_image(path)
+        # A copy of a cached image, so that callers may edit it without corrupting the cache.
+        image = decode_image(path) if self._decoded is None else self._decoded[index].clone()
         # A copy, arrays included, so callers may edit it without corrupting the dataset.
         annotation = {key: value.copy() if isinstance(value, np.ndarray) else value
                       for key, value in self.annotations[index].items()}

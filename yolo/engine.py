@@ -11,6 +11,7 @@ from yolo.distributed import all_reduce_sum, gather_to_main, is_main_process
 from yolo.loss import yolo_loss_terms
 from yolo.metrics import evaluate_detections
 from yolo.optim import set_learning_rate, skips_on_device
+from yolo.photometric import model_input, stacked_colour_factors
 
 LOSS_TERMS = ("coord", "obj", "noobj", "cls")
 
@@ -56,11 +57,11 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
     check_on_host = not skips_on_device(optimizer) and not scaler.is_enabled()
     progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                     disable=None if is_main_process() else True)
-    for index, (images, targets, _) in enumerate(progress):
+    for index, (images, targets, target_dicts) in enumerate(progress):
         micro_step = index % accumulation
         if micro_step == 0:
             set_learning_rate(optimizer, lr_at(step))
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = model_input(images, device, stacked_colour_factors(target_dicts))
         targets = targets.to(device, non_blocking=True)
         last_micro_step = micro_step == accumulation - 1
         # Gradients are averaged across processes only on the micro-batch that completes the step.
