@@ -36,36 +36,31 @@ time a 2048 x 2048 fp32 matmul, the machine's practical peak, and the forward pa
 a fraction of it. The rows go into `out` in place of earlier rows of the same measurement (device, backbone,
 dtype, batch size, mode, image size and compile); rows of other measurements stay.
 """
-import datetime
-import math
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from yolo.boxes import normalized_to_voc, voc_to_normalized
+from yolo.boxes import normalized_to_voc
 from yolo.config import at_least, between, format_config, one_of, resolve_config
 from yolo.data import PROTOCOLS, build_dataset
 from yolo.device import DTYPES, device_name, is_native, resolve_device
 from yolo.engine import apply_update, autocast_context
 from yolo.inference import Detector, preprocess
+from yolo.loader_benchmark import LOADER_MODES, benchmark_loader
 from yolo.loss import yolo_loss_terms
 from yolo.model import BACKBONES, YOLOv1
 from yolo.optim import build_optimizer
-from yolo.photometric import MAX_COLOUR_FACTOR, model_input, stacked_colour_factors
+from yolo.photometric import model_input
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.results import ResultsError, check_writable, write_keyed
-from yolo.sampling import SeededSamples
 from yolo.targets import encode_target
-from yolo.transforms import (FILL, FLIP_PROBABILITY, MIN_BOX_PIXELS, TrainTransform, build_loader,
-                             collate_detection, map_boxes, random_windows)
+from yolo.timing import time_interleaved, timing_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 import make_synthetic  # noqa: E402  (a plain script beside the data it makes)
@@ -101,7 +96,6 @@ NUM_CLASSES = 20
 SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500  # a typical VOC image
 MATMUL_SIZE = 2048
 INFERENCE_MODES = ("forward", "end_to_end", "baseline_end_to_end")
-LOADER_MODES = ("loader", "baseline_loader")
 LOADER_SYNTHETIC_IMAGES = 64   # the loader cycles through them: enough distinct files to decode
 RULES = {"modes": one_of(*INFERENCE_MODES, "train_step", *LOADER_MODES), "device": resolve_device,
          "backbones": one_of(*BACKBONES), "batch_sizes": at_least(1),
@@ -193,33 +187,6 @@ def baseline_detect(model: YOLOv1, images: torch.Tensor, postprocess: dict) -> l
     return [decode_cells(cells, model.num_classes, width, height, **postprocess) for cells in pred]
 
 
-def elapsed_ms(run, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    start = time.perf_counter()
-    run()
-    return (time.perf_counter() - start) * 1e3
-
-
-def time_interleaved(runs: dict, warmup: int, iters: int, device: torch.device) -> dict[tuple, np.ndarray]:
-    """Milliseconds of `iters` runs of each callable, one run of each in turn (the order rotating every round)."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    keys, times = list(runs), {key: [] for key in runs}
-    for round_index in range(iters):
-        shift = round_index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            times[key].append(elapsed_ms(runs[key], device))
-    return {key: np.array(values) for key, values in times.items()}
-
-
 def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_names: list[str]) -> list[dict]:
     """Rows for one backbone, every batch size, dtype and mode; prints the speed-up and fraction of peak."""
     torch.manual_seed(0)
@@ -260,19 +227,6 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
         batch_rows = timing_rows(times, common, batch_size)
         print_summary(batch_rows, gflops, matmul_ms)
         rows += batch_rows
-    return rows
-
-
-def timing_rows(times: dict[tuple, np.ndarray], common: dict, batch_size: int) -> list[dict]:
-    """CSV rows from the milliseconds of each (mode, dtype, compiled) measurement."""
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rows = []
-    for (mode, dtype, compiled), milliseconds in times.items():
-        median = float(np.median(milliseconds))
-        rows.append({**common, "dtype": dtype, "batch_size": batch_size, "mode": mode, "compile": compiled,
-                     "latency_ms_median": round(median, 3),
-                     "latency_ms_p90": round(float(np.percentile(milliseconds, 90)), 3),
-                     "throughput_img_s": round(batch_size * 1e3 / median, 3), "date": date})
     return rows
 
 
@@ -326,62 +280,6 @@ def benchmark_train_step(backbone: str, config: dict, device: torch.device, dtyp
     return rows
 
 
-class BaselineScaleTranslateResize(v2.Transform):
-    """The baseline's geometry: the same windows as TrainTransform's, applied through torchvision's v2
-    transform machinery to a channels-first image and its BoundingBoxes."""
-
-    _transformed_types = (tv_tensors.Image, tv_tensors.BoundingBoxes)
-
-    def __init__(self, size):
-        super().__init__()
-        self.size = size
-
-    def make_params(self, flat_inputs):
-        return dict(zip(("x", "y"), random_windows(*v2.query_size(flat_inputs), self.size)))
-
-    def transform(self, inpt, params):
-        if isinstance(inpt, tv_tensors.BoundingBoxes):
-            boxes = map_boxes(inpt.as_subclass(torch.Tensor), params["x"], params["y"], self.size)
-            return tv_tensors.wrap(boxes, like=inpt, canvas_size=(self.size, self.size))
-        (x_src1, x_src2, x_out1, x_out2), (y_src1, y_src2, y_out1, y_out2) = params["x"], params["y"]
-        canvas = torch.full((inpt.shape[0], self.size, self.size), FILL, dtype=inpt.dtype)
-        canvas[:, y_out1:y_out2, x_out1:x_out2] = v2.functional.resize(
-            inpt.as_subclass(torch.Tensor)[:, y_src1:y_src2, x_src1:x_src2], [y_out2 - y_out1, x_out2 - x_out1],
-            antialias=True)
-        return tv_tensors.Image(canvas)
-
-
-def _labels_and_difficult(inputs):
-    return inputs[1]["labels"], inputs[1]["difficult"]  # module level: it pickles into loader workers
-
-
-class BaselineTrainTransform(TrainTransform):
-    """The training transform as it was before the colour jitter moved to the device: the same random
-    draws in the same order, through torchvision's v2 pipeline, with float32 and ColorJitter (uniform
-    factors, random order) on each image in the worker."""
-
-    def __init__(self, image_size, grid_size, num_classes):
-        super().__init__(image_size, grid_size, num_classes)
-        factor_range = (1 / MAX_COLOUR_FACTOR, MAX_COLOUR_FACTOR)
-        self.augment = v2.Compose([
-            BaselineScaleTranslateResize(image_size), v2.RandomHorizontalFlip(p=FLIP_PROBABILITY),
-            v2.ToDtype(torch.float32, scale=True), v2.ColorJitter(brightness=factor_range, saturation=factor_range),
-            v2.SanitizeBoundingBoxes(min_size=MIN_BOX_PIXELS, labels_getter=_labels_and_difficult)])
-
-    def __call__(self, image, annotation):
-        height, width = image.shape[1:]
-        boxes = voc_to_normalized(torch.from_numpy(annotation["boxes"]), width, height)
-        image, target = self.augment(tv_tensors.Image(image), {
-            "boxes": tv_tensors.BoundingBoxes(boxes * torch.tensor([width, height] * 2), format="XYXY",
-                                              canvas_size=(height, width)),
-            "labels": torch.from_numpy(annotation["labels"]), "difficult": torch.from_numpy(annotation["difficult"])})
-        boxes = target["boxes"].as_subclass(torch.Tensor) / self.image_size
-        return image.as_subclass(torch.Tensor), {
-            "grid": encode_target(boxes, target["labels"], self.grid_size, self.num_classes), "boxes": boxes,
-            "labels": target["labels"], "difficult": target["difficult"], "image_id": annotation["image_id"],
-            "orig_size": torch.tensor([height, width])}
-
-
 def write_voc_sized_set(root: Path) -> Path:
     """LOADER_SYNTHETIC_IMAGES synthetic JPEGs of 500 x 375 with their annotations, as the train split of `root`."""
     make_synthetic.make_voc_dirs(root)
@@ -392,88 +290,6 @@ def write_voc_sized_set(root: Path) -> Path:
     (root / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{image_id}\n" for image_id in ids))
     (root / "classes.txt").write_text("".join(f"{name}\n" for name in make_synthetic.CLASS_NAMES))
     return root
-
-
-def baseline_collate(batch):
-    """The baseline's collate: float32 images stacked, and the target dicts passed on as they are (a tensor
-    each, so a shared-memory segment each from a worker)."""
-    images, targets = zip(*batch)
-    return torch.stack(images), torch.stack([target["grid"] for target in targets]), list(targets)
-
-
-def time_loader(dataset, transform, collate, batch_size: int, workers: int, skip: int, count: int,
-                device: torch.device) -> np.ndarray:
-    """Milliseconds between `count` consecutive batches delivered on `device`, after `skip` batches.
-
-    Delivered: the loader's batch copied to the device. What the training step then does to it there
-    (`model_input`: float conversion and, for the new path, the colour jitter) is device work, timed apart.
-    """
-    dataset.transforms = transform
-    batches = skip + count + 1
-    # (index, seed) pairs cycling through the images: a fresh augmentation for every sample.
-    samples = [(position % len(dataset), position) for position in range(batches * batch_size)]
-    loader = build_loader(SeededSamples(dataset), batch_size, shuffle=False, num_workers=workers, sampler=samples,
-                          pin_memory=device.type == "cuda", collate_fn=collate)
-    marks = []
-    for images, _, _ in loader:
-        images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        marks.append(time.perf_counter())
-    del loader  # shuts its workers down before the next measurement starts its own
-    return np.diff(marks[skip:]) * 1e3
-
-
-def benchmark_loader(config: dict, device: torch.device) -> list[dict]:
-    """Rows for the loader modes: every worker count and batch size, the modes timed in alternating rounds."""
-    modes = [mode for mode in config["modes"] if mode in LOADER_MODES]
-    with tempfile.TemporaryDirectory() as temporary:
-        data_dir = config["data_dir"] or write_voc_sized_set(Path(temporary))
-        protocol = config["protocol"] if config["data_dir"] else "synthetic"
-        dataset = build_dataset(protocol, data_dir, train=True)
-        transform_args = (config["image_size"], config["grid_size"], len(dataset.class_names))
-        pipelines = {"loader": (TrainTransform(*transform_args), collate_detection),
-                     "baseline_loader": (BaselineTrainTransform(*transform_args), baseline_collate)}
-        dtypes = {"loader": "uint8", "baseline_loader": "fp32"}
-        rows = []
-        for workers in config["num_workers"]:
-            for batch_size in config["batch_sizes"]:
-                # Skip the start: workers starting, and the first batches of all workers arriving at once.
-                skip = config["warmup"] + workers
-                times = {mode: [] for mode in modes}
-                for round_modes in (modes, modes[::-1]):
-                    for mode in round_modes:
-                        times[mode].append(time_loader(dataset, *pipelines[mode], batch_size, workers, skip,
-                                                       math.ceil(config["iters"] / 2), device))
-                date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                batch_rows = []
-                for mode, parts in times.items():
-                    milliseconds = np.concatenate(parts)
-                    median = float(np.median(milliseconds))
-                    batch_rows.append({
-                        "backbone": "none", "device": device.type,
-                        "device_name": f"{device_name(device)}, {workers} loader workers", "dtype": dtypes[mode],
-                        "batch_size": batch_size, "image_size": config["image_size"], "mode": mode, "compile": False,
-                        "latency_ms_median": round(median, 3),
-                        "latency_ms_p90": round(float(np.percentile(milliseconds, 90)), 3),
-                        "throughput_img_s": round(batch_size * 1e3 / median, 3), "params_m": 0, "gflops": 0,
-                        "torch_version": torch.__version__, "date": date})
-                if "loader" in modes:
-                    dataset.transforms = pipelines["loader"][0]
-                    images, _, target_dicts = collate_detection([SeededSamples(dataset)[(index, index)]
-                                                                 for index in range(batch_size)])
-                    images, factors = images.to(device), stacked_colour_factors(target_dicts)
-                    device_ms = np.median([elapsed_ms(partial(model_input, images, device, factors), device)
-                                           for _ in range(config["iters"])])
-                    print(f"batch {batch_size}: float conversion and colour jitter on {device_name(device)}: "
-                          f"{device_ms:.2f} ms per batch (device work of the training step, not in the loader rows)")
-                throughput = {row["mode"]: row["throughput_img_s"] for row in batch_rows}
-                if len(throughput) == 2:
-                    print(f"loader, {workers} workers, batch {batch_size}: {throughput['loader']:.1f} img/s = "
-                          f"{throughput['loader'] / throughput['baseline_loader']:.2f} x the baseline's "
-                          f"{throughput['baseline_loader']:.1f}")
-                rows += batch_rows
-    return rows
 
 
 def print_summary(rows: list[dict], gflops: float, matmul_ms: np.ndarray | None) -> None:
@@ -516,10 +332,14 @@ def main(config: dict) -> None:
         for backbone in config["backbones"]:
             rows += benchmark_backbone(backbone, config, device, dtype_names)
     if set(config["modes"]) & set(LOADER_MODES):
-        try:
-            rows += benchmark_loader(config, device)
-        except (ValueError, FileNotFoundError) as error:  # a missing or unreadable data_dir
-            sys.exit(f"error: {error}")
+        with tempfile.TemporaryDirectory() as temporary:
+            data_dir = config["data_dir"] or write_voc_sized_set(Path(temporary))
+            protocol = config["protocol"] if config["data_dir"] else "synthetic"
+            try:
+                dataset = build_dataset(protocol, data_dir, train=True)
+            except (ValueError, FileNotFoundError) as error:  # a missing or unreadable data_dir
+                sys.exit(f"error: {error}")
+            rows += benchmark_loader(dataset, config, device)
     try:
         replaced = write_keyed(config["out"], rows, CSV_KEY, CSV_COLUMNS)
     except ResultsError as error:

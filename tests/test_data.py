@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-import benchmark
 import make_synthetic
 from yolo import transforms
 from yolo.boxes import normalized_to_voc
 from yolo.data import (MISSING_DATA_HINT, PROTOCOLS, AnnotationError, ImageDecodeError, VOCDetection,
                        build_dataset, decode_image, read_voc_annotation)
+from yolo.loader_benchmark import BaselineTrainTransform
 from yolo.photometric import MAX_COLOUR_FACTOR, draw_colour_factors, model_input, stacked_colour_factors
 from yolo.sampling import SeededSamples
 from yolo.transforms import EvalTransform, TrainTransform, build_loader, num_loader_workers
@@ -347,7 +347,7 @@ def test_boxes_stay_on_their_object_through_geometry_and_colour_jitter(tmp_path)
     transform = TrainTransform(96, 4, 2)
     dataset = dataset_of(tmp_path, ["x"], transforms=transform)
     seeded = SeededSamples(dataset)
-    baseline = benchmark.BaselineTrainTransform(96, 4, 2)
+    baseline = BaselineTrainTransform(96, 4, 2)
     flips = 0
     for seed in range(40):
         image, target = seeded[(0, seed)]
