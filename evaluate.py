@@ -16,7 +16,7 @@ import torch
 
 from yolo.checkpoint import CheckpointError, load_model
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
-from yolo.data import build_dataset, decode_image
+from yolo.data import ImageDecodeError, build_dataset, decode_image
 from yolo.device import DTYPES, device_name, inference_dtype, resolve_device
 from yolo.engine import evaluate
 from yolo.imagecheck import require_readable_images
@@ -124,7 +124,10 @@ def main(config: dict) -> None:
                         max_detections=config["max_detections"])
     loader = build_loader(IndexedSamples(dataset), config["batch_size"], shuffle=False,
                           num_workers=config["num_workers"])
-    result = evaluate(detector, loader, dataset, loss_weights={}, desc=f"evaluate {model_name}")
+    try:
+        result = evaluate(detector, loader, dataset, loss_weights={}, desc=f"evaluate {model_name}")
+    except ImageDecodeError as error:  # its header read, its pixels do not
+        sys.exit(f"error: {error.reason}. An evaluation needs every image of the split: replace the file.")
     metrics = result["metrics"]
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,7 @@ device = "auto"                # auto (cuda if available) | cpu | cuda
 dtype = "auto"                 # autocast: auto (CUDA: bf16 where native, else fp16; CPU: fp32) | fp32 | bf16 | fp16
 compile = False                # torch.compile the model for training (one compilation; validation stays eager)
 log_every = 20                 # CUDA: optimizer steps between reads of the loss and stop/non-finite flags (CPU: 1)
+bad_images = "skip"            # an image that fails to decode while training: skip (warned, counted in log.csv) | error
 eval_every = 5                 # validate every N epochs and after the last; 0: only after the last
 
 
@@ -86,7 +87,7 @@ RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size":
          "lr": at_least(0.0), "warmup_lr": at_least(0.0), "warmup_epochs": at_least(0.0),
          "lr_milestones": at_least(0), "lr_gamma": at_least(0.0), "momentum": between(0.0, 1.0),
          "weight_decay": at_least(0.0), "lambda_coord": at_least(0.0), "lambda_noobj": at_least(0.0),
-         "seed": at_least(0), "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0), "log_every": at_least(1),
+         "seed": at_least(0), "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0), "bad_images": one_of("skip", "error"), "log_every": at_least(1),
          "out_dir": writable_folder}
 
 
@@ -99,7 +100,7 @@ def learning_rate(epoch: float, config: dict) -> float:
 
 
 LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_map", "val_voc12_map",
-               "images_per_s", "seconds")
+               "images_per_s", "seconds", "skipped_images")
 
 
 def say(*args) -> None:
@@ -193,6 +194,7 @@ def main(config: dict) -> None:
     random.seed(config["seed"])
     torch.manual_seed(config["seed"])
     train_set = build_dataset(config["protocol"], config["data_dir"], train=True)
+    train_set.skip_unreadable = config["bad_images"] == "skip"
     class_names = train_set.class_names
     if config["augment"]:
         train_set.transforms = TrainTransform(config["image_size"], config["grid_size"], len(class_names),
@@ -202,6 +204,7 @@ def main(config: dict) -> None:
     val_set = build_dataset(config["protocol"], config["data_dir"], train=False,
                             transforms=EvalTransform(config["image_size"], config["grid_size"], len(class_names)),
                             class_names=class_names)
+    val_set.skip_unreadable = config["bad_images"] == "skip"
     require_readable_images([dataset.image_path(index) for dataset in (train_set, val_set)
                              for index in range(len(dataset))])
     model_args = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
@@ -231,6 +234,7 @@ def main(config: dict) -> None:
                                 fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, start_step, best_map = 0, 0, -1.0
+    carried = None  # the loss sums, images and seconds of the part of an epoch done before an interruption
 
     checkpoint_path = find_checkpoint(config, out_dir)
     if checkpoint_path is not None:
@@ -251,6 +255,7 @@ def main(config: dict) -> None:
             optimizer.load_state_dict(checkpoint["optimizer"])
             load_scaler_state(scaler, checkpoint["scaler"], checkpoint["config"].get("dtype"))
             start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
+            carried = checkpoint.get("partial_epoch")
             torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
             random.setstate(checkpoint["rng"]["python"])
             say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
@@ -304,20 +309,31 @@ def main(config: dict) -> None:
         except NonFiniteLossError as error:
             cleanup()
             sys.exit(f"error: {error}")
+        except ImageDecodeError as error:
+            cleanup()
+            sys.exit(f"error: {error.reason}. Replace the file, or rerun with --bad_images=skip to train without it "
+                     f"(last.pt holds the last completed epoch).")
+        seconds = time.perf_counter() - started
+        if carried is not None:
+            stats["terms"] = {name: value + carried["terms"][name] for name, value in stats["terms"].items()}
+            stats["images"] += carried["images"]
+            seconds += carried["seconds"]
+            carried = None
         if stats["stopped"]:
             if is_main_process():
-                save_checkpoint(checkpoint_state(epoch, stats["steps"]), out_dir / "last.pt")
+                save_checkpoint({**checkpoint_state(epoch, stats["steps"]), "partial_epoch": {
+                    "terms": stats["terms"], "images": stats["images"], "seconds": seconds}}, out_dir / "last.pt")
             say(f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
                 f"rerun the same command to resume")
             barrier()  # no process exits (which makes torchrun end the others) before the save is complete
             cleanup()
             sys.exit(stop.exit_code())
         start_step = 0
-        seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
                **{name: f"{value / stats['images']:.6f}" for name, value in stats["terms"].items()},
                "train_loss": f"{sum(stats['terms'].values()) / stats['images']:.6f}",
                "images_per_s": f"{stats['images'] / seconds:.2f}", "seconds": f"{seconds:.1f}",
+               "skipped_images": round(stats["steps"] * config["batch_size"] - stats["images"]),
                "val_loss": "", "val_voc07_map": "", "val_voc12_map": ""}
         last_epoch = epoch + 1 == config["epochs"]
         if last_epoch or (config["eval_every"] > 0 and (epoch + 1) % config["eval_every"] == 0):

@@ -111,6 +111,10 @@ def test_sigterm_saves_the_step_and_resume_is_exact(data_dir, reference_run, tmp
 
     run_train(data_dir, out_dir, *RESUMABLE)
     assert_same_weights(final_weights(out_dir), final_weights(reference_run))
+    # The interrupted epoch's log row covers the whole epoch, the steps before the stop included.
+    resumed, uninterrupted = (pd.read_csv(folder / "log.csv") for folder in (out_dir, reference_run))
+    columns = ["coord", "obj", "noobj", "cls", "train_loss", "skipped_images"]
+    pd.testing.assert_frame_equal(resumed[columns], uninterrupted[columns], atol=1e-6)
 
 
 def test_a_finished_run_is_a_no_op(data_dir, reference_run):
@@ -309,3 +313,18 @@ def test_an_unreadable_image_stops_the_run_before_training_naming_the_file(tmp_p
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert f"1 image(s) cannot be read ({broken}: not a readable image" in result.stderr
     assert "training epochs" not in result.stdout
+
+
+def test_an_image_that_fails_during_training_is_skipped_and_counted_or_stops_the_run(tmp_path):
+    data = tmp_path / "data"
+    make_synthetic.generate(data, train=16, val=2, seed=6)
+    damaged = data / "JPEGImages" / "train_000003.jpg"
+    damaged.write_bytes(damaged.read_bytes()[:2000])  # the header reads, the pixels do not
+    settings = [*TINY, "--batch_size=8", "--micro_batch_size=8", "--epochs=1"]
+    result = run_train(data, tmp_path / "skip", *settings)
+    assert f"skipped: {damaged}" in result.stderr
+    assert pd.read_csv(tmp_path / "skip" / "log.csv")["skipped_images"].tolist() == [1]
+
+    result = run_train(data, tmp_path / "error", *settings, "--bad_images=error", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: {damaged}" in result.stderr and "--bad_images=skip" in result.stderr

@@ -13,7 +13,7 @@ ARCHITECTURE_KEYS = ("backbone", "num_classes", "grid_size", "num_boxes", "image
 # The only settings a resumed run may change: how long, where and how fast it runs, not what it computes
 # (a longer run continues the same schedule). Any other difference, in a setting added later too, is refused.
 RESUMABLE_CHANGES = ("epochs", "micro_batch_size", "num_workers", "cache_images", "pin_memory", "prefetch_factor",
-                     "eval_every", "log_every", "device", "dtype", "compile", "out_dir", "resume")
+                     "eval_every", "log_every", "bad_images", "device", "dtype", "compile", "out_dir", "resume")
 
 
 class CheckpointError(RuntimeError):

@@ -50,6 +50,12 @@ class AnnotationError(ValueError):
 class ImageDecodeError(RuntimeError):
     """An image file that cannot be read or decoded; the message names the file."""
 
+    @property
+    def reason(self) -> str:
+        """The message alone, also when a DataLoader worker raised it (the loader then adds the worker's
+        traceback to the message, whose last line is the original)."""
+        return str(self).strip().splitlines()[-1].removeprefix(f"{__name__}.ImageDecodeError: ")
+
 
 def _number(element, path, xml_path):
     text = element.findtext(path)
@@ -185,11 +191,15 @@ class VOCDetection(torch.utils.data.Dataset):
 
     `cache_images()` decodes every image once into RAM; loader workers forked afterwards share those
     pages with the training process (copy-on-write) instead of decoding each image again every epoch.
+
+    An image that cannot be decoded raises ImageDecodeError, or with `skip_unreadable` gives None and a
+    warning naming it (`collate_detection` leaves it out of its batch): training loses one image, not an epoch.
     """
 
-    def __init__(self, sources, class_names=VOC_CLASSES, transforms=None):
+    def __init__(self, sources, class_names=VOC_CLASSES, transforms=None, skip_unreadable=False):
         self.class_names = tuple(class_names)
         self.transforms = transforms
+        self.skip_unreadable = skip_unreadable
         self.image_ids, self.annotations, self._image_paths = [], [], []
         self._decoded = None
         for voc_root, split in sources:
@@ -232,8 +242,14 @@ class VOCDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         path = self._image_paths[index]
-        # A copy of a cached image, so that callers may edit it without corrupting the cache.
-        image = decode_image(path) if self._decoded is None else self._decoded[index].clone()
+        try:
+            # A copy of a cached image, so that callers may edit it without corrupting the cache.
+            image = decode_image(path) if self._decoded is None else self._decoded[index].clone()
+        except ImageDecodeError as error:
+            if not self.skip_unreadable:
+                raise
+            warnings.warn(f"skipped: {error}", stacklevel=2)
+            return None
         # A copy, arrays included, so callers may edit it without corrupting the dataset.
         annotation = {key: value.copy() if isinstance(value, np.ndarray) else value
                       for key, value in self.annotations[index].items()}

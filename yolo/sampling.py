@@ -79,5 +79,8 @@ class IndexedSamples(Dataset):
 
     def __getitem__(self, position: int):
         index = self.indices[position]
-        image, target = self.dataset[index]
+        sample = self.dataset[index]
+        if sample is None:  # an image skipped as unreadable
+            return None
+        image, target = sample
         return image, {**target, "index": index}
