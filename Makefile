@@ -1,6 +1,9 @@
 # YOLOv1 reproduction. `make help` lists the targets. Results are files: each one depends on the
 # script and the inputs that make it, so an edited script reruns what it affects, and an interrupted
-# `make reproduce` continues where it stopped (training resumes from its last.pt).
+# `make reproduce` continues where it stopped (training resumes from its last.pt). The stages that write
+# committed results (evaluation, benchmark) are stamped by files under runs/, which git does not track:
+# a fresh clone gives the committed files arbitrary times, so theirs cannot say what is out of date, and
+# it reruns nothing until asked. `make table` only reads the committed CSVs.
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -14,6 +17,8 @@ NPROC ?= 1## GPUs to train on (torchrun when more than 1)
 FORCE_CPU ?= 0## 1: let `make reproduce` train on a CPU (months)
 VOC_MIRROR ?=## base URL of a mirror serving the VOC .tar files
 VOC_ARCHIVES_DIR ?=## folder already holding the VOC .tar files (verified, not downloaded)
+VOC_STALL_TIMEOUT ?= 60## seconds without a byte before the VOC download gives up on a host
+VOC_DEADLINE ?= 14400## seconds one VOC archive may take to download before giving up (0: no limit)
 README ?= README.md## the file whose results table `make table` regenerates
 IMAGENET_DIR ?=## classification set for make pretrain-darknet: train/ and val/, one folder per class
 
@@ -22,6 +27,9 @@ INSTALLED := $(VENV)/.installed-requirements
 PACKAGE := $(wildcard yolo/*.py)
 RESULTS := results
 RUNS := runs
+STAMPS := $(RUNS)/stamps
+# A value as one shell word, whatever spaces or quotes it holds.
+quote = '$(subst ','\'',$(1))'
 TRAIN_CMD := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC))
 
 # --- the VOC reproduction (CUDA)
@@ -29,7 +37,7 @@ VOC_ARCHIVES := VOCtrainval_06-Nov-2007.tar VOCtest_06-Nov-2007.tar VOCtrainval_
 VOC_MARKERS := $(addprefix data/archives/,$(addsuffix .extracted,$(VOC_ARCHIVES)))
 VOC_MODELS := resnet18 resnet50
 VOC_DONE := $(foreach m,$(VOC_MODELS),$(RUNS)/$(m)_$(PROTOCOL)/done)
-VOC_EVALS := $(foreach m,$(VOC_MODELS),$(RESULTS)/$(m)_$(PROTOCOL)_ap.png)
+VOC_EVALS := $(foreach m,$(VOC_MODELS),$(STAMPS)/eval-$(m)_$(PROTOCOL))
 
 # --- the CPU demo on the synthetic set (sized to finish within 15 minutes on 2 cores)
 DEMO_DATA ?= data/synthetic## synthetic VOC-layout dataset of the demo
@@ -43,10 +51,11 @@ DEMO_BENCHMARK ?= --iters=5 --warmup=1## benchmark.py settings of the demo
 DEMO_MODEL ?= configs/demo_model.py## the demo's model shape (train.py and benchmark.py)
 DEMO_CONFIG ?= configs/demo.py## the demo's training recipe (train.py)
 DEMO_MODELS := resnet18 resnet50
-DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_RESULTS)/$(m)_ap.png)
+DEMO_STAMPS := $(DEMO_RUNS)/stamps
+DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_STAMPS)/eval-$(m))
 
 .PHONY: help test download train-resnet18 train-resnet50 pretrain-darknet train-darknet eval benchmark table \
-	reproduce demo clean check-gpu
+	reproduce demo clean check-gpu gpu-check
 
 help: ## list the targets and the variables they read
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -54,8 +63,14 @@ help: ## list the targets and the variables they read
 	@grep -hE '^[A-Z_]+ \?=.*## ' $(MAKEFILE_LIST) | sed -E 's/ \?= ?/=/; s/## /\t/' \
 		| awk -F '\t' '{printf "  %-30s %s\n", $$1, $$2}'
 
+# The pinned packages (torch 2.14 among them) need Python 3.11 or newer.
+PYTHON_VERSION_CHECK := import sys; sys.exit(None if sys.version_info >= (3, 11) else 'error: ' + sys.executable \
+	+ ' is Python ' + '.'.join(map(str, sys.version_info[:3])) + '; the pinned packages need 3.11 or newer: pass \
+	PYTHON=python3.11 (or VENV= an environment that has it).')
+
 # The stamp is newer than requirements.txt only after a complete install of exactly those pins.
 $(INSTALLED): requirements.txt
+	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -c "$(PYTHON_VERSION_CHECK)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
@@ -69,8 +84,9 @@ download: $(VOC_MARKERS) ## download, verify and extract VOC2007 trainval/test a
 # The markers are written once an archive is verified and fully extracted; an edited download script
 # need not invalidate the data (and everything trained on it), hence order-only.
 $(VOC_MARKERS) &: | data/download_voc.py $(INSTALLED)
-	$(PY) data/download_voc.py --data-dir data $(if $(VOC_MIRROR),--mirror $(VOC_MIRROR)) \
-		$(if $(VOC_ARCHIVES_DIR),--archives-dir $(VOC_ARCHIVES_DIR))
+	$(PY) data/download_voc.py --data-dir data $(if $(VOC_MIRROR),--mirror $(call quote,$(VOC_MIRROR))) \
+		$(if $(VOC_ARCHIVES_DIR),--archives-dir $(call quote,$(VOC_ARCHIVES_DIR))) \
+		--stall-timeout $(call quote,$(VOC_STALL_TIMEOUT)) --deadline $(call quote,$(VOC_DEADLINE))
 
 NO_GPU_MESSAGE := No CUDA GPU found. The full reproduction trains two 256-282 M parameter models for 145 \
 	epochs on 16.5k images, which takes days on a GPU. A 2-core CPU trains resnet18 at 448 px at about \
@@ -81,7 +97,10 @@ check-gpu: | $(INSTALLED)
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or '$(FORCE_CPU)' == '1' \
 		else '$(NO_GPU_MESSAGE)')"
 
-$(RUNS)/%_$(PROTOCOL)/done: train.py $(PACKAGE) $(VOC_MARKERS) | check-gpu
+# The data comes from the recipe, not a prerequisite, so that no GPU means a refusal before a 2.8 GB
+# download, even under make -j.
+$(RUNS)/%_$(PROTOCOL)/done: train.py $(PACKAGE) | check-gpu
+	$(MAKE) --no-print-directory download
 	$(TRAIN_CMD) train.py --backbone=$* --protocol=$(PROTOCOL) --out_dir=$(@D)
 
 train-resnet18: $(RUNS)/resnet18_$(PROTOCOL)/done ## train YOLOv1-ResNet18 with the paper's recipe (resumes)
@@ -97,35 +116,48 @@ $(PRETRAIN_DARKNET)/done: | check-gpu
 	$(TRAIN_CMD) pretrain.py --backbone=darknet --data_dir=$(IMAGENET_DIR) --out_dir=$(@D)
 
 pretrain-darknet: $(PRETRAIN_DARKNET)/done ## pretrain Darknet's 20 convolutions as a classifier (CUDA, resumes; IMAGENET_DIR=...)
-train-darknet: $(VOC_MARKERS) | check-gpu $(PRETRAIN_DARKNET)/done ## train the paper's Darknet detector from its pretrained backbone (CUDA, resumes)
+train-darknet: check-gpu | $(PRETRAIN_DARKNET)/done ## train the paper's Darknet detector from its pretrained backbone (CUDA, resumes)
+	$(MAKE) --no-print-directory download
 	$(TRAIN_CMD) train.py --backbone=darknet --pretrained=false --backbone_weights=$(PRETRAIN_DARKNET)/last.pt \
 		--protocol=$(PROTOCOL) --out_dir=$(RUNS)/darknet_$(PROTOCOL)
 
-$(RESULTS)/%_$(PROTOCOL)_ap.png: $(RUNS)/%_$(PROTOCOL)/done evaluate.py $(PACKAGE)
+$(STAMPS)/eval-%_$(PROTOCOL): $(RUNS)/%_$(PROTOCOL)/done evaluate.py $(PACKAGE)
 	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --out_dir=$(RESULTS)
 	cp $(<D)/log.csv $(RESULTS)/$*_$(PROTOCOL)_log.csv
+	mkdir -p $(@D) && touch $@
 
 eval: $(VOC_EVALS) ## evaluate the final checkpoints into results/metrics.csv and figures
 
-# On CUDA: batch 1 and 64 in fp32, bf16 and fp16. On a CPU: batch 1 and 8 in fp32, fewer runs (a
-# 448 x 448 batch of 8 takes seconds there).
-$(RESULTS)/benchmark.csv: benchmark.py $(PACKAGE) | $(INSTALLED)
-	if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
-		$(PY) benchmark.py --batch_sizes=1,64 --out=$@; \
-	else \
-		$(PY) benchmark.py --device=cpu --batch_sizes=1,8 --dtypes=fp32 --warmup=1 --iters=5 --out=$@; \
-	fi
+# One stamp per kind of device: its rows replace only their own in results/benchmark.csv.
+benchmark: | $(INSTALLED) ## time both models at 448 px on this machine's GPU (else CPU) into results/benchmark.csv
+	$(MAKE) --no-print-directory $(STAMPS)/benchmark-$$($(PY) -c \
+		"import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
-benchmark: $(RESULTS)/benchmark.csv ## time both models at 448 px, forward and end to end, into results/benchmark.csv
+# On CUDA: batch 1 and 64 in fp32, bf16 and fp16.
+$(STAMPS)/benchmark-cuda: benchmark.py $(PACKAGE) | $(INSTALLED)
+	$(PY) benchmark.py --device=cuda --batch_sizes=1,64 --out=$(RESULTS)/benchmark.csv
+	mkdir -p $(@D) && touch $@
 
-$(README): table.py $(wildcard $(RESULTS)/*.csv $(DEMO_RESULTS)/*.csv) | $(INSTALLED)
+# On a CPU: batch 1 and 8 in fp32, fewer runs (a 448 x 448 batch of 8 takes seconds there).
+$(STAMPS)/benchmark-cpu: benchmark.py $(PACKAGE) | $(INSTALLED)
+	$(PY) benchmark.py --device=cpu --batch_sizes=1,8 --dtypes=fp32 --warmup=1 --iters=5 \
+		--out=$(RESULTS)/benchmark.csv
+	mkdir -p $(@D) && touch $@
+
+# Reads the CSVs whatever their times, and runs nothing that writes them.
+table: | $(INSTALLED) ## regenerate the README results table and figures from the committed CSV files
 	$(PY) table.py --readme=$(README) --results=$(RESULTS) --demo_results=$(DEMO_RESULTS)
 
-table: $(README) ## regenerate the README results table from the CSV files in results/
-
 reproduce: check-gpu ## download, train both models, evaluate, benchmark, table (CUDA)
-	$(MAKE) $(VOC_EVALS) $(RESULTS)/benchmark.csv
+	$(MAKE) eval
+	$(MAKE) benchmark
 	$(MAKE) table
+
+# A VENV given on the command line (or in the environment) is used as it is: nothing is installed into it.
+GPU_CHECK_ENV := $(if $(filter command line environment,$(origin VENV)),,$(INSTALLED))
+
+gpu-check: | $(GPU_CHECK_ENV) ## exercise every CUDA path on a small synthetic set (one GPU, <= 8 min) into results/gpu/
+	$(PY) gpu_check.py --out_dir=$(RESULTS)/gpu
 
 # --- demo
 $(DEMO_DATA)/classes.txt: data/make_synthetic.py | $(INSTALLED)
@@ -138,16 +170,18 @@ $(DEMO_RUNS)/%/done: train.py $(PACKAGE) $(DEMO_MODEL) $(DEMO_CONFIG) $(DEMO_DAT
 	$(PY) train.py $(DEMO_MODEL) $(DEMO_CONFIG) --backbone=$* --data_dir=$(DEMO_DATA) --epochs=$(DEMO_RUN_EPOCHS) \
 		--lr_milestones=$$(( $(DEMO_RUN_EPOCHS) - 1 )) --out_dir=$(@D)
 
-$(DEMO_RESULTS)/%_ap.png: $(DEMO_RUNS)/%/done evaluate.py $(PACKAGE)
+$(DEMO_STAMPS)/eval-%: $(DEMO_RUNS)/%/done evaluate.py $(PACKAGE)
 	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --model_name=$* --out_dir=$(DEMO_RESULTS) --device=cpu \
 		--num_workers=1
 	cp $(<D)/log.csv $(DEMO_RESULTS)/$*_log.csv
+	mkdir -p $(@D) && touch $@
 
-$(DEMO_RESULTS)/benchmark.csv: benchmark.py $(PACKAGE) $(DEMO_MODEL) | $(INSTALLED)
+$(DEMO_STAMPS)/benchmark: benchmark.py $(PACKAGE) $(DEMO_MODEL) | $(INSTALLED)
 	$(PY) benchmark.py $(DEMO_MODEL) --device=cpu --backbones=resnet18,resnet50 --batch_sizes=1,8 --dtypes=fp32 \
-		$(DEMO_BENCHMARK) --out=$@
+		$(DEMO_BENCHMARK) --out=$(DEMO_RESULTS)/benchmark.csv
+	mkdir -p $(@D) && touch $@
 
-demo: $(DEMO_EVALS) $(DEMO_RESULTS)/benchmark.csv ## the whole chain on the synthetic set, on a CPU, in minutes
+demo: $(DEMO_EVALS) $(DEMO_STAMPS)/benchmark ## the whole chain on the synthetic set, on a CPU, in minutes
 	$(MAKE) table
 
 clean: ## remove the demo's data and runs (VOC data, VOC runs and committed results stay)

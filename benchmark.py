@@ -1,7 +1,14 @@
-"""Inference speed of YOLOv1: the model's forward pass alone, and end to end, per backbone, batch size and dtype.
+"""Inference speed of YOLOv1: the model's forward pass alone, and end to end, per backbone, batch size and dtype;
+and the rate at which the training data path delivers images.
 
     python benchmark.py                                                   # CUDA if available, else CPU
     python benchmark.py --device=cpu --backbones=resnet18 --batch_sizes=1,8 --iters=10
+    python benchmark.py --modes=loader,baseline_loader --num_workers=1 --device=cpu   # the data path
+
+Modes (`modes`): `forward` times the model alone, `end_to_end` the whole detection pipeline,
+`baseline_end_to_end` the straightforward pipeline below, `train_step` one training step on device-resident
+batches (uint8 -> float on the device, forward and loss under the dtype's autocast with fp32 weights,
+backward, the recipe's SGD step, fused on CUDA, with a GradScaler for fp16): the GPU-only training rate.
 
 End to end is what evaluation and detection do: a uint8 batch of VOC-sized images (500 x 375) -> resize ->
 forward -> decoding and class-wise NMS -> per-image VOC-pixel detections, at the evaluation score threshold.
@@ -10,16 +17,27 @@ threshold: the most decoding and NMS work there can be. Mode `baseline_end_to_en
 straightforward pipeline the inference mode (yolo/inference.py) is measured against: image-by-image resize,
 the eager fp32 model, cell-by-cell Python decoding and NumPy NMS.
 
+Mode `loader` times the training data path with the paper's augmentation and no model: workers decode,
+crop, resize and flip uint8 images and draw each image's colour factors; mode `baseline_loader` times the
+path it replaced, which converted every image to float32 and jittered its colours in the worker. A batch
+counts as delivered once copied to the device. The training step's work on it there (yolo.photometric's
+model_input: float conversion and, for the new path, the colour jitter) is timed apart and printed. Both
+modes read the same images (`protocol` and `data_dir` as for train.py, or a temporary synthetic set of
+VOC-sized images) with the same workers and batch size, one after the other, in two rounds of alternating
+order. Their rows name no backbone ("none"), the batch's dtype as the loader delivers it, and the worker
+count in device_name (so each worker count is a measurement of its own); their latency is the interval
+between batches in the steady state.
+
 Latency is per batch: median and 90th percentile of `iters` timed runs after `warmup` untimed ones (CUDA
 events after a synchronisation on the GPU); throughput is batch size / median latency. The measurements of
 one backbone and batch size run interleaved, one run of each in turn, so that load from other processes
 falls on all of them alike and their ratios stay meaningful on a shared machine. On the CPU the same rounds
 time a 2048 x 2048 fp32 matmul, the machine's practical peak, and the forward pass's FLOP rate is printed as
-a fraction of it. Rows are appended to `out`.
+a fraction of it. The rows go into `out` in place of earlier rows of the same measurement (device, backbone,
+dtype, batch size, mode, image size and compile); rows of other measurements stay.
 """
-import csv
-import datetime
-import time
+import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -30,12 +48,25 @@ from torchvision.transforms import v2
 
 from yolo.boxes import normalized_to_voc
 from yolo.config import at_least, between, format_config, one_of, resolve_config
+from yolo.data import PROTOCOLS, build_dataset
 from yolo.device import DTYPES, device_name, is_native, resolve_device
+from yolo.engine import apply_update, autocast_context
 from yolo.inference import Detector, preprocess
+from yolo.loader_benchmark import LOADER_MODES, benchmark_loader
+from yolo.loss import yolo_loss_terms
 from yolo.model import BACKBONES, YOLOv1
+from yolo.optim import build_optimizer
+from yolo.photometric import model_input
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
+from yolo.results import ResultsError, check_writable, write_keyed
+from yolo.targets import encode_target
+from yolo.timing import time_interleaved, timing_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
+import make_synthetic  # noqa: E402  (a plain script beside the data it makes)
 
 # --- what to time
+modes = ("forward", "end_to_end", "baseline_end_to_end")  # those, train_step, loader, baseline_loader; comma-separated
 backbones = ("resnet18", "resnet50")  # resnet18 | resnet50 | darknet, comma-separated
 device = "auto"                # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
 batch_sizes = (1, 8)           # images per batch, comma-separated: 1 gives the latency, larger the throughput
@@ -52,21 +83,31 @@ image_size = 448               # input side in pixels; image_size / 32 must be g
 grid_size = 7                  # S, cells per side
 head_channels = 1024           # width of the head's convolutions
 fc_dim = 4096                  # width of the hidden fully connected layer
+# --- loader modes
+protocol = "synthetic"         # voc2012val | voc2007test | synthetic: the training set the loader reads
+data_dir = ""                  # as train.py's; empty: a temporary synthetic set of VOC-sized (500 x 375) JPEGs
+num_workers = (4,)             # loading processes, comma-separated: one measurement each
 # --- timing and output
 warmup = 3                     # untimed runs of each measurement before timing
 iters = 20                     # timed runs of each measurement
-out = "results/benchmark.csv"  # CSV the rows are appended to (header written when the file is new)
+out = "results/benchmark.csv"  # CSV the rows are written to, replacing earlier rows of the same measurements
 
 NUM_CLASSES = 20
 SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500  # a typical VOC image
 MATMUL_SIZE = 2048
-RULES = {"device": resolve_device, "backbones": one_of(*BACKBONES), "batch_sizes": at_least(1),
+INFERENCE_MODES = ("forward", "end_to_end", "baseline_end_to_end")
+LOADER_SYNTHETIC_IMAGES = 64   # the loader cycles through them: enough distinct files to decode
+RULES = {"modes": one_of(*INFERENCE_MODES, "train_step", *LOADER_MODES), "device": resolve_device,
+         "backbones": one_of(*BACKBONES), "batch_sizes": at_least(1),
          "dtypes": one_of(*DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
          "max_detections": at_least(1), "threads": at_least(0), "image_size": at_least(32), "grid_size": at_least(1),
-         "head_channels": at_least(1), "fc_dim": at_least(1), "warmup": at_least(0), "iters": at_least(1)}
+         "head_channels": at_least(1), "fc_dim": at_least(1), "protocol": one_of(*PROTOCOLS),
+         "num_workers": at_least(0), "warmup": at_least(0), "iters": at_least(1)}
 CSV_COLUMNS = ("backbone", "device", "device_name", "dtype", "batch_size", "image_size", "mode", "compile",
                "latency_ms_median", "latency_ms_p90", "throughput_img_s", "params_m", "gflops", "torch_version",
                "date")
+# What names one measurement: a rerun with these equal replaces the earlier rows.
+CSV_KEY = ("device_name", "backbone", "dtype", "batch_size", "mode", "image_size", "compile")
 
 
 def dtypes_to_time(names: tuple[str, ...], device: torch.device, include_emulated: bool) -> list[str]:
@@ -146,49 +187,6 @@ def baseline_detect(model: YOLOv1, images: torch.Tensor, postprocess: dict) -> l
     return [decode_cells(cells, model.num_classes, width, height, **postprocess) for cells in pred]
 
 
-def elapsed_ms(run, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    start = time.perf_counter()
-    run()
-    return (time.perf_counter() - start) * 1e3
-
-
-def time_interleaved(runs: dict, warmup: int, iters: int, device: torch.device) -> dict[tuple, np.ndarray]:
-    """Milliseconds of `iters` runs of each callable, one run of each in turn (the order rotating every round)."""
-    for run in runs.values():
-        for _ in range(warmup):
-            run()
-    keys, times = list(runs), {key: [] for key in runs}
-    for round_index in range(iters):
-        shift = round_index % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            times[key].append(elapsed_ms(runs[key], device))
-    return {key: np.array(values) for key, values in times.items()}
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    is_new = not path.exists() or path.stat().st_size == 0
-    if not is_new:
-        with path.open(newline="") as file:
-            header = tuple(next(csv.reader(file), ()))
-        if header != CSV_COLUMNS:
-            raise SystemExit(f"error: {path} has the columns {header}, not this script's {CSV_COLUMNS}; "
-                             f"move it aside or pass another --out.")
-    with path.open("a", newline="") as file:
-        writer = csv.DictWriter(file, CSV_COLUMNS)
-        if is_new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_names: list[str]) -> list[dict]:
     """Rows for one backbone, every batch size, dtype and mode; prints the speed-up and fraction of peak."""
     torch.manual_seed(0)
@@ -196,15 +194,21 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
                    head_channels=config["head_channels"], fc_dim=config["fc_dim"]).to(device).eval()
     params_m = sum(parameter.numel() for parameter in model.parameters()) / 1e6
     gflops = forward_gflops(model, device)
-    postprocess = {key: config[key] for key in ("score_threshold", "nms_iou", "max_detections")}
-    detectors = {name: Detector(model, DTYPES[name], device, config["compile"], **postprocess)
-                 for name in dtype_names}
     common = {"backbone": backbone, "device": device.type, "device_name": device_name(device),
               "image_size": config["image_size"], "params_m": round(params_m, 3), "gflops": round(gflops, 3),
               "torch_version": torch.__version__}
+    rows = benchmark_train_step(backbone, config, device, dtype_names, common) if "train_step" in config["modes"] \
+        else []
+    if not set(config["modes"]) & set(INFERENCE_MODES):
+        return rows
+    postprocess = {key: config[key] for key in ("score_threshold", "nms_iou", "max_detections")}
+    detectors = {name: Detector(model, DTYPES[name], device, config["compile"], **postprocess)
+                 for name in dtype_names}
     matrix = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-    rows = []
     for batch_size in config["batch_sizes"]:
+        # Each batch size compiles anew (one graph per detector): never past Dynamo's recompile limit,
+        # beyond which it would silently run eager in rows that say compile.
+        torch._dynamo.reset()
         images = torch.randint(0, 256, (batch_size, 3, SOURCE_HEIGHT, SOURCE_WIDTH), dtype=torch.uint8)
         if device.type == "cuda":
             images = images.pin_memory()
@@ -213,23 +217,79 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
             inputs = preprocess(images, config["image_size"], detector.dtype, device)
             runs["forward", name, config["compile"]] = partial(detector.predict, inputs)
             runs["end_to_end", name, config["compile"]] = partial(detector, images)
-        if config["baseline"]:
+        runs = {key: run for key, run in runs.items() if key[0] in config["modes"]}
+        if config["baseline"] and "baseline_end_to_end" in config["modes"]:
             runs["baseline_end_to_end", "fp32", False] = partial(baseline_detect, model, images, postprocess)
         if device.type == "cpu":
             runs["matmul", "fp32", False] = partial(torch.mm, matrix, matrix)
         times = time_interleaved(runs, config["warmup"], config["iters"], device)
         matmul_ms = times.pop(("matmul", "fp32", False), None)
-        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        batch_rows = []
-        for (mode, dtype, compiled), milliseconds in times.items():
-            median = float(np.median(milliseconds))
-            batch_rows.append({**common, "dtype": dtype, "batch_size": batch_size, "mode": mode, "compile": compiled,
-                               "latency_ms_median": round(median, 3),
-                               "latency_ms_p90": round(float(np.percentile(milliseconds, 90)), 3),
-                               "throughput_img_s": round(batch_size * 1e3 / median, 3), "date": date})
+        batch_rows = timing_rows(times, common, batch_size)
         print_summary(batch_rows, gflops, matmul_ms)
         rows += batch_rows
     return rows
+
+
+def random_training_batch(batch_size: int, config: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-resident uint8 images at the input size and YOLO targets of 1-4 random boxes per image."""
+    generator = torch.Generator().manual_seed(batch_size)
+    images = torch.randint(0, 256, (batch_size, 3, config["image_size"], config["image_size"]), dtype=torch.uint8,
+                           generator=generator)
+    targets = []
+    for _ in range(batch_size):
+        count = int(torch.randint(1, 5, (), generator=generator))
+        corners = torch.rand(count, 2, 2, generator=generator).sort(dim=1).values  # (x1, y1) <= (x2, y2)
+        boxes = corners.flatten(1).clamp(0, 1)
+        targets.append(encode_target(boxes, torch.randint(0, NUM_CLASSES, (count,), generator=generator),
+                                     config["grid_size"], NUM_CLASSES))
+    return images.to(device).contiguous(memory_format=torch.channels_last), torch.stack(targets).to(device)
+
+
+def train_step(model, optimizer, scaler, images: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> None:
+    """One training step as train.py takes it, with nothing left to skip (the batch is known finite)."""
+    with autocast_context(images.device, dtype):
+        predictions = model(model_input(images, images.device))
+    loss = sum(yolo_loss_terms(predictions, targets).values())
+    scaler.scale(loss).backward()
+    apply_update(optimizer, scaler, skip=torch.zeros((), dtype=torch.bool, device=images.device))
+
+
+def benchmark_train_step(backbone: str, config: dict, device: torch.device, dtype_names: list[str],
+                         common: dict) -> list[dict]:
+    """Rows of mode train_step for every batch size and dtype: one training model per dtype, all timed
+    interleaved. Training keeps fp32 weights whatever the dtype (autocast), unlike the inference modes."""
+    torch.manual_seed(0)
+    trainers = {}
+    for name in dtype_names:
+        model = YOLOv1(backbone, NUM_CLASSES, config["grid_size"], image_size=config["image_size"],
+                       head_channels=config["head_channels"], fc_dim=config["fc_dim"])
+        model = model.to(device, memory_format=torch.channels_last).train()
+        optimizer = build_optimizer(model, "sgd", 1e-4, 0.9, 5e-4, fused=device.type == "cuda")
+        scaler = torch.amp.GradScaler(device.type, enabled=DTYPES[name] == torch.float16)
+        trainers[name] = (torch.compile(model) if config["compile"] else model, optimizer, scaler)
+    rows = []
+    autotuning = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as train.py trains on CUDA
+    for batch_size in config["batch_sizes"]:
+        torch._dynamo.reset()  # one graph per training model and batch size, as for the inference modes
+        images, targets = random_training_batch(batch_size, config, device)
+        runs = {("train_step", name, config["compile"]): partial(train_step, *trainer, images, targets, DTYPES[name])
+                for name, trainer in trainers.items()}
+        rows += timing_rows(time_interleaved(runs, config["warmup"], config["iters"], device), common, batch_size)
+    torch.backends.cudnn.benchmark = autotuning
+    return rows
+
+
+def write_voc_sized_set(root: Path) -> Path:
+    """LOADER_SYNTHETIC_IMAGES synthetic JPEGs of 500 x 375 with their annotations, as the train split of `root`."""
+    make_synthetic.make_voc_dirs(root)
+    ids = [f"train_{index:06d}" for index in range(LOADER_SYNTHETIC_IMAGES)]
+    for index, image_id in enumerate(ids):
+        pixels, objects = make_synthetic.render_image(np.random.default_rng([0, index]), SOURCE_WIDTH, SOURCE_HEIGHT)
+        make_synthetic.write_voc_item(root, image_id, pixels, objects)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{image_id}\n" for image_id in ids))
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in make_synthetic.CLASS_NAMES))
+    return root
 
 
 def print_summary(rows: list[dict], gflops: float, matmul_ms: np.ndarray | None) -> None:
@@ -260,15 +320,32 @@ def main(config: dict) -> None:
         torch.set_num_threads(config["threads"])
     if config["compile"] and config["warmup"] < 1:
         raise SystemExit("error: --compile=true needs --warmup of at least 1: the first run compiles.")
+    try:
+        check_writable(config["out"], CSV_KEY, CSV_COLUMNS)
+    except ResultsError as error:
+        sys.exit(f"error: --out: {error}")
     device = resolve_device(config["device"])
     dtype_names = dtypes_to_time(config["dtypes"], device, config["emulated_dtypes"])
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     rows = []
-    for backbone in config["backbones"]:
-        rows += benchmark_backbone(backbone, config, device, dtype_names)
-    append_rows(Path(config["out"]), rows)
+    if set(config["modes"]) & {*INFERENCE_MODES, "train_step"}:
+        for backbone in config["backbones"]:
+            rows += benchmark_backbone(backbone, config, device, dtype_names)
+    if set(config["modes"]) & set(LOADER_MODES):
+        with tempfile.TemporaryDirectory() as temporary:
+            data_dir = config["data_dir"] or write_voc_sized_set(Path(temporary))
+            protocol = config["protocol"] if config["data_dir"] else "synthetic"
+            try:
+                dataset = build_dataset(protocol, data_dir, train=True)
+            except (ValueError, FileNotFoundError) as error:  # a missing or unreadable data_dir
+                sys.exit(f"error: {error}")
+            rows += benchmark_loader(dataset, config, device)
+    try:
+        replaced = write_keyed(config["out"], rows, CSV_KEY, CSV_COLUMNS)
+    except ResultsError as error:
+        sys.exit(f"error: --out: {error}")
     print_table(rows)
-    print(f"appended {len(rows)} rows to {config['out']}")
+    print(f"wrote {len(rows)} rows to {config['out']}, replacing {replaced} earlier rows of the same measurements")
 
 
 if __name__ == "__main__":

@@ -12,18 +12,19 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from yolo.checkpoint import CheckpointError, load_model
-from yolo.config import at_least, between, format_config, one_of, resolve_config
-from yolo.data import build_dataset, decode_image
-from yolo.engine import evaluate
+from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
+from yolo.data import ImageDecodeError, build_dataset, decode_image
 from yolo.device import DTYPES, device_name, inference_dtype, resolve_device
+from yolo.engine import evaluate
+from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
 from yolo.metrics import voc_precision_recall
 from yolo.plots import plot_per_class_ap, plot_precision_recall
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
+from yolo.results import ResultsError, check_writable, write_keyed
 from yolo.sampling import IndexedSamples
 from yolo.transforms import EvalTransform, build_loader
 from yolo.visualize import draw_boxes, save_image
@@ -45,18 +46,17 @@ submission = False             # also write the VOC test-server files (comp4_det
 
 RULES = {"device": resolve_device, "batch_size": at_least(1), "num_workers": at_least(0),
          "dtype": one_of("auto", *DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
-         "max_detections": at_least(1), "num_examples": at_least(0)}
+         "max_detections": at_least(1), "num_examples": at_least(0),
+         "out_dir": writable_folder}
 METRIC_COLUMNS = ("voc07_map", "voc12_map", "coco_map", "coco_ap50", "coco_ap75")
 TEST_SPLITS = {"voc2012val": "VOC2012 val", "voc2007test": "VOC2007 test", "synthetic": "synthetic val"}
-
-
-def replace_rows(csv_path: Path, rows: list[dict], model: str) -> None:
-    """Write `rows` into csv_path in place of that model's earlier rows; other models' rows stay."""
-    new = pd.DataFrame(rows)
-    if csv_path.exists():
-        old = pd.read_csv(csv_path)
-        new = pd.concat([old[old["model"] != model], new], ignore_index=True)
-    new.to_csv(csv_path, index=False, float_format="%.6f")
+# The CSVs written in out_dir, by their columns; rerunning a model replaces its rows (the key), others stay.
+RESULT_CSVS = {
+    "metrics.csv": ("model", "backbone", "protocol", "split", "n_images", *METRIC_COLUMNS, "image_size", "dtype",
+                    "checkpoint", "epoch", "git_commit", "torch_version", "device", "date"),
+    "per_class_ap.csv": ("model", "class", "voc07_ap", "voc12_ap"),
+}
+CSV_KEY = ("model",)
 
 
 def write_submission(folder: Path, image_ids: list[str], detections: list[np.ndarray],
@@ -103,10 +103,17 @@ def main(config: dict) -> None:
     data_dir = config["data_dir"] or saved["data_dir"]
     model_name = config["model_name"] or checkpoint_path.parent.name
     class_names = state["class_names"]
+    out_dir = Path(config["out_dir"])
+    try:
+        for name, columns in RESULT_CSVS.items():
+            check_writable(out_dir / name, CSV_KEY, columns)
+    except ResultsError as error:
+        sys.exit(f"error: --out_dir: {error}")
 
     transform = EvalTransform(model.image_size, model.grid_size, model.num_classes)
     try:
         dataset = build_dataset(protocol_name, data_dir, train=False, transforms=transform, class_names=class_names)
+        require_readable_images([dataset.image_path(index) for index in range(len(dataset))])
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     if list(dataset.class_names) != list(class_names):
@@ -117,22 +124,25 @@ def main(config: dict) -> None:
                         max_detections=config["max_detections"])
     loader = build_loader(IndexedSamples(dataset), config["batch_size"], shuffle=False,
                           num_workers=config["num_workers"])
-    result = evaluate(detector, loader, dataset, loss_weights={}, desc=f"evaluate {model_name}")
+    try:
+        result = evaluate(detector, loader, dataset, loss_weights={}, desc=f"evaluate {model_name}")
+    except ImageDecodeError as error:  # its header read, its pixels do not
+        sys.exit(f"error: {error.reason}. An evaluation needs every image of the split: replace the file.")
     metrics = result["metrics"]
 
-    out_dir = Path(config["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     row = {"model": model_name, "backbone": state["model_args"]["backbone"], "protocol": protocol_name,
            "split": TEST_SPLITS.get(protocol_name, protocol_name), "n_images": len(dataset),
-           **{name: metrics[name] for name in METRIC_COLUMNS},
+           **{name: round(float(metrics[name]), 6) for name in METRIC_COLUMNS},
            "image_size": model.image_size, "dtype": str(detector.dtype).removeprefix("torch."),
            "checkpoint": str(checkpoint_path), "epoch": state.get("epoch"),
            "git_commit": state.get("git_commit", "unknown"), "torch_version": torch.__version__,
            "device": device_name(device), "date": datetime.date.today().isoformat()}
-    replace_rows(out_dir / "metrics.csv", [row], model_name)
-    replace_rows(out_dir / "per_class_ap.csv", [
-        {"model": model_name, "class": name, "voc07_ap": metrics["voc07_ap"][i], "voc12_ap": metrics["voc12_ap"][i]}
-        for i, name in enumerate(class_names)], model_name)
+    per_class = [{"model": model_name, "class": name, **{column: round(float(metrics[column][i]), 6)
+                                                         for column in ("voc07_ap", "voc12_ap")}}
+                 for i, name in enumerate(class_names)]
+    write_keyed(out_dir / "metrics.csv", [row], CSV_KEY, RESULT_CSVS["metrics.csv"])
+    write_keyed(out_dir / "per_class_ap.csv", per_class, CSV_KEY, RESULT_CSVS["per_class_ap.csv"])
 
     curves = voc_precision_recall(result["detections"], result["ground_truths"], len(class_names))
     plot_precision_recall({name: (curve.recall, curve.precision) for name, curve in zip(class_names, curves)

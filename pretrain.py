@@ -168,7 +168,7 @@ def main(config: dict) -> None:
             say(f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
                 f"rerun the same command to resume")
             cleanup()
-            sys.exit(128 + stop.signal)
+            sys.exit(stop.exit_code())
         start_step = 0
         seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
@@ -190,7 +190,7 @@ def main(config: dict) -> None:
         if stop() and not last_epoch:
             say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
             cleanup()
-            sys.exit(128 + stop.signal)
+            sys.exit(stop.exit_code())
     if is_main_process():
         mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the pretrained backbone; pass it to train.py as "

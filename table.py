@@ -2,8 +2,10 @@
 
     python table.py
 
-Everything comes from the CSV files that evaluate.py, benchmark.py and the training logs wrote; the
-reference rows are other works' figures as their authors reported them. Running it twice changes nothing.
+Everything comes from the CSV files that evaluate.py, benchmark.py and the training logs wrote (a column an
+older file lacks shows "-"); the reference rows are other works' figures as their authors reported them.
+Speed has one table for all CPUs and one per GPU name. It runs nothing else, and running it twice changes
+nothing.
 """
 import math
 import re
@@ -19,83 +21,157 @@ results = "results"            # metrics.csv, per_class_ap.csv, benchmark.csv an
 demo_results = "results/demo"  # the same files of `make demo`
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
-# SPEC section 8: figures reported by their authors, not measured here.
+# Figures reported by their authors, not measured here (SPEC section 8), as {column header: text}; the seed
+# README's first revision is the one this project started from.
 REFERENCE_ROWS = (
-    ("YOLOv1 (seed repository)", "ResNet18", "VOC2012 val", "-", "48.10", "23.18", "97.88 (RTX 2070 Super)",
-     "reported by its author: 11-point mAP with non-devkit matching and a 0.1 score cut; FPS unsynchronised"),
-    ("YOLOv1 (seed repository)", "ResNet50", "VOC2012 val", "-", "49.87", "23.95", "58.40 (RTX 2070 Super)",
-     "reported by its author, as above"),
-    ("YOLO (Redmon et al. 2016)", "Darknet (24 conv)", "VOC2007 test", "63.4", "-", "-", "45 (Titan X)",
-     "reported by the paper; 57.9 on VOC2012 test"),
-    ("Fast YOLO (Redmon et al. 2016)", "9 conv", "VOC2007 test", "52.7", "-", "-", "155 (Titan X)",
-     "reported by the paper"),
+    {"model": "YOLOv1 (seed repository)", "backbone": "ResNet18", "test split": "VOC2012 val",
+     "VOC2012 mAP": "44.38", "COCO mAP": "21.41", "FPS, batch 1, end to end": "213.19",
+     "how it was obtained": "reported by its author (seed README, first revision); FPS timed only kernel launches"},
+    {"model": "YOLOv1 (seed repository)", "backbone": "ResNet50", "test split": "VOC2012 val",
+     "VOC2012 mAP": "45.86", "COCO mAP": "22.17", "FPS, batch 1, end to end": "96.16",
+     "how it was obtained": "reported by its author (seed README, first revision), as above"},
+    {"model": "YOLOv1 (seed repository)", "backbone": "ResNet18", "test split": "VOC2012 val",
+     "VOC2012 mAP": "48.10", "COCO mAP": "23.18", "FPS, batch 1, end to end": "97.88 (RTX 2070 Super)",
+     "how it was obtained": "reported by its author (seed README, later revision): 11-point mAP with non-devkit "
+                            "matching and a 0.1 score cut; FPS unsynchronised"},
+    {"model": "YOLOv1 (seed repository)", "backbone": "ResNet50", "test split": "VOC2012 val",
+     "VOC2012 mAP": "49.87", "COCO mAP": "23.95", "FPS, batch 1, end to end": "58.40 (RTX 2070 Super)",
+     "how it was obtained": "reported by its author (seed README, later revision), as above"},
+    {"model": "YOLO (Redmon et al. 2016)", "backbone": "Darknet (24 conv)", "test split": "VOC2007 test",
+     "VOC2007 11-point mAP": "63.4", "FPS, batch 1, end to end": "45 (Titan X)",
+     "how it was obtained": "reported by the paper; 57.9 on VOC2012 test"},
+    {"model": "Fast YOLO (Redmon et al. 2016)", "backbone": "9 conv", "test split": "VOC2007 test",
+     "VOC2007 11-point mAP": "52.7", "FPS, batch 1, end to end": "155 (Titan X)",
+     "how it was obtained": "reported by the paper"},
 )
+MISSING = "-"  # the cell of a value the CSV lacks (an older file without that column, or an empty field)
+
+
+def is_missing(value) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def percent(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+    return MISSING if is_missing(value) else f"{100 * value:.2f}"
+
+
+class Fields(dict):
+    """A row's fields as text for str.format_map, with MISSING for absent or empty ones."""
+
+    def __init__(self, row: dict):
+        super().__init__({name: MISSING if is_missing(value) else value for name, value in row.items()})
+
+    def __missing__(self, name: str) -> str:
+        return MISSING
+
+
+def text(template: str):
+    """A column made of row fields, e.g. "{split} ({n_images} images)"."""
+    return lambda row: template.format_map(Fields(row))
+
+
+def number(name: str, spec: str):
+    return lambda row: MISSING if is_missing(row.get(name)) else format(row[name], spec)
+
+
+def percent_of(name: str):
+    return lambda row: percent(row.get(name))
+
+
+# The tables' columns, in order: (header, the cell's text from a row of the CSV, with "source" added).
+ACCURACY_COLUMNS = (
+    ("model", text("{model}")),
+    ("backbone", text("{backbone}")),
+    ("test split", text("{split} ({n_images} images)")),
+    ("VOC2007 11-point mAP", percent_of("voc07_map")),
+    ("VOC2012 mAP", percent_of("voc12_map")),
+    ("COCO mAP", percent_of("coco_map")),
+    ("COCO AP50", percent_of("coco_ap50")),
+    ("COCO AP75", percent_of("coco_ap75")),
+    ("FPS, batch 1, end to end", text("{fps_batch1}")),
+    ("how it was obtained", text("{source}: epoch {epoch}, {device}, {dtype}")),
+)
+SPEED_COLUMNS = (
+    ("backbone", text("{backbone}")),
+    ("input", text("{image_size}")),
+    ("mode", text("{mode}")),
+    ("dtype", text("{dtype}")),
+    ("batch", text("{batch_size}")),
+    ("compiled", text("{compile}")),
+    ("median ms", number("latency_ms_median", ".1f")),
+    ("p90 ms", number("latency_ms_p90", ".1f")),
+    ("images/s", number("throughput_img_s", ".1f")),
+    ("device", text("{device_name}, torch {torch_version}")),
+    ("source", text("{source}")),
+)
+SPEED_ORDER = ("backbone", "device_name", "dtype", "batch_size", "image_size", "mode", "compile")
+
+
+def markdown_table(columns, rows: list[dict], quoted: tuple[dict, ...] = (), empty: str = "") -> list[str]:
+    """`rows` through the columns' getters, then `quoted` rows given as {header: text}; `empty` fills the
+    first cell of a table with no rows."""
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
+    if not rows and empty:
+        lines.append(f"| {empty} |" + " |" * (len(columns) - 1))
+    lines += ["| " + " | ".join(row.get(header, MISSING) for header, _ in columns) + " |" for row in quoted]
+    return lines
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path) if path.exists() else pd.DataFrame()
+    """A results CSV with nullable dtypes (integers stay integers where a value is missing); empty if absent
+    or empty."""
+    return pd.read_csv(path).convert_dtypes() if path.exists() and path.stat().st_size else pd.DataFrame()
 
 
-def fastest_batch1(benchmark: pd.DataFrame, backbone: str, image_size: int) -> str:
-    """End-to-end images per second at batch 1 (the best dtype), with the device and dtype named."""
-    if benchmark.empty:
-        return "-"
+def fastest_batch1(benchmark: pd.DataFrame, backbone: str, image_size) -> str:
+    """End-to-end images per second at batch 1 (the best dtype and device), with the dtype and device named."""
+    needed = {"backbone", "mode", "batch_size", "image_size", "throughput_img_s", "dtype", "device_name"}
+    if is_missing(image_size) or not needed <= set(benchmark.columns):
+        return MISSING
     rows = benchmark[(benchmark["backbone"] == backbone) & (benchmark["mode"] == "end_to_end")
                      & (benchmark["batch_size"] == 1) & (benchmark["image_size"] == image_size)]
     if rows.empty:
-        return "-"
+        return MISSING
     best = rows.loc[rows["throughput_img_s"].idxmax()]
     return f"{best['throughput_img_s']:.1f} ({best['dtype']}, {best['device_name']})"
 
 
-def accuracy_rows(folder: Path, source: str) -> list[str]:
-    metrics = read_csv(folder / "metrics.csv")
+def accuracy_rows(folder: Path, source: str) -> list[dict]:
     benchmark = read_csv(folder / "benchmark.csv")
-    lines = []
-    for _, row in metrics.iterrows():
-        lines.append(f"| {row['model']} | {row['backbone']} | {row['split']} ({row['n_images']} images) | "
-                     f"{percent(row['voc07_map'])} | {percent(row['voc12_map'])} | {percent(row['coco_map'])} | "
-                     f"{percent(row['coco_ap50'])} | {percent(row['coco_ap75'])} | "
-                     f"{fastest_batch1(benchmark, row['backbone'], row['image_size'])} | "
-                     f"{source}: epoch {row['epoch']}, {row['device']}, {row['dtype']} |")
-    return lines
+    return [{**row, "source": source, "fps_batch1": fastest_batch1(benchmark, row.get("backbone"),
+                                                                   row.get("image_size"))}
+            for row in read_csv(folder / "metrics.csv").to_dict("records")]
 
 
-def speed_rows(folder: Path, source: str) -> list[str]:
+def speed_rows(folder: Path, source: str) -> list[dict]:
     benchmark = read_csv(folder / "benchmark.csv")
-    if benchmark.empty:
-        return []
-    key = ["backbone", "device_name", "dtype", "batch_size", "image_size", "mode", "compile"]
-    latest = benchmark.drop_duplicates(subset=key, keep="last").sort_values(key)
-    return [f"| {row['backbone']} | {row['image_size']} | {row['mode']} | {row['dtype']} | {row['batch_size']} | "
-            f"{row['latency_ms_median']:.1f} | {row['latency_ms_p90']:.1f} | {row['throughput_img_s']:.1f} | "
-            f"{row['device_name']}, torch {row['torch_version']} | {source} |" for _, row in latest.iterrows()]
+    order = [name for name in SPEED_ORDER if name in benchmark.columns]
+    return [{**row, "source": source} for row in benchmark.sort_values(order, kind="stable").to_dict("records")]
+
+
+def device_kind(row: dict) -> str:
+    """The speed table a row belongs in: one for all CPUs, one per GPU name."""
+    return "CPU" if row.get("device") == "cpu" else Fields(row)["device_name"]
 
 
 def results_section(folders: list[tuple[Path, str, str]]) -> str:
-    accuracy = [line for folder, source, _ in folders for line in accuracy_rows(folder, source)]
-    references = [f"| {' | '.join(row[:3])} | {row[3]} | {row[4]} | {row[5]} | - | - | {row[6]} | {row[7]} |"
-                  for row in REFERENCE_ROWS]
-    speed = [line for folder, _, source in folders for line in speed_rows(folder, source)]
+    accuracy = [row for folder, source, _ in folders for row in accuracy_rows(folder, source)]
+    speed = [row for folder, _, source in folders for row in speed_rows(folder, source)]
+    speed_tables = []
+    for kind in sorted({device_kind(row) for row in speed}, key=lambda kind: (kind != "CPU", kind)):
+        speed_tables += ["", f"{kind}:", "", *markdown_table(SPEED_COLUMNS, [row for row in speed
+                                                                           if device_kind(row) == kind])]
     return "\n".join([
         "Accuracy (mAP at IoU 0.5 in %, VOC devkit rules; COCO AP@[.5:.95] by pycocotools' rules) and",
         "end-to-end speed at batch 1. Rows without a reference are measured by this repository's code.",
         "",
-        "| model | backbone | test split | VOC2007 11-point mAP | VOC2012 mAP | COCO mAP | COCO AP50 | COCO AP75 "
-        "| FPS, batch 1, end to end | how it was obtained |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *(accuracy or ["| (no results yet: run `make demo` or `make reproduce`) | | | | | | | | | |"]),
-        *references,
+        *markdown_table(ACCURACY_COLUMNS, accuracy, REFERENCE_ROWS,
+                        empty="(no results yet: run `make demo` or `make reproduce`)"),
         "",
-        "Speed (latency per batch in ms, median and 90th percentile; end to end = resize + forward + decoding + NMS):",
-        "",
-        "| backbone | input | mode | dtype | batch | median ms | p90 ms | images/s | device | source |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *(speed or ["| (no benchmark yet) | | | | | | | | | |"]),
+        "Speed (latency per batch in ms, median and 90th percentile; end to end = resize + forward + decoding + NMS),",
+        "one table per kind of device:",
+        *(speed_tables or ["", "(no benchmark yet: run `make benchmark` or `make demo`)"]),
     ])
 
 
@@ -119,6 +195,13 @@ def plot_training_curves(folder: Path) -> None:
 
 
 def main(config: dict) -> None:
+    path = Path(config["readme"])
+    if not path.is_file():
+        raise SystemExit(f"error: --readme: {path} does not exist.")
+    current = path.read_text()
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
+    if not pattern.search(current):
+        raise SystemExit(f"error: {path} has no {START} ... {END} markers to put the table between.")
     # (folder, what made its accuracy rows, what made its speed rows)
     folders = [(Path(config["results"]), "`make reproduce`", "`make benchmark`"),
                (Path(config["demo_results"]), "`make demo`", "`make demo`")]
@@ -126,15 +209,10 @@ def main(config: dict) -> None:
         if folder.exists():
             write_per_class_table(folder)
             plot_training_curves(folder)
-    path = Path(config["readme"])
-    text = path.read_text()
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.DOTALL)
-    if not pattern.search(text):
-        raise SystemExit(f"error: {path} has no {START} ... {END} markers to put the table between.")
-    updated = pattern.sub(lambda _: f"{START}\n{results_section(folders)}\n{END}", text)
-    if updated != text:
+    updated = pattern.sub(lambda _: f"{START}\n{results_section(folders)}\n{END}", current)
+    if updated != current:
         path.write_text(updated)
-    print(f"{'updated' if updated != text else 'unchanged'}: {path}")
+    print(f"{'updated' if updated != current else 'unchanged'}: {path}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@
 
 Every constant below can be overridden as --name=value. A rerun of the same command continues from
 out_dir/last.pt; SIGINT or SIGTERM saves the current step and exits, and the rerun carries on from there.
+
+On CUDA the loop reads the device's results (shown loss, non-finite check, stop request) every `log_every`
+optimizer steps, so a stop lands on the next such step; on a CPU, where ops run synchronously and a read
+costs nothing, it reads after every step.
 """
 import bisect
 import json
@@ -17,18 +21,19 @@ import torch
 
 from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differences, git_commit,
                              load_backbone_weights, load_checkpoint, save_checkpoint)
-from yolo.config import at_least, between, format_config, one_of, resolve_config
-from yolo.data import PROTOCOLS, build_dataset
+from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
+from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
-from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
+from yolo.distributed import any_process, backend, barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
+from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
 from yolo.model import BACKBONES, YOLOv1
 from yolo.optim import OPTIMIZERS, build_optimizer
 from yolo.plots import plot_training_curve
 from yolo.run import StopRequest, append_log, find_checkpoint, mark_finished, read_log, say, write_log
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
-from yolo.transforms import EvalTransform, TrainTransform, build_loader
+from yolo.transforms import EvalTransform, TrainTransform, build_loader, check_num_workers, num_loader_workers
 
 # --- model
 backbone = "resnet18"          # resnet18 | resnet50 | darknet | fast
@@ -44,7 +49,10 @@ protocol = "voc2012val"        # voc2012val | voc2007test | synthetic
 data_dir = "data"              # folder holding VOCdevkit/, or the synthetic set's VOC-layout folder
 use_difficult = True           # keep objects marked difficult in the training targets (the seed did)
 augment = True                 # the paper's augmentation; false: resize only (for overfitting checks)
-num_workers = 4                # data-loading processes per training process
+num_workers = "auto"           # loading processes per training process: auto (its share of the cores, less one) | N
+cache_images = False           # decode all train and validation images into RAM once (VOC07+12: ~9 GB per process)
+pin_memory = True              # CUDA: page-locked batches, copied to the GPU while it computes
+prefetch_factor = 4            # batches each loading process prepares ahead (uint8 448 x 448: 0.6 MB per image)
 # --- recipe (SPEC section 5)
 epochs = 145                   # total epochs
 batch_size = 64                # images per optimizer step, summed over processes and accumulation
@@ -65,18 +73,22 @@ resume = "auto"                # auto: continue from out_dir/last.pt if present 
 seed = 0                       # model initialisation, data order and augmentation
 device = "auto"                # auto (cuda if available) | cpu | cuda
 dtype = "auto"                 # autocast: auto (CUDA: bf16 where native, else fp16; CPU: fp32) | fp32 | bf16 | fp16
-compile = False                # torch.compile the model
+compile = False                # torch.compile the model for training (one compilation; validation stays eager)
+log_every = 20                 # CUDA: optimizer steps between reads of the loss and stop/non-finite flags (CPU: 1)
+bad_images = "skip"            # an image that fails to decode while training: skip (warned, counted in log.csv) | error
 eval_every = 5                 # validate every N epochs and after the last; 0: only after the last
 
 
 RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size": at_least(32),
          "grid_size": at_least(1), "num_boxes": at_least(1), "head_channels": at_least(1), "fc_dim": at_least(1),
-         "protocol": one_of(*PROTOCOLS), "num_workers": at_least(0), "epochs": at_least(1),
+         "protocol": one_of(*PROTOCOLS), "num_workers": check_num_workers, "prefetch_factor": at_least(1),
+         "epochs": at_least(1),
          "batch_size": at_least(1), "micro_batch_size": at_least(1), "optimizer": one_of(*OPTIMIZERS),
          "lr": at_least(0.0), "warmup_lr": at_least(0.0), "warmup_epochs": at_least(0.0),
          "lr_milestones": at_least(0), "lr_gamma": at_least(0.0), "momentum": between(0.0, 1.0),
          "weight_decay": at_least(0.0), "lambda_coord": at_least(0.0), "lambda_noobj": at_least(0.0),
-         "seed": at_least(0), "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0)}
+         "seed": at_least(0), "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0), "bad_images": one_of("skip", "error"), "log_every": at_least(1),
+         "out_dir": writable_folder}
 
 
 def learning_rate(epoch: float, config: dict) -> float:
@@ -88,7 +100,18 @@ def learning_rate(epoch: float, config: dict) -> float:
 
 
 LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_map", "val_voc12_map",
-               "images_per_s", "seconds")
+               "images_per_s", "seconds", "skipped_images")
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, saved_dtype: str | None) -> None:
+    """The GradScaler's saved state where both runs use one (fp16); a run switching dtype starts afresh."""
+    if not scaler.is_enabled():
+        return  # fp16 -> bf16 / fp32: the scale has no use without fp16 gradients
+    if state:
+        scaler.load_state_dict(state)
+    else:
+        say(f"the checkpoint was trained with dtype {saved_dtype} and has no gradient scaler state: "
+            f"fp16 starts a fresh one (scale {scaler.get_scale():g})")
 
 
 def main(config: dict) -> None:
@@ -99,12 +122,16 @@ def main(config: dict) -> None:
     out_dir = Path(config["out_dir"])
     if config["backbone_weights"] and config["pretrained"]:
         sys.exit("error: --backbone_weights replaces the ImageNet weights: add --pretrained=false.")
-    say(f"train.py on {world_size} process(es), device {device}, dtype {str(dtype).removeprefix('torch.')}\n"
-        f"{format_config(config)}")
+    process_group = f" in a {backend()} process group" if backend() else ""
+    say(f"train.py on {world_size} process(es){process_group}, device {device}, "
+        f"dtype {str(dtype).removeprefix('torch.')}\n{format_config(config)}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: time the convolution algorithms once
 
     random.seed(config["seed"])
     torch.manual_seed(config["seed"])
     train_set = build_dataset(config["protocol"], config["data_dir"], train=True)
+    train_set.skip_unreadable = config["bad_images"] == "skip"
     class_names = train_set.class_names
     if config["augment"]:
         train_set.transforms = TrainTransform(config["image_size"], config["grid_size"], len(class_names),
@@ -114,21 +141,37 @@ def main(config: dict) -> None:
     val_set = build_dataset(config["protocol"], config["data_dir"], train=False,
                             transforms=EvalTransform(config["image_size"], config["grid_size"], len(class_names)),
                             class_names=class_names)
+    val_set.skip_unreadable = config["bad_images"] == "skip"
+    require_readable_images([dataset.image_path(index) for dataset in (train_set, val_set)
+                             for index in range(len(dataset))])
     model_args = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
     model_args["num_classes"] = len(class_names)
     run_config = {**config, "num_classes": len(class_names)}
 
+    if config["cache_images"]:
+        say(f"decoding {len(train_set) + len(val_set)} images into RAM "
+            f"({(train_set.cached_bytes() + val_set.cached_bytes()) / 1e9:.1f} GB)")
+        try:
+            train_set.cache_images()
+            val_set.cache_images()
+        except ImageDecodeError as error:
+            sys.exit(f"error: {error}")
+
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
-    train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
-                                num_workers=config["num_workers"], sampler=sampler)
+    loading = {"num_workers": num_loader_workers(config["num_workers"]), "prefetch_factor": config["prefetch_factor"],
+               "pin_memory": config["pin_memory"] and device.type == "cuda"}
+    train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False, sampler=sampler,
+                                **loading)
     val_loader = build_loader(IndexedSamples(val_set, range(rank, len(val_set), world_size)),
-                              config["micro_batch_size"], shuffle=False, num_workers=config["num_workers"])
+                              config["micro_batch_size"], shuffle=False, **loading)
 
     model = YOLOv1(**model_args, pretrained=config["pretrained"]).to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config["optimizer"], config["lr"], config["momentum"], config["weight_decay"])
+    optimizer = build_optimizer(model, config["optimizer"], config["lr"], config["momentum"], config["weight_decay"],
+                                fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_epoch, start_step, best_map = 0, 0, -1.0
+    carried = None  # the loss sums, images and seconds of the part of an epoch done before an interruption
 
     checkpoint_path = find_checkpoint(config, out_dir)
     if checkpoint_path is None and config["backbone_weights"]:
@@ -146,13 +189,23 @@ def main(config: dict) -> None:
         if differences:
             sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
                      f"Rerun with the saved settings, or choose another out_dir to start a new run.")
+        if list(checkpoint["class_names"]) != list(class_names):
+            sys.exit(f"error: {checkpoint_path} was trained on the classes {list(checkpoint['class_names'])}, in "
+                     f"that order; the dataset now has {list(class_names)}. Restore the dataset's class list "
+                     f"(classes.txt), or choose another out_dir to start a new run.")
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
-        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
-        random.setstate(checkpoint["rng"]["python"])
-        say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+        if "optimizer" in checkpoint:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            load_scaler_state(scaler, checkpoint["scaler"], checkpoint["config"].get("dtype"))
+            start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
+            carried = checkpoint.get("partial_epoch")
+            torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
+            random.setstate(checkpoint["rng"]["python"])
+            say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+        else:  # best.pt: weights only
+            start_epoch, best_map = checkpoint["epoch"], checkpoint["val_voc12_map"]
+            say(f"warm start from the weights of {checkpoint_path} (epoch {start_epoch}) with a fresh optimizer: "
+                f"momentum starts again from zero, so the run will not equal an uninterrupted one")
     if start_epoch >= config["epochs"]:
         say(f"{out_dir} already holds a finished run of {config['epochs']} epochs: nothing to do.")
         if is_main_process():
@@ -166,10 +219,11 @@ def main(config: dict) -> None:
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
         write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch), LOG_COLUMNS)
     train_model = model
-    if world_size > 1:
+    if backend():
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None)
     if config["compile"]:
+        # PyTorch's recommended order: compile the DDP wrapper, whose optimizer splits the graph at its buckets.
         train_model = torch.compile(train_model)
 
     def checkpoint_state(epoch: int, step: int) -> dict:
@@ -184,6 +238,7 @@ def main(config: dict) -> None:
         return learning_rate(epoch + step / sampler.steps_per_epoch, config)
 
     stop = StopRequest()
+    read_every = config["log_every"] if device.type == "cuda" else 1
     say(f"training epochs {start_epoch + 1}-{config['epochs']}: {sampler.steps_per_epoch} steps of "
         f"{config['batch_size']} images each ({sampler.accumulation} accumulated micro-batches per process)")
     for epoch in range(start_epoch, config["epochs"]):
@@ -193,27 +248,40 @@ def main(config: dict) -> None:
             stats = train_one_epoch(
                 train_model, train_loader, optimizer, scaler, epoch=epoch, start_step=start_step,
                 accumulation=sampler.accumulation, loss_weights=loss_weights, device=device, dtype=dtype,
-                stop_requested=stop, lr_at=lambda step: lr_at(epoch, step))
+                stop_requested=stop, lr_at=lambda step: lr_at(epoch, step), read_every=read_every)
         except NonFiniteLossError as error:
             cleanup()
             sys.exit(f"error: {error}")
+        except ImageDecodeError as error:
+            cleanup()
+            sys.exit(f"error: {error.reason}. Replace the file, or rerun with --bad_images=skip to train without it "
+                     f"(last.pt holds the last completed epoch).")
+        seconds = time.perf_counter() - started
+        if carried is not None:
+            stats["terms"] = {name: value + carried["terms"][name] for name, value in stats["terms"].items()}
+            stats["images"] += carried["images"]
+            seconds += carried["seconds"]
+            carried = None
         if stats["stopped"]:
             if is_main_process():
-                save_checkpoint(checkpoint_state(epoch, stats["steps"]), out_dir / "last.pt")
+                save_checkpoint({**checkpoint_state(epoch, stats["steps"]), "partial_epoch": {
+                    "terms": stats["terms"], "images": stats["images"], "seconds": seconds}}, out_dir / "last.pt")
             say(f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
                 f"rerun the same command to resume")
+            barrier()  # no process exits (which makes torchrun end the others) before the save is complete
             cleanup()
-            sys.exit(128 + stop.signal)
+            sys.exit(stop.exit_code())
         start_step = 0
-        seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
                **{name: f"{value / stats['images']:.6f}" for name, value in stats["terms"].items()},
                "train_loss": f"{sum(stats['terms'].values()) / stats['images']:.6f}",
                "images_per_s": f"{stats['images'] / seconds:.2f}", "seconds": f"{seconds:.1f}",
+               "skipped_images": round(stats["steps"] * config["batch_size"] - stats["images"]),
                "val_loss": "", "val_voc07_map": "", "val_voc12_map": ""}
         last_epoch = epoch + 1 == config["epochs"]
         if last_epoch or (config["eval_every"] > 0 and (epoch + 1) % config["eval_every"] == 0):
-            validation = evaluate(Detector(model, dtype, device), val_loader, val_set, loss_weights=loss_weights,
+            # fp32 weights: bf16 scores take 128 values in [0.5, 1), and their ties would rank by image order.
+            validation = evaluate(Detector(model, torch.float32, device), val_loader, val_set, loss_weights=loss_weights,
                                   desc=f"validate {epoch + 1}")
             row["val_loss"] = f"{validation['loss']:.6f}"
             if is_main_process():
@@ -232,10 +300,10 @@ def main(config: dict) -> None:
                 plot_training_curve(out_dir / "log.csv", out_dir / "training_curve.png")
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
-        if stop() and not last_epoch:
+        if any_process(stop(), device) and not last_epoch:
             say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
             cleanup()
-            sys.exit(128 + stop.signal)
+            sys.exit(stop.exit_code())
     if is_main_process():
         mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the final model (best.pt: best validation mAP, for reference only)")
@@ -245,5 +313,5 @@ def main(config: dict) -> None:
 if __name__ == "__main__":
     try:
         main(resolve_config(globals(), rules=RULES))
-    except (ValueError, FileNotFoundError) as error:  # bad settings or data, found while building the run
+    except (ValueError, FileNotFoundError, CheckpointError) as error:  # bad settings, data or disk
         sys.exit(f"error: {error}")

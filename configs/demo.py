@@ -15,6 +15,6 @@ weight_decay = 0.0
 augment = False
 batch_size = 16
 micro_batch_size = 16
-num_workers = 1
+num_workers = "1"
 eval_every = 1
 device = "cpu"

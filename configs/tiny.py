@@ -3,5 +3,5 @@ protocol = "synthetic"
 pretrained = False
 warmup_epochs = 0.5
 eval_every = 0
-num_workers = 0
+num_workers = "0"
 device = "cpu"

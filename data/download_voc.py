@@ -1,6 +1,7 @@
 """Download, verify and extract PASCAL VOC2007 trainval, VOC2007 test and VOC2012 trainval.
 
     python data/download_voc.py --data-dir data [--mirror URL] [--archives-dir DIR]
+                                [--stall-timeout SECONDS] [--deadline SECONDS]
 
 Archives go to <data-dir>/archives/ and are extracted into <data-dir>/ (VOCdevkit/VOC2007, VOCdevkit/VOC2012).
 Every archive is checked against its MD5 before extraction. An interrupted download resumes from its
@@ -10,7 +11,9 @@ marker <data-dir>/archives/<archive>.extracted is written, so a rerun skips fini
 half-extracted one is redone. The .tar files may be deleted after extraction; keep the markers.
 
 The historical host is often down: --mirror URL (or the VOC_MIRROR environment variable) names another
-base URL serving the same file names, and --archives-dir DIR uses .tar files you already have.
+base URL serving the same file names, and --archives-dir DIR uses .tar files you already have. A host
+that sends nothing for --stall-timeout seconds, or has not delivered an archive within --deadline
+seconds, is given up on; the .part file stays, and a rerun resumes from it.
 """
 import argparse
 import hashlib
@@ -20,6 +23,7 @@ import os
 import shutil
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,7 +32,8 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 CHUNK = 1 << 20
-TIMEOUT_S = 60
+STALL_TIMEOUT_S = 60  # give up on a URL that sends no byte for this long
+DEADLINE_S = 4 * 3600  # give up on an archive not downloaded within this (2 GB at 140 kB/s); 0: never
 
 
 class Archive(NamedTuple):
@@ -69,13 +74,19 @@ def _network_hint(url):
             "serving the same file names, or put the .tar files in a folder and pass --archives-dir DIR")
 
 
-def fetch(url, destination):
-    """Download url to destination, resuming from destination.part when present."""
+def fetch(url, destination, stall_timeout=STALL_TIMEOUT_S, deadline=DEADLINE_S):
+    """Download url to destination, resuming from destination.part when present.
+
+    Gives up (DownloadError, the .part file kept) when no byte arrives for stall_timeout seconds or the
+    download has taken more than deadline seconds (0: no deadline).
+    """
+    started = time.monotonic()
     partial = destination.with_name(destination.name + ".part")
     offset = partial.stat().st_size if partial.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+        # The timeout bounds each wait on the socket, so it is the stall deadline: connecting, then every read.
+        response = urllib.request.urlopen(request, timeout=stall_timeout)
     except urllib.error.HTTPError as error:
         if error.code == 416 and offset:
             # Nothing left past our offset: the .part file is already whole; the checksum will tell.
@@ -83,6 +94,10 @@ def fetch(url, destination):
             return
         raise DownloadError(f"HTTP {error.code} {error.reason}: {_network_hint(url)}") from None
     except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, refused or reset connections
+        # A timeout while connecting comes wrapped in a URLError, one while waiting for the answer bare.
+        if isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError):
+            raise DownloadError(f"no answer within {stall_timeout:g} s (--stall-timeout): "
+                                f"{_network_hint(url)}") from None
         raise DownloadError(f"{error}: {_network_hint(url)}") from None
     with response:
         if offset and response.status != 206:
@@ -93,10 +108,20 @@ def fetch(url, destination):
         try:
             with open(partial, "ab" if offset else "wb") as file, tqdm(
                     total=total, initial=offset, unit="B", unit_scale=True, desc=destination.name) as progress:
-                while chunk := response.read(CHUNK):
+                # read1 returns what has arrived instead of waiting for a whole chunk, so a host trickling
+                # a byte at a time still meets the deadline check.
+                while chunk := response.read1(CHUNK):
                     file.write(chunk)
                     received += len(chunk)
                     progress.update(len(chunk))
+                    if deadline and time.monotonic() - started > deadline:
+                        raise DownloadError(
+                            f"{url}: not downloaded within {deadline:g} s (--deadline), {received} of "
+                            f"{total if total is not None else '?'} bytes so far; {partial} is kept, rerun to "
+                            f"resume, or raise --deadline. {_network_hint(url)}")
+        except TimeoutError:
+            raise DownloadError(f"{url}: no data for {stall_timeout:g} s (--stall-timeout) after {received} bytes; "
+                                f"{partial} is kept, rerun to resume. {_network_hint(url)}") from None
         except (OSError, http.client.HTTPException) as error:
             raise DownloadError(f"{error!r} after {received} bytes; rerun to resume. {_network_hint(url)}") from None
     if total is not None and received != total:
@@ -160,13 +185,15 @@ def is_extracted(marker, data_dir):
     return all((data_dir / name).exists() for name in json.loads(marker.read_text())["entries"])
 
 
-def download_voc(data_dir, archives, mirror=None, archives_dir=None):
+def download_voc(data_dir, archives, mirror=None, archives_dir=None, stall_timeout=STALL_TIMEOUT_S,
+                 deadline=DEADLINE_S):
     """Make sure every (filename, md5, url) archive is downloaded, verified and extracted into data_dir.
 
     mirror: base URL serving the same file names, replacing each archive's own URL.
     archives_dir: folder already holding the archives; they are verified and extracted, never downloaded.
+    stall_timeout, deadline: seconds, as for `fetch`.
     """
-    data_dir = Path(data_dir)
+    data_dir = Path(data_dir).expanduser()
     download_dir = data_dir / "archives"
     download_dir.mkdir(parents=True, exist_ok=True)
     for archive in map(Archive._make, archives):
@@ -175,7 +202,7 @@ def download_voc(data_dir, archives, mirror=None, archives_dir=None):
             print(f"{archive.filename}: already extracted in {data_dir}, nothing to do")
             continue
         if archives_dir is not None:
-            path = Path(archives_dir) / archive.filename
+            path = Path(archives_dir).expanduser() / archive.filename
             if not path.is_file():
                 raise DownloadError(f"{path} not found; put {archive.filename} there or drop --archives-dir")
             verify(path, archive.md5, move_aside=False)
@@ -184,11 +211,25 @@ def download_voc(data_dir, archives, mirror=None, archives_dir=None):
             if not path.is_file():
                 url = f"{mirror.rstrip('/')}/{archive.filename}" if mirror else archive.url
                 print(f"downloading {url}")
-                fetch(url, path)
+                fetch(url, path, stall_timeout, deadline)
             verify(path, archive.md5, move_aside=True)
         print(f"extracting {path} into {data_dir}")
         extract(path, data_dir, marker)
     print(f"VOC data ready in {data_dir}")
+
+
+def seconds(allow_zero):
+    """An argparse type: a number of seconds, above zero (or also zero, where allow_zero)."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value >= 0 if allow_zero else value > 0):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds {bound}")
+        return value
+    return parse
 
 
 def main(argv=None):
@@ -197,9 +238,15 @@ def main(argv=None):
     parser.add_argument("--mirror", default=os.environ.get("VOC_MIRROR"),
                         help="base URL serving the same archive file names (default: $VOC_MIRROR)")
     parser.add_argument("--archives-dir", help="folder holding the .tar files already; no download")
+    parser.add_argument("--stall-timeout", type=seconds(allow_zero=False), default=STALL_TIMEOUT_S,
+                        metavar="SECONDS",
+                        help=f"give up on a host that sends nothing for this long (default: {STALL_TIMEOUT_S})")
+    parser.add_argument("--deadline", type=seconds(allow_zero=True), default=DEADLINE_S, metavar="SECONDS",
+                        help=f"give up on an archive not downloaded within this; 0: never (default: {DEADLINE_S})")
     args = parser.parse_args(argv)
     try:
-        download_voc(args.data_dir, VOC_ARCHIVES, mirror=args.mirror, archives_dir=args.archives_dir)
+        download_voc(args.data_dir, VOC_ARCHIVES, mirror=args.mirror, archives_dir=args.archives_dir,
+                     stall_timeout=args.stall_timeout, deadline=args.deadline)
     except DownloadError as error:
         sys.exit(f"error: {error}")
 

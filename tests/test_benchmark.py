@@ -23,21 +23,30 @@ def read_rows(path):
         return list(csv.reader(file))
 
 
-def test_rows_follow_the_schema_and_are_appended(tmp_path):
+def test_rows_follow_the_schema_and_a_rerun_replaces_its_own(tmp_path):
     out = tmp_path / "results" / "benchmark.csv"
-    # One thread: on a busy machine, synchronising two threads costs more than these tiny ops.
-    subprocess.run([sys.executable, "benchmark.py", *TINY, "--batch_sizes=1,2", "--dtypes=fp32,bf16",
-                    "--emulated_dtypes=true", "--threads=1", f"--out={out}"], cwd=ROOT, check=True,
-                   capture_output=True)
-    benchmark.main(resolve_config(vars(benchmark), [*TINY, "--batch_sizes=1", "--dtypes=fp32", f"--out={out}"]))
+
+    def run(*settings):
+        # One thread (part of device_name, so of the key): on a busy machine, synchronising two threads
+        # costs more than these tiny ops.
+        subprocess.run([sys.executable, "benchmark.py", *TINY, *settings, "--threads=1", f"--out={out}"], cwd=ROOT,
+                       check=True, capture_output=True)
+
+    run("--batch_sizes=1,2", "--dtypes=fp32,bf16", "--emulated_dtypes=true")
+    _, *first = read_rows(out)
+    run("--batch_sizes=1", "--dtypes=fp32")
 
     header, *rows = read_rows(out)
     assert tuple(header) == benchmark.CSV_COLUMNS
+    # 2 batch sizes x (2 dtypes x forward, end_to_end + the fp32 baseline); the rerun measured 3 of them again
+    # and replaced those rows where they stood.
+    assert len(rows) == 10
+    key = [benchmark.CSV_COLUMNS.index(name) for name in benchmark.CSV_KEY]
+    assert [[row[i] for i in key] for row in rows] == [[row[i] for i in key] for row in first]
     rows = [dict(zip(header, row)) for row in rows]
-    # First run: 2 batch sizes x (2 dtypes x forward, end_to_end + the fp32 baseline); second run: 1 x (2 + 1).
-    assert len(rows) == 10 + 3
-    assert [(row["batch_size"], row["dtype"], row["mode"]) for row in rows[-3:]] == [
-        ("1", "fp32", "forward"), ("1", "fp32", "end_to_end"), ("1", "fp32", "baseline_end_to_end")]
+    changed = {(row["batch_size"], row["dtype"], row["mode"]) for row, old in zip(rows, first)
+               if list(row.values()) != old}
+    assert changed <= {("1", "fp32", mode) for mode in ("forward", "end_to_end", "baseline_end_to_end")}
     assert {row["mode"] for row in rows} == {"forward", "end_to_end", "baseline_end_to_end"}
     assert {row["dtype"] for row in rows} == {"fp32", "bf16"}
     model = YOLOv1("resnet18", grid_size=2, image_size=64, head_channels=8, fc_dim=16)
@@ -52,11 +61,16 @@ def test_rows_follow_the_schema_and_are_appended(tmp_path):
         assert row["torch_version"] == torch.__version__ and row["date"]
 
 
-def test_a_file_with_other_columns_is_not_appended_to(tmp_path):
+def test_a_file_with_other_columns_is_refused_before_timing(tmp_path):
     out = tmp_path / "old.csv"
     out.write_text("backbone,fps\nresnet18,97.88\n")
-    with pytest.raises(SystemExit, match="columns"):
-        benchmark.append_rows(out, [])
+    result = subprocess.run([sys.executable, "benchmark.py", *TINY, "--batch_sizes=1", f"--out={out}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: --out: {out} has the columns backbone, fps, not these "
+                                                  f"rows' {', '.join(benchmark.CSV_COLUMNS)}; move it aside or "
+                                                  f"write to another file."]
+    assert "device:" not in result.stdout
     assert out.read_text() == "backbone,fps\nresnet18,97.88\n"
 
 
@@ -82,3 +96,58 @@ def test_the_baselines_cell_by_cell_decoding_matches_decode_predictions(seed):
                                         nms_iou=NMS_IOU, max_detections=MAX_DETECTIONS)
         assert actual.shape == expected.shape
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_train_step_mode_writes_rows_of_the_same_schema(tmp_path):
+    out = tmp_path / "train_step.csv"
+    benchmark.main(resolve_config(vars(benchmark), [*TINY, "--modes=train_step", "--batch_sizes=1,2",
+                                                    "--dtypes=fp32", "--threads=1", f"--out={out}"]))
+    header, *rows = read_rows(out)
+    assert tuple(header) == benchmark.CSV_COLUMNS
+    rows = [dict(zip(header, row)) for row in rows]
+    assert [(row["mode"], row["batch_size"], row["dtype"]) for row in rows] == [
+        ("train_step", "1", "fp32"), ("train_step", "2", "fp32")]
+    for row in rows:
+        assert float(row["throughput_img_s"]) == pytest.approx(int(row["batch_size"]) * 1e3
+                                                               / float(row["latency_ms_median"]), rel=1e-3)
+
+
+def test_a_train_step_lowers_the_loss_of_its_batch():
+    config = {"image_size": 64, "grid_size": 2}
+    torch.manual_seed(0)
+    model = YOLOv1("resnet18", grid_size=2, image_size=64, head_channels=8, fc_dim=16).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, targets = benchmark.random_training_batch(4, config, torch.device("cpu"))
+    assert images.dtype == torch.uint8 and targets.shape == (4, 2, 2, 25) and targets[..., 4].sum() >= 1
+
+    def loss():
+        return sum(benchmark.yolo_loss_terms(model(images.float() / 255), targets).values()).item()
+
+    before = loss()
+    for _ in range(5):
+        benchmark.train_step(model, optimizer, scaler, images, targets, torch.float32)
+    assert loss() < before
+
+
+def test_loader_modes_time_both_pipelines_on_a_generated_set_in_the_same_schema(tmp_path, capsys):
+    out = tmp_path / "loader.csv"
+    benchmark.main(resolve_config(vars(benchmark), [
+        "--device=cpu", "--modes=loader,baseline_loader", "--image_size=64", "--grid_size=2", "--batch_sizes=2",
+        "--num_workers=0,1", "--warmup=0", "--iters=2", f"--out={out}"]))
+    header, *rows = read_rows(out)
+    rows = [dict(zip(header, row)) for row in rows]
+    assert [(row["mode"], row["dtype"], row["device_name"].rsplit(", ", 1)[1]) for row in rows] == [
+        ("loader", "uint8", "0 loader workers"), ("baseline_loader", "fp32", "0 loader workers"),
+        ("loader", "uint8", "1 loader workers"), ("baseline_loader", "fp32", "1 loader workers")]
+    for row in rows:
+        assert row["backbone"] == "none" and row["batch_size"] == "2" and row["image_size"] == "64"
+        assert float(row["throughput_img_s"]) == pytest.approx(2e3 / float(row["latency_ms_median"]), rel=1e-3)
+    assert "x the baseline's" in capsys.readouterr().out
+
+
+def test_loader_modes_name_a_missing_data_dir(tmp_path):
+    result = subprocess.run([sys.executable, "benchmark.py", "--device=cpu", "--modes=loader", "--protocol=voc2007test",
+                             f"--data_dir={tmp_path}", f"--out={tmp_path / 'x.csv'}"], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "error: split list" in result.stderr and "VOC2007" in result.stderr

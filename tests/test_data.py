@@ -1,16 +1,24 @@
+import copy
+import re
 import warnings
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 import make_synthetic
+from yolo import transforms
 from yolo.boxes import normalized_to_voc
-from yolo.data import (PROTOCOLS, AnnotationError, ImageDecodeError, VOCDetection, build_dataset,
-                       read_voc_annotation)
-from yolo.transforms import EvalTransform, TrainTransform, build_loader
+from yolo.data import (MISSING_DATA_HINT, PROTOCOLS, AnnotationError, ImageDecodeError, VOCDetection,
+                       build_dataset, decode_image, read_voc_annotation)
+from yolo.loader_benchmark import BaselineTrainTransform
+from yolo.photometric import MAX_COLOUR_FACTOR, draw_colour_factors, model_input, stacked_colour_factors
+from yolo.sampling import SeededSamples
+from yolo.transforms import EvalTransform, TrainTransform, build_loader, num_loader_workers
 from yolo.visualize import draw_boxes, save_image
 
 CLASSES = ("cat", "dog")
@@ -101,6 +109,88 @@ def test_corrupt_or_truncated_jpeg_names_the_file(tmp_path):
             dataset[index]
 
 
+PIXELS = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+GRAY = PIXELS[..., 0]
+
+
+def palette_image():
+    return Image.fromarray(PIXELS).convert("P")
+
+
+# name -> (how to write it, the RGB pixels expected back, or None: as PIL's own decode of the file gives)
+IMAGE_FORMATS = {
+    "rgb.png": (lambda path: Image.fromarray(PIXELS).save(path), PIXELS),
+    "rgba.png": (lambda path: Image.fromarray(np.dstack([PIXELS, GRAY])).save(path), PIXELS),
+    "palette.png": (lambda path: palette_image().save(path), np.array(palette_image().convert("RGB"))),
+    "gray.png": (lambda path: Image.fromarray(GRAY).save(path), np.dstack([GRAY] * 3)),
+    "gray16.png": (lambda path: Image.fromarray(GRAY.astype(np.uint16) * 257).save(path), np.dstack([GRAY] * 3)),
+    "rgb.bmp": (lambda path: Image.fromarray(PIXELS).save(path), PIXELS),
+    "rgb.tif": (lambda path: Image.fromarray(PIXELS).save(path), PIXELS),
+    "gray.jpg": (lambda path: Image.fromarray(GRAY).save(path), None),
+    "cmyk.jpg": (lambda path: Image.fromarray(PIXELS).convert("CMYK").save(path), None),
+}
+
+
+@pytest.mark.parametrize("name", IMAGE_FORMATS)
+def test_decode_image_reads_every_format_as_rgb(tmp_path, name):
+    write, expected = IMAGE_FORMATS[name]
+    path = tmp_path / name
+    write(path)
+    if expected is None:
+        expected = np.array(Image.open(path).convert("RGB"))
+    image = decode_image(path)
+    assert image.dtype == torch.uint8 and image.shape == (3, 5, 7)
+    np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), expected, atol=1)
+
+
+def test_png_named_jpg_in_a_dataset_is_read_by_content(tmp_path):
+    write_item(tmp_path, "disguised")
+    pixels = np.random.default_rng(2).integers(0, 256, (HEIGHT, WIDTH, 4), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "JPEGImages" / "disguised.jpg", format="PNG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image, annotation = dataset_of(tmp_path, ["disguised"])[0]
+    np.testing.assert_array_equal(image.permute(1, 2, 0).numpy(), pixels[..., :3])
+    assert (annotation["width"], annotation["height"]) == (WIDTH, HEIGHT)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "the file is empty"),
+    (b"name,score\nfoo,1\n", "not an image"),
+    ("truncated", "truncated"),
+])
+def test_undecodable_file_is_one_clear_error(tmp_path, content, reason):
+    path = tmp_path / "bad.jpg"
+    if content == "truncated":
+        Image.fromarray(PIXELS).resize((64, 64)).save(path)
+        content = path.read_bytes()[:300]
+    path.write_bytes(content)
+    with pytest.raises(ImageDecodeError, match=rf"bad\.jpg: cannot decode image \(.*{reason}") as raised:
+        decode_image(path)
+    message = str(raised.value)
+    assert "\n" not in message and "csrc" not in message and ".cpp" not in message
+
+
+def test_unreadable_path_names_the_file(tmp_path):
+    with pytest.raises(ImageDecodeError, match=r"missing\.jpg: cannot read the file \(No such file"):
+        decode_image(tmp_path / "missing.jpg")
+
+
+def test_missing_data_hint_names_real_make_targets():
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    targets = re.findall(r"`make (\S+)`", MISSING_DATA_HINT)
+    assert targets and all(re.search(rf"^{target}:", makefile, re.MULTILINE) for target in targets)
+    assert "data/make_synthetic.py" in MISSING_DATA_HINT
+
+
+def test_box_under_a_pixel_is_drawn_as_one_pixel():
+    # A decoded detection narrower than a pixel has x2 < x1 in VOC's inclusive convention.
+    for size, box, pixel in ((1, (1.2, 1.3, 0.4, 0.9), (0, 0)), (5, (3.2, 4.1, 2.6, 3.5), (3, 2))):
+        image = torch.zeros(3, size, size, dtype=torch.uint8)
+        drawn = draw_boxes(image, [box], [0], CLASSES, colors=[(255, 128, 7)], width=1)
+        assert drawn[:, pixel[0], pixel[1]].tolist() == [255, 128, 7]
+
+
 def test_empty_annotation_is_valid(tmp_path):
     dataset = dataset_of(tmp_path, [write_item(tmp_path, "empty").stem], transforms=EvalTransform(32, 4, 2))
     image, target = dataset[0]
@@ -127,15 +217,6 @@ def test_image_size_disagreeing_with_xml_trusts_pixels(tmp_path):
         image, annotation = dataset[0]
     assert image.shape == (3, 16, 20) and (annotation["width"], annotation["height"]) == (20, 16)
     np.testing.assert_array_equal(annotation["boxes"], [[5, 5, 20, 16]])
-
-
-@pytest.mark.parametrize("mode", ["L", "CMYK"])
-def test_grayscale_and_cmyk_decode_to_rgb(tmp_path, mode):
-    write_item(tmp_path, "x")
-    Image.new(mode, (WIDTH, HEIGHT)).save(tmp_path / "JPEGImages" / "x.jpg")
-    image, annotation = dataset_of(tmp_path, ["x"])[0]
-    assert image.shape == (3, HEIGHT, WIDTH) and image.dtype == torch.uint8
-    assert annotation["image_id"] == "x"
 
 
 def test_voc_protocols_combine_the_right_splits(tmp_path):
@@ -175,8 +256,7 @@ def test_synthetic_set_through_both_transforms_loader_and_drawing(synthetic_root
         dataset = build_dataset("synthetic", synthetic_root, train=split, transforms=transform)
         for index in range(4):
             image, target = dataset[index]
-            assert image.shape == (3, 64, 64) and image.dtype == torch.float32
-            assert 0 <= image.min() and image.max() <= 1
+            assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
             boxes = target["boxes"]
             assert boxes.dtype == torch.float32 and ((boxes >= 0) & (boxes <= 1)).all()
             assert (boxes[:, 2:] > boxes[:, :2]).all()
@@ -194,9 +274,8 @@ def test_synthetic_set_through_both_transforms_loader_and_drawing(synthetic_root
     images, grids, targets = next(iter(loader))
     assert images.shape == (3, 3, 64, 64) and grids.shape == (3, 4, 4, 5 + num_classes) and len(targets) == 3
 
-    pixels = image.mul(255).round().to(torch.uint8)
-    drawn = draw_boxes(pixels, normalized_to_voc(boxes, 64, 64), target["labels"], dataset.class_names)
-    assert drawn.shape == (3, 64, 64) and drawn.dtype == torch.uint8 and not torch.equal(drawn, pixels)
+    drawn = draw_boxes(image, normalized_to_voc(boxes, 64, 64), target["labels"], dataset.class_names)
+    assert drawn.shape == (3, 64, 64) and drawn.dtype == torch.uint8 and not torch.equal(drawn, image)
     save_image(drawn, tmp_path / "drawn.png")
     assert Image.open(tmp_path / "drawn.png").size == (64, 64)
 
@@ -215,3 +294,131 @@ def test_train_transform_can_drop_difficult_and_is_seeded(synthetic_root):
         _, again = TrainTransform(64, 4, num_classes, use_difficult=False)(image, annotation)
         assert not first["difficult"].any()
         torch.testing.assert_close(first["boxes"], again["boxes"])
+
+
+def test_colour_factors_are_log_uniform_with_half_of_them_darkening():
+    torch.manual_seed(0)
+    factors = torch.stack([draw_colour_factors() for _ in range(20_000)])
+    assert factors.shape == (20_000, 2) and factors.dtype == torch.float32
+    assert factors.min() >= 1 / MAX_COLOUR_FACTOR - 1e-6 and factors.max() <= MAX_COLOUR_FACTOR + 1e-6
+    # log f / log 1.5 must be uniform on [-1, 1]. Kolmogorov-Smirnov: at n = 20,000 the 0.1 % critical
+    # distance is 1.95 / sqrt(n) = 0.014; the old draw (uniform in [1/1.5, 1.5], 39 % darkening) is 0.11 away.
+    positions = (factors.double().log() / np.log(MAX_COLOUR_FACTOR)).clamp(-1, 1)
+    for column in positions.T:
+        ordered = column.sort().values
+        cdf = (ordered + 1) / 2
+        ranks = torch.arange(1, len(ordered) + 1, dtype=torch.float64) / len(ordered)
+        distance = torch.maximum(ranks - cdf, cdf - (ranks - 1 / len(ordered))).max().item()
+        assert distance < 1.95 / np.sqrt(len(ordered)), distance
+        # About half darken (or desaturate): 0.5 within 4 standard deviations (0.0035 each) of the count.
+        assert abs((column < 0).double().mean().item() - 0.5) < 4 * 0.5 / np.sqrt(len(ordered))
+    # The two factors of an image are drawn independently.
+    assert abs(np.corrcoef(positions.T.numpy())[0, 1]) < 4 / np.sqrt(len(positions))
+
+
+def test_the_batched_jitter_is_torchvisions_brightness_then_saturation_per_image():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 24, 40), dtype=torch.uint8, generator=generator)
+    factors = torch.tensor([[1 / 1.5, 1.5], [1.5, 1 / 1.5], [1.0, 1.0], [1.3, 1.2], [0.8, 0.9]])
+    batch = model_input(images, torch.device("cpu"), factors)
+    assert batch.dtype == torch.float32 and batch.is_contiguous(memory_format=torch.channels_last)
+    for image, factor, actual in zip(images, factors, batch):
+        expected = v2.functional.to_dtype(image, torch.float32, scale=True)
+        expected = v2.functional.adjust_saturation(v2.functional.adjust_brightness(expected, factor[0].item()),
+                                                   factor[1].item())
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+    # Without factors (evaluation, augment=false): only the scaling to [0, 1].
+    torch.testing.assert_close(model_input(images, torch.device("cpu")), images.float() / 255)
+    # A float batch is left as it was by the in-place jitter.
+    floats = images.float() / 255
+    model_input(floats, torch.device("cpu"), factors)
+    torch.testing.assert_close(floats, images.float() / 255)
+
+
+def test_boxes_stay_on_their_object_through_geometry_and_colour_jitter(tmp_path):
+    """A red rectangle on a dark background: after the training transform its box must hold only red
+    pixels and be surrounded by others; the colour jitter changes pixels, never boxes, and the boxes are
+    the ones the torchvision pipeline it replaced gives for the same seed."""
+    width, height, box = 200, 150, (41, 31, 120, 100)  # VOC pixels, 1-based inclusive
+    write_item(tmp_path, "x", [("cat", box, False)], size=(width, height))
+    pixels = np.full((height, width, 3), 30, dtype=np.uint8)
+    pixels[box[1] - 1:box[3], box[0] - 1:box[2]] = (220, 30, 30)
+    Image.fromarray(pixels).save(tmp_path / "JPEGImages" / "x.jpg", quality=100)
+    transform = TrainTransform(96, 4, 2)
+    dataset = dataset_of(tmp_path, ["x"], transforms=transform)
+    seeded = SeededSamples(dataset)
+    baseline = BaselineTrainTransform(96, 4, 2)
+    flips = 0
+    for seed in range(40):
+        image, target = seeded[(0, seed)]
+        assert image.dtype == torch.uint8 and image.shape == (3, 96, 96)
+        (x1, y1, x2, y2), = (target["boxes"] * 96).tolist()
+        inside = image[:, round(y1) + 2:round(y2) - 2, round(x1) + 2:round(x2) - 2].int()
+        assert (inside[0] > 180).all() and (inside[1:] < 70).all(), seed
+        ring = torch.ones(96, 96, dtype=torch.bool)
+        ring[max(round(y1) - 2, 0):round(y2) + 2, max(round(x1) - 2, 0):round(x2) + 2] = False
+        assert (image[0][ring] < 150).all(), seed
+        flips += x1 > 96 - x2  # the rectangle sits left of centre: a flip moves it right
+        jittered = model_input(image[None], torch.device("cpu"), target["colour_factors"][None])
+        assert not torch.equal(jittered, image[None].float() / 255)
+        torch.manual_seed(seed)
+        _, old_target = baseline(*_without_transforms(dataset)[0])
+        torch.testing.assert_close(old_target["boxes"], target["boxes"])
+        assert torch.equal(old_target["grid"], target["grid"])
+    assert 10 <= flips <= 30
+
+
+def _without_transforms(dataset):
+    """A shallow copy of a VOCDetection that returns raw (image, annotation) pairs."""
+    raw = copy.copy(dataset)
+    raw.transforms = None
+    return raw
+
+
+def test_workers_deliver_uint8_batches_equal_to_in_process_and_cached_ones(synthetic_root):
+    num_classes = len(make_synthetic.CLASS_NAMES)
+    samples = [(index % 16, 1000 + index) for index in range(12)]
+
+    def batches(num_workers, cache):
+        dataset = build_dataset("synthetic", synthetic_root, train=True, transforms=TrainTransform(64, 4, num_classes))
+        if cache:
+            assert dataset.cached_bytes() == sum(3 * a["width"] * a["height"] for a in dataset.annotations)
+            dataset.cache_images()
+        loader = build_loader(SeededSamples(dataset), batch_size=4, shuffle=False, num_workers=num_workers,
+                              sampler=samples, pin_memory=False, prefetch_factor=2)
+        return [(images, grids, stacked_colour_factors(targets)) for images, grids, targets in loader]
+
+    reference = batches(num_workers=0, cache=False)
+    for images, grids, factors in reference:
+        assert images.dtype == torch.uint8 and images.shape == (4, 3, 64, 64)
+        assert images.is_contiguous(memory_format=torch.channels_last)
+        assert factors.shape == (4, 2) and grids.shape == (4, 4, 4, 5 + num_classes)
+    for num_workers, cache in ((1, False), (0, True), (2, True)):
+        for actual, expected in zip(batches(num_workers, cache), reference, strict=True):
+            for a, e in zip(actual, expected):
+                assert torch.equal(a, e), (num_workers, cache)
+
+
+def test_cached_images_are_copies(synthetic_root):
+    dataset = build_dataset("synthetic", synthetic_root, train=True)
+    dataset.cache_images()
+    image, _ = dataset[0]
+    image.zero_()
+    assert dataset[0][0].any()
+    assert torch.equal(dataset[0][0], build_dataset("synthetic", synthetic_root, train=True)[0][0])
+
+
+def test_num_workers_auto_shares_the_cores_among_processes(monkeypatch):
+    monkeypatch.setattr(transforms, "usable_cores", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert num_loader_workers("auto") == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert num_loader_workers("auto") == 3
+    monkeypatch.setattr(transforms, "usable_cores", lambda: 2)
+    assert num_loader_workers("auto") == 0
+    monkeypatch.setattr(transforms, "usable_cores", lambda: 256)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert num_loader_workers("auto") == transforms.MAX_AUTO_WORKERS
+    assert num_loader_workers("3") == 3
+    with pytest.raises(ValueError, match="auto or a whole number"):
+        num_loader_workers("-1")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,16 +17,24 @@ import make_synthetic
 from download_voc import DownloadError, download_voc as download
 from yolo.data import VOCDetection
 
+SILENCE_S = 1.0
+TRICKLED_BYTES = 100  # at most, so a trickling handler ends soon after the client gave up
 NAME = "VOCtrainval_06-Nov-2007.tar"  # a real archive name, so the CLI test meets it too
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "download_voc.py"
 
 
 class RangeHandler(BaseHTTPRequestHandler):
-    """Serves server.files by name, honours "Range: bytes=N-", and logs (name, Range header) per request."""
+    """Serves server.files by name, honours "Range: bytes=N-", and logs (name, Range header) per request.
+
+    A name in server.trickle is sent one byte per that many seconds, as a failing mirror does; the answer
+    to a name in server.silent waits SILENCE_S seconds before it starts.
+    """
 
     def do_GET(self):
         name = self.path.lstrip("/")
         self.server.log.append((name, self.headers.get("Range")))
+        if name in self.server.silent:
+            time.sleep(SILENCE_S)
         data = self.server.files.get(name)
         if data is None:
             self.send_error(404)
@@ -44,7 +53,19 @@ class RangeHandler(BaseHTTPRequestHandler):
         if name in self.server.cut_short:  # a connection dropping mid-transfer
             self.server.cut_short.discard(name)
             body = body[: len(body) // 2]
+        if name in self.server.trickle:
+            self.send_slowly(body[:TRICKLED_BYTES], self.server.trickle[name])
+            return
         self.wfile.write(body)
+
+    def send_slowly(self, body, seconds_per_byte):
+        try:
+            for index in range(len(body)):
+                self.wfile.write(body[index:index + 1])
+                self.wfile.flush()
+                time.sleep(seconds_per_byte)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+            pass
 
     def log_message(self, *args):
         pass
@@ -53,7 +74,7 @@ class RangeHandler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    httpd.files, httpd.log, httpd.cut_short = {}, [], set()
+    httpd.files, httpd.log, httpd.cut_short, httpd.trickle, httpd.silent = {}, [], set(), {}, set()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -78,6 +99,8 @@ def serve(server):
     """Serve bytes under NAME; returns the archive list for download_voc."""
     server.log.clear()
     server.cut_short.clear()
+    server.trickle.clear()
+    server.silent.clear()
 
     def serve_bytes(data, md5=None):
         server.files[NAME] = data
@@ -135,6 +158,48 @@ def test_dropped_connection_keeps_part_then_resumes(tmp_path, server, serve, voc
     assert_extracted(tmp_path)
 
 
+@pytest.mark.parametrize("seconds_per_byte, settings, message", [
+    (2.0, {"stall_timeout": 0.3, "deadline": 0}, r"no data for 0\.3 s \(--stall-timeout\) after [1-9]\d* bytes"),
+    (0.02, {"stall_timeout": 5, "deadline": 0.5},
+     r"not downloaded within 0\.5 s \(--deadline\), [1-9]\d* of \d+ bytes so far"),
+], ids=["stall", "deadline"])
+def test_stalling_or_trickling_host_is_given_up_and_the_part_resumes(tmp_path, server, serve, voc_tar,
+                                                                     seconds_per_byte, settings, message):
+    archives = serve(voc_tar)
+    server.trickle[NAME] = seconds_per_byte
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=rf"{message}; .*\.part is kept, rerun to resume.*--mirror"):
+        download(tmp_path, archives, **settings)
+    assert time.monotonic() - started < 3
+    kept = (tmp_path / "archives" / f"{NAME}.part").read_bytes()
+    assert kept and voc_tar.startswith(kept)
+    server.trickle.clear()
+    download(tmp_path, archives, **settings)
+    assert server.log[-1] == (NAME, f"bytes={len(kept)}-")
+    assert_extracted(tmp_path)
+
+
+def test_host_that_never_answers_is_given_up(tmp_path, server, serve, voc_tar):
+    archives = serve(voc_tar)
+    server.silent.add(NAME)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"no answer within 0\.2 s \(--stall-timeout\): could not download"):
+        download(tmp_path, archives, stall_timeout=0.2)
+    assert time.monotonic() - started < SILENCE_S
+
+
+def test_cli_gives_up_on_a_trickling_mirror_without_traceback(tmp_path, server, serve, voc_tar):
+    serve(voc_tar)
+    server.trickle[NAME] = 0.05
+    result = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path), "--mirror", server.url,
+                             "--stall-timeout", "5", "--deadline", "0.3"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {server.url}/{NAME}: not downloaded within 0.3 s (--deadline)" in result.stderr
+    result = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path), "--stall-timeout", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "argument --stall-timeout: '0' is not a number of seconds > 0" in result.stderr
+
+
 def test_wrong_checksum_moves_file_aside_and_extracts_nothing(tmp_path, serve, voc_tar):
     with pytest.raises(DownloadError, match=rf"{NAME}: MD5 is [0-9a-f]+, expected 0+; moved it to .*\.bad"):
         download(tmp_path, serve(voc_tar, md5="0" * 32))
@@ -183,13 +248,14 @@ def test_archive_escaping_the_target_is_rejected(tmp_path, serve, kind):
     assert not (data_dir / "archives" / f"{NAME}.extracted").exists()
 
 
-def test_archives_dir_and_mirror(tmp_path, server, serve, voc_tar):
+def test_archives_dir_and_mirror(tmp_path, server, serve, voc_tar, monkeypatch):
     archives = serve(voc_tar)
-    mine = tmp_path / "mine"
+    mine = tmp_path / "my archives"
     mine.mkdir()
     (mine / NAME).write_bytes(voc_tar)
     offline = [(name, md5, "http://127.0.0.1:9/unreachable") for name, md5, _ in archives]
-    download(tmp_path / "from_dir", offline, archives_dir=mine)
+    monkeypatch.setenv("HOME", str(tmp_path))  # a shell leaves ~ unexpanded inside quotes
+    download(tmp_path / "from_dir", offline, archives_dir="~/my archives")
     assert_extracted(tmp_path / "from_dir")
     assert server.log == [] and (mine / NAME).is_file()
     assert not (tmp_path / "from_dir" / "archives" / NAME).exists()  # used in place, not copied

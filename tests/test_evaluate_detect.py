@@ -1,13 +1,16 @@
 """evaluate.py and detect.py on a checkpoint trained until it detects its (synthetic) images."""
+import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import av
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from yolo.data import decode_image
 
@@ -89,6 +92,12 @@ def test_evaluate_errors_name_the_problem(overfit_run, tmp_path):
     result = run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--data_dir={tmp_path / 'nowhere'}",
                  expect_success=False)
     assert "not found" in result.stderr and "nowhere" in result.stderr
+    (tmp_path / "foreign_results").mkdir()
+    (tmp_path / "foreign_results/metrics.csv").write_text("model,fps\nseed,97.88\n")
+    result = run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--out_dir={tmp_path / 'foreign_results'}",
+                 expect_success=False)
+    assert result.stderr.startswith("error: --out_dir: ") and "metrics.csv has the columns model, fps" in result.stderr
+    assert (tmp_path / "foreign_results/metrics.csv").read_text() == "model,fps\nseed,97.88\n"
 
 
 def test_detect_on_a_folder_of_images(overfit_run, tmp_path):
@@ -129,3 +138,81 @@ def test_detect_rejects_an_unknown_source(overfit_run, tmp_path):
     result = run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={tmp_path / 'notes.txt'}",
                  expect_success=False)
     assert result.returncode != 0 and "is not an image" in result.stderr
+
+
+def test_evaluate_refuses_bad_settings_and_an_empty_split_before_evaluating(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    checkpoint = f"--checkpoint={run_dir / 'last.pt'}"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    empty = tmp_path / "empty"
+    (empty / "ImageSets/Main").mkdir(parents=True)
+    (empty / "ImageSets/Main/val.txt").write_text("")
+    (empty / "JPEGImages").mkdir()
+    (empty / "classes.txt").write_text((data_dir / "classes.txt").read_text())
+    for overrides, message in [
+        ([f"--out_dir={blocker}"], "a file is in the way"),
+        (["--batch_size=0"], "--batch_size=0: must be at least 1"),
+        (["--dtype=fp64"], "--dtype='fp64': must be one of auto, fp32, bf16, fp16"),
+        ([f"--data_dir={empty}", f"--out_dir={tmp_path / 'out'}"], "val.txt list(s) no images"),
+    ]:
+        result = run("evaluate.py", checkpoint, *overrides, expect_success=False)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert message in result.stderr, result.stderr
+
+
+def test_detect_skips_unreadable_images_and_writes_the_rest(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    photo = sorted((data_dir / "JPEGImages").glob("*.jpg"))[0]
+    pixels = decode_image(photo).permute(1, 2, 0).numpy()
+    source = tmp_path / "mixed"
+    source.mkdir()
+    shutil.copy(photo, source / "a_photo.jpg")
+    Image.fromarray(np.dstack([pixels, pixels[..., :1]])).save(source / "b_rgba.png")
+    Image.fromarray(pixels).convert("P").save(source / "c_palette.png")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(source / "d_one_pixel.png")
+    (source / "e_notes.jpg").write_text("not an image")
+    (source / "f_truncated.jpg").write_bytes(photo.read_bytes()[:400])
+    Image.fromarray(pixels).save(source / "g_png_named.jpg", format="PNG")
+    out_dir = tmp_path / "out"
+    result = run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={source}", f"--out_dir={out_dir}",
+                 "--dtype=fp32", "--batch_size=4", "--score_threshold=0", expect_success=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: skipping")]
+    assert len(warnings) == 2
+    assert f"{source / 'e_notes.jpg'}: cannot decode image" in warnings[0]
+    assert f"{source / 'f_truncated.jpg'}: cannot decode image" in warnings[1]
+    assert "skipped 2 of 7 image(s)" in result.stderr
+
+    readable = ["a_photo.jpg", "b_rgba.png", "c_palette.png", "d_one_pixel.png", "g_png_named.jpg"]
+    assert sorted(path.name for path in out_dir.glob("*.*")) == sorted(readable + ["detections.csv",
+                                                                                   "detections.json"])
+    detections = pd.read_csv(out_dir / "detections.csv")
+    assert len(pd.read_json(out_dir / "detections.json")) == len(detections)
+    assert set(detections["source"]) == {str(source / name) for name in readable}
+    assert (detections["x1"] <= detections["x2"]).all() and (detections["y1"] <= detections["y2"]).all()
+    one_pixel = detections[detections["source"] == str(source / "d_one_pixel.png")]
+    # On a 1 x 1 image every box is under a pixel: widened to exactly one, inside the image's [1, 2) span.
+    assert len(one_pixel) > 0 and one_pixel[["x1", "y1"]].stack().between(1, 2).all()
+    assert (one_pixel["x1"] == one_pixel["x2"]).all() and (one_pixel["y1"] == one_pixel["y2"]).all()
+    assert decode_image(out_dir / "d_one_pixel.png").shape == (3, 1, 1)
+    # The same pixels give the same detections, whatever the file format.
+    by_source = {name: detections[detections["source"] == str(source / name)] for name in readable}
+    for name in ("b_rgba.png", "g_png_named.jpg"):
+        assert list(by_source[name]["class_id"]) == list(by_source["a_photo.jpg"]["class_id"])
+        np.testing.assert_allclose(by_source[name][["x1", "y1", "x2", "y2"]], by_source["a_photo.jpg"][
+            ["x1", "y1", "x2", "y2"]], atol=0.5)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("--batch_size=0", "error: --batch_size=0: must be at least 1"),
+    ("--dtype=fp64", "error: --dtype='fp64': must be one of auto, fp32, bf16, fp16"),
+    ("--score_threshold=1.5", "error: --score_threshold=1.5: must be between 0.0 and 1.0"),
+])
+def test_detect_checks_its_settings_before_any_work(overfit_run, tmp_path, setting, message):
+    data_dir, run_dir = overfit_run
+    out_dir = tmp_path / "out"
+    result = run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={data_dir / 'JPEGImages'}",
+                 f"--out_dir={out_dir}", setting, expect_success=False)
+    assert result.returncode == 1 and result.stderr.strip() == message
+    assert not out_dir.exists()

@@ -196,3 +196,12 @@ def test_detector_takes_a_batch_a_list_or_preprocessed_images():
         assert a[:, [0, 2]].min() >= 1 and a[:, [0, 2]].max() <= 100 and a[:, [1, 3]].max() <= 75
     with pytest.raises(ValueError, match="original"):
         detector(preprocess(batch, IMAGE_SIZE))
+
+
+def test_predict_takes_uint8_batches_as_pixels():
+    model = small_model().eval()
+    detector = Detector(model, "fp32")
+    pixels = torch.randint(0, 256, (2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(detector.predict(pixels), detector.predict(pixels.float() / 255))
+    assert not torch.allclose(detector.predict(pixels), detector.predict(pixels.float()))

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 
+import table
+
 ROOT = Path(__file__).resolve().parents[1]
 README = """# Title
 
@@ -55,6 +57,8 @@ def test_the_table_comes_from_the_csvs_and_is_stable(tmp_path):
     assert "| resnet18 | resnet18 | synthetic val (128 images) | 50.00 | 45.67 |" in first
     assert "50.0 (fp32, AMD EPYC)" in first
     assert "reported by the paper" in first and "48.10" in first
+    assert "44.38 | 21.41 | - | - | 213.19 | reported by its author (seed README, first revision)" in first
+    assert "49.87 | 23.95 | - | - | 58.40 (RTX 2070 Super) | reported by its author (seed README, later" in first
     assert (tmp_path / "demo/per_class_ap.md").read_text().count("| circle | 0.00 |") == 1
     assert (tmp_path / "demo/resnet18_training_curve.png").stat().st_size > 0
 
@@ -70,3 +74,49 @@ def test_a_readme_without_markers_is_a_clear_error(tmp_path):
                              f"--results={tmp_path}", f"--demo_results={tmp_path}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "markers" in result.stderr
+
+
+def speed_table(readme: str, title: str) -> list[str]:
+    """The rows of the speed table under the line `title:`."""
+    lines = readme.splitlines()
+    start = lines.index(f"{title}:") + 4  # the title, a blank line, the header and the rule
+    return lines[start:next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))]
+
+
+def test_one_speed_table_per_kind_of_device(tmp_path):
+    (tmp_path / "README.md").write_text(README)
+    write_results(tmp_path / "demo", voc12_map=0.4)
+    gpu = {"backbone": "resnet50", "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "dtype": "bf16",
+           "batch_size": 64, "image_size": 448, "mode": "forward", "compile": True, "latency_ms_median": 80.0,
+           "latency_ms_p90": 81.0, "throughput_img_s": 800.0, "params_m": 282.0, "gflops": 43.0,
+           "torch_version": "2.14.1", "date": "2026-11-26"}
+    (tmp_path / "voc").mkdir()
+    pd.DataFrame([gpu, {**gpu, "backbone": "resnet18"}, {**gpu, "device_name": "NVIDIA H200"}]
+                 ).to_csv(tmp_path / "voc" / "benchmark.csv", index=False)
+    readme = make_table(tmp_path)
+    assert readme.index("CPU:") < readme.index("NVIDIA H100 80GB HBM3:") < readme.index("NVIDIA H200:")
+    assert speed_table(readme, "CPU") == [
+        "| resnet18 | 128 | end_to_end | fp32 | 1 | False | 20.0 | 25.0 | 50.0 | AMD EPYC, torch 2.14.1 "
+        "| `make demo` |"]
+    assert speed_table(readme, "NVIDIA H100 80GB HBM3") == [
+        f"| {backbone} | 448 | forward | bf16 | 64 | True | 80.0 | 81.0 | 800.0 | NVIDIA H100 80GB HBM3, torch 2.14.1 "
+        f"| `make benchmark` |" for backbone in ("resnet18", "resnet50")]
+    assert len(speed_table(readme, "NVIDIA H200")) == 1
+
+
+def test_a_column_an_older_csv_lacks_shows_a_dash(tmp_path):
+    (tmp_path / "README.md").write_text(README)
+    write_results(tmp_path / "demo", voc12_map=0.4)
+    for name, dropped in (("metrics.csv", ["coco_ap75", "n_images"]), ("benchmark.csv", ["compile"])):
+        frame = pd.read_csv(tmp_path / "demo" / name)
+        frame.drop(columns=dropped).to_csv(tmp_path / "demo" / name, index=False)
+    readme = make_table(tmp_path)
+    assert ("| resnet18 | resnet18 | synthetic val (- images) | 50.00 | 40.00 | 20.00 | 50.00 | - | 50.0 (fp32, "
+            in readme)
+    assert speed_table(readme, "CPU")[0].startswith("| resnet18 | 128 | end_to_end | fp32 | 1 | - | 20.0 |")
+
+
+def test_reference_rows_name_only_the_tables_columns():
+    headers = {header for header, _ in table.ACCURACY_COLUMNS}
+    for row in table.REFERENCE_ROWS:
+        assert set(row) <= headers, set(row) - headers

@@ -111,6 +111,10 @@ def test_sigterm_saves_the_step_and_resume_is_exact(data_dir, reference_run, tmp
 
     run_train(data_dir, out_dir, *RESUMABLE)
     assert_same_weights(final_weights(out_dir), final_weights(reference_run))
+    # The interrupted epoch's log row covers the whole epoch, the steps before the stop included.
+    resumed, uninterrupted = (pd.read_csv(folder / "log.csv") for folder in (out_dir, reference_run))
+    columns = ["coord", "obj", "noobj", "cls", "train_loss", "skipped_images"]
+    pd.testing.assert_frame_equal(resumed[columns], uninterrupted[columns], atol=1e-6)
 
 
 def test_a_finished_run_is_a_no_op(data_dir, reference_run):
@@ -147,6 +151,64 @@ def test_torchrun_on_two_processes_matches_one_process(data_dir, reference_run, 
             torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def worker_with_rank(launcher_pid, rank):
+    """The pid of the torchrun worker of `rank` (a child of the launcher whose environment says RANK=rank)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])
+            environment = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if parent == launcher_pid and f"RANK={rank}".encode() in environment:
+            return int(stat.parent.name)
+    return None
+
+
+def catches_sigterm(pid):
+    """Whether the process has installed a SIGTERM handler (bit 15 of its caught-signals mask)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_a_stop_signalled_to_one_torchrun_process_stops_all_at_one_step(data_dir, reference_run, tmp_path):
+    """SIGTERM to rank 1 only: both processes agree on the step, rank 0 saves, and the resume completes the run."""
+    out_dir = tmp_path / "ddp_stop"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE]
+    launcher = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    deadline, rank_1 = time.monotonic() + 300, None
+    while time.monotonic() < deadline and launcher.poll() is None:
+        rank_1 = rank_1 or worker_with_rank(launcher.pid, 1)
+        if rank_1 and catches_sigterm(rank_1):
+            break
+        time.sleep(0.05)
+    os.kill(rank_1, signal.SIGTERM)
+    output = launcher.communicate(timeout=300)[0]
+    assert output.count("rerun the same command to resume") == 1, output  # said by rank 0 alone
+    saved = torch.load(out_dir / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) < (2, 0), output
+
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
+    ddp, single = final_weights(out_dir), final_weights(reference_run)
+    for name, value in single.items():
+        if value.is_floating_point() and "running" not in name:
+            torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path):
+    out_dir = tmp_path / "ddp1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+               f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE, "--epochs=1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "train.py on 1 process(es) in a gloo process group" in result.stdout
+    assert (out_dir / "done").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["--epoch=3"], "unknown setting. Valid names: backbone"),
     (["--micro_batch_size=3"], "not a multiple of micro_batch_size"),
@@ -155,6 +217,7 @@ def test_torchrun_on_two_processes_matches_one_process(data_dir, reference_run, 
     (["--protocol=coco"], "--protocol='coco': must be one of voc2012val"),
     (["--micro_batch_size=0"], "--micro_batch_size=0: must be at least 1"),
     (["--epochs=0"], "--epochs=0: must be at least 1"),
+    (["--num_workers=many"], "--num_workers='many': must be auto or a whole number of at least 0"),
     (["--lr=-0.01"], "--lr=-0.01: must be at least 0.0"),
     (["--warmup_lr=-5"], "--warmup_lr=-5.0: must be at least 0.0"),
     (["--lr_gamma=-1"], "--lr_gamma=-1.0: must be at least 0.0"),
@@ -190,7 +253,7 @@ def test_a_resume_may_change_only_the_listed_settings():
     assert config_differences(saved, {**current, "lr_milestones": (90, 115)}) == \
         ["lr_milestones: [85, 115] -> (90, 115)"]
     # a setting the saved run did not have (added since) is a difference too
-    assert config_differences(saved, {**current, "cache_images": True}) == ["cache_images: None -> True"]
+    assert config_differences(saved, {**current, "label_smoothing": 0.1}) == ["label_smoothing: None -> 0.1"]
 
 
 def test_autocast_dtype_on_a_cpu():
@@ -199,3 +262,69 @@ def test_autocast_dtype_on_a_cpu():
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'fp64'"):
         autocast_dtype("fp64", cpu)
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_any_work(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    result = run_train(data_dir, blocker, *TINY, "--batch_size=8", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"--out_dir='{blocker}': a file is in the way" in result.stderr
+    assert blocker.read_text() == "keep me"
+
+
+def test_resume_refuses_reordered_classes_and_warm_starts_from_best_pt(tmp_path):
+    data, out_dir = tmp_path / "data", tmp_path / "run"
+    make_synthetic.generate(data, train=8, val=2, seed=4)
+    settings = [*TINY, "--batch_size=8", "--micro_batch_size=8"]
+    run_train(data, out_dir, *settings, "--epochs=1")
+    classes = (data / "classes.txt").read_text()
+    (data / "classes.txt").write_text("\n".join(classes.split()[::-1]) + "\n")
+    result = run_train(data, out_dir, *settings, "--epochs=2", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "was trained on the classes" in result.stderr and "classes.txt" in result.stderr
+
+    (data / "classes.txt").write_text(classes)
+    (out_dir / "last.pt").write_bytes((out_dir / "last.pt").read_bytes()[:1000])  # truncated
+    result = run_train(data, out_dir, *settings, "--epochs=2", f"--resume={out_dir / 'best.pt'}")
+    assert "warm start from the weights of" in result.stdout and "epoch 1" in result.stdout
+    assert torch.load(out_dir / "last.pt", weights_only=True)["epoch"] == 2
+    assert list(pd.read_csv(out_dir / "log.csv")["epoch"]) == [1, 2]
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_temporary_and_says_disk_full(tmp_path):
+    from yolo.checkpoint import CheckpointError, save_checkpoint
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+    (tmp_path / "last.pt.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    with pytest.raises(CheckpointError, match=r"disk full while saving .*last.pt \(.*still holds its previous"):
+        save_checkpoint({"step": 2, "weights": torch.zeros(100_000)}, path)
+    assert not (tmp_path / "last.pt.tmp").exists()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_an_unreadable_image_stops_the_run_before_training_naming_the_file(tmp_path):
+    data, out_dir = tmp_path / "data", tmp_path / "run"
+    make_synthetic.generate(data, train=8, val=2, seed=5)
+    broken = data / "JPEGImages" / "val_000001.jpg"
+    broken.write_bytes(b"\x00" * 100)
+    result = run_train(data, out_dir, *TINY, "--batch_size=8", "--micro_batch_size=8", "--epochs=1",
+                       expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"1 image(s) cannot be read ({broken}: not a readable image" in result.stderr
+    assert "training epochs" not in result.stdout
+
+
+def test_an_image_that_fails_during_training_is_skipped_and_counted_or_stops_the_run(tmp_path):
+    data = tmp_path / "data"
+    make_synthetic.generate(data, train=16, val=2, seed=6)
+    damaged = data / "JPEGImages" / "train_000003.jpg"
+    damaged.write_bytes(damaged.read_bytes()[:2000])  # the header reads, the pixels do not
+    settings = [*TINY, "--batch_size=8", "--micro_batch_size=8", "--epochs=1"]
+    result = run_train(data, tmp_path / "skip", *settings)
+    assert f"skipped: {damaged}" in result.stderr
+    assert pd.read_csv(tmp_path / "skip" / "log.csv")["skipped_images"].tolist() == [1]
+
+    result = run_train(data, tmp_path / "error", *settings, "--bad_images=error", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"error: {damaged}" in result.stderr and "--bad_images=skip" in result.stderr

@@ -26,6 +26,12 @@ def normalized_to_voc(boxes: torch.Tensor, width: float, height: float) -> torch
     return boxes * scale + offset
 
 
+def at_least_one_pixel(boxes: torch.Tensor) -> torch.Tensor:
+    """VOC pixel boxes (..., 4) with x2 >= x1 and y2 >= y1: a box under one pixel wide or high (a decoded
+    detection can be, and then x2 < x1) is widened to one pixel, so it can be drawn and read."""
+    return torch.cat([boxes[..., :2], torch.maximum(boxes[..., 2:], boxes[..., :2])], dim=-1)
+
+
 def cell_to_normalized(cell_boxes: torch.Tensor) -> torch.Tensor:
     """Cell-relative [x, y, w, h] of shape (..., S, S, B, 4) -> normalised x1, y1, x2, y2.
 

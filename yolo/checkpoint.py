@@ -1,4 +1,5 @@
 """Training checkpoints: written atomically, read safely (weights_only), checked against the config."""
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -11,8 +12,8 @@ from yolo.model import YOLOv1
 ARCHITECTURE_KEYS = ("backbone", "num_classes", "grid_size", "num_boxes", "image_size", "head_channels", "fc_dim")
 # The only settings a resumed run may change: how long, where and how fast it runs, not what it computes
 # (a longer run continues the same schedule). Any other difference, in a setting added later too, is refused.
-RESUMABLE_CHANGES = ("epochs", "micro_batch_size", "num_workers", "eval_every", "device", "dtype", "compile",
-                     "out_dir", "resume")
+RESUMABLE_CHANGES = ("epochs", "micro_batch_size", "num_workers", "cache_images", "pin_memory", "prefetch_factor",
+                     "eval_every", "log_every", "bad_images", "device", "dtype", "compile", "out_dir", "resume")
 
 
 class CheckpointError(RuntimeError):
@@ -33,14 +34,34 @@ def git_commit() -> str:
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file intact."""
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file intact.
+
+    A failed write removes the temporary file and raises CheckpointError saying why ("disk full" when it is).
+    """
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        temporary.unlink(missing_ok=True)
+        kept = f"{path} still holds its previous contents" if path.exists() else f"{path} was not written"
+        if _is_disk_full(error):
+            raise CheckpointError(f"disk full while saving {path} ({kept}): free some space on that disk, "
+                                  f"or choose another out_dir, and rerun to resume.") from error
+        raise CheckpointError(f"cannot save {path} ({error}); {kept}.") from error
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    # torch.save reports a short write either as ENOSPC or as its zip writer's "unexpected pos" error.
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "unexpected pos" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

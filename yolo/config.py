@@ -7,6 +7,7 @@ not know. A preset is a small Python file of `name = literal` lines, read withou
 """
 import ast
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +41,20 @@ def between(low, high) -> Rule:
 
 def one_of(*choices) -> Rule:
     return requirement(lambda value: value in choices, "one of " + ", ".join(map(str, choices)))
+
+
+def writable_folder(value) -> None:
+    """The rule of an output folder: created when missing, then a file is written and removed there, so a
+    path that is a file, a read-only folder or a read-only disk is refused before any work starts."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ValueError("a file is in the way: give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write there ({error.strerror or error}): give a writable folder") from None
 
 
 def convert(name: str, text: str, default):

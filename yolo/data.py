@@ -3,13 +3,20 @@
 Boxes stay in VOC's own convention here (1-based inclusive pixels, as written in the XML); the
 transforms in `yolo.transforms` convert them to normalised coordinates.
 """
+import io
+import os
+import re
 import warnings
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+import torchvision.io
+from PIL import Image
+from torchvision.io import ImageReadMode
+from torchvision.transforms.v2.functional import to_dtype
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -29,7 +36,11 @@ PROTOCOLS = {
     "synthetic": {"train": [(".", "train")], "test": [(".", "val")]},
 }
 
-MISSING_DATA_HINT = "run `make download` (or `make synthetic` for the synthetic set) or check data_dir"
+MISSING_DATA_HINT = ("run `make download` for VOC (or `python data/make_synthetic.py --out DIR` for a synthetic "
+                     "set, `make demo` for the whole demo), or check data_dir")
+
+# What a folder scan picks up as images; decode_image reads them by content, whatever the extension says.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class AnnotationError(ValueError):
@@ -38,6 +49,12 @@ class AnnotationError(ValueError):
 
 class ImageDecodeError(RuntimeError):
     """An image file that cannot be read or decoded; the message names the file."""
+
+    @property
+    def reason(self) -> str:
+        """The message alone, also when a DataLoader worker raised it (the loader then adds the worker's
+        traceback to the message, whose last line is the original)."""
+        return str(self).strip().splitlines()[-1].removeprefix(f"{__name__}.ImageDecodeError: ")
 
 
 def _number(element, path, xml_path):
@@ -108,16 +125,57 @@ def clip_to_image(annotation, width, height, source):
             "difficult": annotation["difficult"][keep], "width": width, "height": height}
 
 
+def usable_cores():
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def decode_image(path):
-    """JPEG file -> uint8 (3, H, W) RGB tensor (grayscale and CMYK converted); ImageDecodeError names the file."""
+    """Image file -> uint8 (3, H, W) RGB tensor; ImageDecodeError names the file.
+
+    The format is read from the content, not the extension (a PNG named .jpg is still a PNG). JPEG, PNG,
+    GIF and WebP go through torchvision's decoder (the fast path, and JPEG is what training reads); anything
+    it refuses (BMP, TIFF, a JPEG it finds damaged) gets a second try through PIL. Alpha is dropped,
+    grayscale, palette and CMYK are converted to RGB, 16-bit samples scaled to 8 bits, and an animated
+    GIF gives its first frame.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageDecodeError(f"{path}: cannot read the file ({error.strerror}); check the path and its "
+                               "permissions") from None
+    if not data:
+        raise ImageDecodeError(f"{path}: cannot decode image (the file is empty); re-extract or replace the file")
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoder in favour of TorchCodec, which the pinned environment
             # lacks; the decoder is still there and about twice as fast as going through PIL.
             warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io")
-            return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+            image = torchvision.io.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                                mode=ImageReadMode.RGB)
     except RuntimeError as error:
-        raise ImageDecodeError(f"{path}: cannot decode image ({error}); re-extract or replace the file") from None
+        torchvision_reason = _torchvision_reason(error)
+    else:
+        image = image[0] if image.ndim == 4 else image
+        return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
+    return _decode_with_pil(data, path, torchvision_reason)
+
+
+def _torchvision_reason(error):
+    # Its messages start with the C++ function and source location, which help nobody here.
+    return re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().splitlines()[0])
+
+
+def _decode_with_pil(data, path, torchvision_reason):
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except Image.UnidentifiedImageError:
+        reason = "not an image in a format this reads: JPEG, PNG, GIF, WebP, BMP, TIFF and others"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        unsupported_by_torchvision = torchvision_reason.startswith("Unsupported image file")
+        reason = str(error) if unsupported_by_torchvision else torchvision_reason
+    raise ImageDecodeError(f"{path}: cannot decode image ({reason}); re-extract or replace the file")
 
 
 class VOCDetection(torch.utils.data.Dataset):
@@ -130,12 +188,20 @@ class VOCDetection(torch.utils.data.Dataset):
     An image whose decoded size disagrees with its XML <size>: the decoded pixels are trusted (they are
     what the model sees), the boxes are clipped to them and a warning names the file. `annotations`
     keeps the XML's view, since checking every image's size at construction would decode them all.
+
+    `cache_images()` decodes every image once into RAM; loader workers forked afterwards share those
+    pages with the training process (copy-on-write) instead of decoding each image again every epoch.
+
+    An image that cannot be decoded raises ImageDecodeError, or with `skip_unreadable` gives None and a
+    warning naming it (`collate_detection` leaves it out of its batch): training loses one image, not an epoch.
     """
 
-    def __init__(self, sources, class_names=VOC_CLASSES, transforms=None):
+    def __init__(self, sources, class_names=VOC_CLASSES, transforms=None, skip_unreadable=False):
         self.class_names = tuple(class_names)
         self.transforms = transforms
+        self.skip_unreadable = skip_unreadable
         self.image_ids, self.annotations, self._image_paths = [], [], []
+        self._decoded = None
         for voc_root, split in sources:
             voc_root = Path(voc_root)
             split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
@@ -153,6 +219,9 @@ class VOCDetection(torch.utils.data.Dataset):
                 self.image_ids.append(image_id)
                 self.annotations.append(read_voc_annotation(xml_path, self.class_names))
                 self._image_paths.append(voc_root / "JPEGImages" / f"{image_id}.jpg")
+        if not self.image_ids:
+            split_files = [str(Path(root) / "ImageSets" / "Main" / f"{split}.txt") for root, split in sources]
+            raise ValueError(f"{', '.join(split_files)} list(s) no images: add images to the split or fix data_dir")
         if len(set(self.image_ids)) != len(self.image_ids):
             raise ValueError(f"image ids repeat across {list(sources)}; each image may be listed only once")
 
@@ -162,9 +231,25 @@ class VOCDetection(torch.utils.data.Dataset):
     def image_path(self, index):
         return self._image_paths[index]
 
+    def cached_bytes(self):
+        """RAM that cache_images() will take, from the annotations' image sizes (uint8 RGB)."""
+        return sum(3 * annotation["width"] * annotation["height"] for annotation in self.annotations)
+
+    def cache_images(self):
+        """Decode every image into RAM now (in threads: the decoder releases the GIL)."""
+        with ThreadPoolExecutor(usable_cores()) as pool:
+            self._decoded = list(pool.map(decode_image, self._image_paths))
+
     def __getitem__(self, index):
         path = self._image_paths[index]
-        image = decode_image(path)
+        try:
+            # A copy of a cached image, so that callers may edit it without corrupting the cache.
+            image = decode_image(path) if self._decoded is None else self._decoded[index].clone()
+        except ImageDecodeError as error:
+            if not self.skip_unreadable:
+                raise
+            warnings.warn(f"skipped: {error}", stacklevel=2)
+            return None
         # A copy, arrays included, so callers may edit it without corrupting the dataset.
         annotation = {key: value.copy() if isinstance(value, np.ndarray) else value
                       for key, value in self.annotations[index].items()}

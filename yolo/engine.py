@@ -10,7 +10,8 @@ from yolo.inference import Detector
 from yolo.distributed import all_reduce_sum, gather_to_main, is_main_process
 from yolo.loss import yolo_loss_terms
 from yolo.metrics import evaluate_detections
-from yolo.optim import set_learning_rate
+from yolo.optim import set_learning_rate, skips_on_device
+from yolo.photometric import model_input, stacked_colour_factors
 
 LOSS_TERMS = ("coord", "obj", "noobj", "cls")
 
@@ -32,24 +33,35 @@ def ground_truth_array(annotation: dict) -> np.ndarray:
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, start_step: int, accumulation: int,
-                    lr_at, loss_weights: dict, device: torch.device, dtype: torch.dtype, stop_requested) -> dict:
+                    lr_at, loss_weights: dict, device: torch.device, dtype: torch.dtype, stop_requested,
+                    read_every: int = 1) -> dict:
     """Train from optimizer step `start_step` to the end of `epoch`, or until `stop_requested()`.
 
     `lr_at(step)` gives the learning rate of each optimizer step. Returns the per-image loss terms summed
     over all processes, the number of images, the optimizer steps done and whether the epoch was cut short.
-    The loop stops with NonFiniteLossError before any optimizer step that a NaN or infinite loss would poison.
+
+    The host reads what the device computed (the loss shown, the non-finite flag, and the stop request,
+    agreed by all processes so that they stop after the same step) only after every `read_every`-th
+    optimizer step and at the end of the epoch: in between, a GPU runs steps back to back while the CPU
+    queues the next ones. No update is applied from a step whose loss was NaN or infinite, nor from any
+    step after it: a fused optimizer skips them on the device, the GradScaler (fp16) skips them because
+    the loop makes a gradient non-finite, and any other optimizer is checked on the host before each step.
+    The loop then raises NonFiniteLossError naming that step at the next read.
     """
     model.train()
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=device)  # terms x images, then images
     step, stopped = start_step, False
+    one_batch = torch.ones((), dtype=torch.float64, device=device)  # made once: a copy from the host would wait
     step_is_finite = torch.ones((), device=device)
+    first_non_finite_step = torch.full((), -1, dtype=torch.long, device=device)
+    check_on_host = not skips_on_device(optimizer) and not scaler.is_enabled()
     progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                     disable=None if is_main_process() else True)
-    for index, (images, targets, _) in enumerate(progress):
+    for index, (images, targets, target_dicts) in enumerate(progress):
         micro_step = index % accumulation
         if micro_step == 0:
             set_learning_rate(optimizer, lr_at(step))
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = model_input(images, device, stacked_colour_factors(target_dicts))
         targets = targets.to(device, non_blocking=True)
         last_micro_step = micro_step == accumulation - 1
         # Gradients are averaged across processes only on the micro-batch that completes the step.
@@ -61,29 +73,56 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
             loss = sum(terms.values())
             scaler.scale(loss / accumulation).backward()
         step_is_finite = step_is_finite * torch.isfinite(loss)
-        sums += torch.stack([*(terms[name].detach().double() for name in LOSS_TERMS), sums.new_tensor(1.0)]) \
-            * len(images)
+        sums += torch.stack([*(terms[name].detach().double() for name in LOSS_TERMS), one_batch]) * len(images)
         if not last_micro_step:
             continue
-        flags = all_reduce_sum(torch.stack([1.0 - step_is_finite.float(),
-                                            torch.tensor(float(stop_requested()), device=device)]))
-        if flags[0] > 0:
-            raise NonFiniteLossError(f"The loss became NaN or infinite at epoch {epoch + 1}, optimizer step {step + 1}. "
-                                     f"No update was applied and last.pt still holds the previous epoch; lower lr "
-                                     f"or check the data, then resume.")
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        # The same on every process, so that all of them skip (or apply) the same updates.
+        non_finite = all_reduce_sum(1.0 - step_is_finite) > 0
+        first_non_finite_step = torch.where((first_non_finite_step < 0) & non_finite, step, first_non_finite_step)
+        if check_on_host:
+            raise_if_non_finite(first_non_finite_step.item(), epoch)
+        apply_update(optimizer, scaler, skip=first_non_finite_step >= 0)
         step, step_is_finite = step + 1, torch.ones((), device=device)
-        progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        epoch_ends = index + 1 == len(loader)
+        if step % read_every and not epoch_ends:
+            continue
+        stop_votes = all_reduce_sum(torch.tensor(float(stop_requested()), device=device))
+        votes, non_finite_step, mean_loss = torch.stack(
+            [stop_votes, first_non_finite_step.to(stop_votes.dtype), (sums[:-1].sum() / sums[-1]).float()]).tolist()
+        raise_if_non_finite(int(non_finite_step), epoch)
+        progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         # A stop on the epoch's last step lets the epoch end normally (the caller saves and exits then).
-        if flags[1] > 0 and index + 1 < len(loader):
+        if votes > 0 and not epoch_ends:
             stopped = True
             break
     totals = all_reduce_sum(sums)
     images_seen = totals[-1].item()
     return {"terms": {name: totals[i].item() for i, name in enumerate(LOSS_TERMS)}, "images": images_seen,
             "steps": step, "stopped": stopped}
+
+
+def apply_update(optimizer, scaler, skip: torch.Tensor) -> None:
+    """One optimizer step from the accumulated gradients, none where the device-side flag `skip` is set
+    (which only a fused optimizer or the GradScaler honour without a host read)."""
+    if skips_on_device(optimizer) and not scaler.is_enabled():
+        optimizer.found_inf = skip.float()
+        optimizer.step()
+        del optimizer.found_inf
+    else:
+        if scaler.is_enabled():
+            # A non-finite gradient makes the GradScaler skip the step (it checks them all on the device).
+            gradient = next(p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+            gradient.add_(torch.where(skip, float("nan"), 0.0).to(gradient.dtype))
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def raise_if_non_finite(first_non_finite_step: int, epoch: int) -> None:
+    if first_non_finite_step >= 0:
+        raise NonFiniteLossError(f"The loss became NaN or infinite at epoch {epoch + 1}, optimizer step "
+                                 f"{first_non_finite_step + 1}. No update was applied from that step on and last.pt "
+                                 f"still holds the previous epoch; lower lr or check the data, then resume.")
 
 
 @torch.inference_mode()

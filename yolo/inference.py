@@ -17,6 +17,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from yolo.device import inference_dtype
+from yolo.photometric import model_input
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_predictions, to_voc_array
 
 RESNET_CONV_BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
@@ -119,8 +120,9 @@ class Detector:
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        """The network's raw output (N, S, S, 5B + C) for a preprocessed batch."""
-        return self.model(batch.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last))
+        """The network's raw output (N, S, S, 5B + C) for a batch at the model's input size: uint8 pixels
+        (as EvalTransform gives them) or floats in [0, 1]."""
+        return self.model(model_input(batch, self.device).to(self.dtype))
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor],

@@ -6,13 +6,15 @@ from torch import nn
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float, weight_decay: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
     """SGD (the paper's) or AdamW, with weight decay on convolution and linear weights only.
 
     BatchNorm parameters and biases are not decayed. The decay is the configured value exactly: the loss
     is a mean over images, so it needs no rescaling by the batch size (the seed divided it by 64).
     AdamW (decoupled decay, betas (momentum, 0.999)) trains from scratch much faster on small problems.
+    `fused` (for CUDA) updates every parameter in one kernel launch and can skip a step on the device: see
+    `yolo.engine.train_one_epoch`. Without it PyTorch picks its default (foreach) implementation.
     """
     decay, no_decay = [], []
     for parameter in model.parameters():
@@ -20,12 +22,17 @@ def build_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
             (decay if parameter.ndim > 1 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused or None)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=fused or None)
     raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = value
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` honours a `found_inf` tensor (1.0: skip this update) without a host read."""
+    return bool(optimizer.defaults.get("fused"))

@@ -15,7 +15,7 @@ def say(*args) -> None:
 
 
 class StopRequest:
-    """Turns SIGINT and SIGTERM into a flag the loop reads after each optimizer step."""
+    """Turns SIGINT and SIGTERM into a flag the loop reads at its read points (see train.py's docstring)."""
 
     def __init__(self):
         self.signal = None
@@ -30,6 +30,11 @@ class StopRequest:
 
     def __call__(self) -> bool:
         return self.signal is not None
+
+    def exit_code(self) -> int:
+        """128 + the signal, as a shell reports it; a process stopping because another one was signalled
+        reports SIGTERM."""
+        return 128 + (self.signal or signal.SIGTERM)
 
 
 def read_log(path: Path, up_to_epoch: int) -> list[dict]:

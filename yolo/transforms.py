@@ -1,25 +1,33 @@
 """Image + box transforms for training and evaluation, the batch collate function and the DataLoader.
 
 Both transforms take (uint8 (3, H, W) image, annotation dict from `yolo.data`) and return
-(float32 (3, image_size, image_size) image in [0, 1], target dict) where the target dict holds
-`grid` (the YOLO target, see `yolo.targets`), `boxes` (normalised x1, y1, x2, y2 after the transform),
-`labels`, `difficult`, `image_id` and `orig_size` ([H, W] of the decoded image).
+(uint8 (3, image_size, image_size) image, target dict) where the target dict holds `grid` (the YOLO
+target, see `yolo.targets`), `boxes` (normalised x1, y1, x2, y2 after the transform), `labels`,
+`difficult`, `image_id` and `orig_size` ([H, W] of the decoded image); the training transform adds
+`colour_factors`, the sample's exposure and saturation factors that `yolo.photometric.model_input`
+applies on the device. Images stay uint8 until then: a quarter of float32's bytes to collate, pass
+between processes, pin and copy.
 """
+import os
+
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from yolo.boxes import voc_to_normalized
+from yolo.data import ImageDecodeError, usable_cores
+from yolo.photometric import draw_colour_factors
 from yolo.targets import encode_target
 
-# The paper: random scaling and translation of up to 20 % of the image size, exposure and saturation
-# up to a factor of 1.5. Brightness multiplies RGB, which scales HSV's V; the range is symmetric in log.
+# The paper: random scaling and translation of up to 20 % of the image size (exposure and saturation:
+# yolo.photometric).
 MAX_SHIFT = 0.2
 SCALE_RANGE = (0.8, 1.2)
-COLOUR_FACTOR_RANGE = (1 / 1.5, 1.5)
 # Neutral grey where a shift uncovers the canvas: black would add strong artificial edges.
 FILL = 127
+FLIP_PROBABILITY = 0.5  # horizontal flip (common practice; darknet does it)
+MIN_BOX_PIXELS = 1  # boxes left narrower or shorter than this after the transform are dropped
 
 
 def _axis_window(length, size, scale, shift):
@@ -37,50 +45,43 @@ def _axis_window(length, size, scale, shift):
     return source_start, source_end, output_start, output_end
 
 
-class RandomScaleTranslateResize(v2.Transform):
-    """The paper's random scaling and translation, fused with the resize to the square network input.
+def random_windows(height, width, size, scale_range=SCALE_RANGE, max_shift=MAX_SHIFT):
+    """The paper's random scaling (about the centre) and translation as integer windows per axis (see
+    _axis_window): (x window, y window), drawn from torch's RNG."""
+    scale = torch.empty(1).uniform_(*scale_range).item()
+    shift_x, shift_y = torch.empty(2).uniform_(-max_shift, max_shift).tolist()
+    return _axis_window(width, size, scale, shift_x), _axis_window(height, size, scale, shift_y)
+
+
+def crop_and_resize(image, x_window, y_window, size, fill=FILL):
+    """uint8 (3, H, W) -> uint8 (3, size, size) showing the windows' source region in their output region.
 
     Scaling about the centre and shifting only decide which window of the original fills the output,
     so a crop and one resize do it: a single resampling straight from the original, several times
     cheaper on a CPU than a resize followed by an affine warp (v2.RandomAffine takes ~28 ms at 448).
-    Boxes are mapped with the same integer window as the pixels, then clipped to the canvas.
+    The result is channels-last (strides of (size, size, 3) pixels), where the uint8 antialiased
+    resize runs about twice as fast, and the layout the model and the batch use.
     """
-
-    _transformed_types = (tv_tensors.Image, tv_tensors.BoundingBoxes)
-
-    def __init__(self, size, scale_range=SCALE_RANGE, max_shift=MAX_SHIFT, fill=FILL):
-        super().__init__()
-        self.size, self.scale_range, self.max_shift, self.fill = size, scale_range, max_shift, fill
-
-    def make_params(self, flat_inputs):
-        height, width = v2.query_size(flat_inputs)
-        scale = torch.empty(1).uniform_(*self.scale_range).item()
-        shift_x, shift_y = torch.empty(2).uniform_(-self.max_shift, self.max_shift).tolist()
-        return {"x": _axis_window(width, self.size, scale, shift_x), "y": _axis_window(height, self.size, scale, shift_y)}
-
-    def transform(self, inpt, params):
-        x_src1, x_src2, x_out1, x_out2 = params["x"]
-        y_src1, y_src2, y_out1, y_out2 = params["y"]
-        if isinstance(inpt, tv_tensors.BoundingBoxes):
-            gain = torch.tensor([(x_out2 - x_out1) / (x_src2 - x_src1), (y_out2 - y_out1) / (y_src2 - y_src1)] * 2)
-            source = torch.tensor([x_src1, y_src1] * 2, dtype=torch.float32)
-            output = torch.tensor([x_out1, y_out1] * 2, dtype=torch.float32)
-            boxes = ((inpt.as_subclass(torch.Tensor) - source) * gain + output).clamp(0, self.size)
-            return tv_tensors.wrap(boxes, like=inpt, canvas_size=(self.size, self.size))
-        crop = inpt.as_subclass(torch.Tensor)[:, y_src1:y_src2, x_src1:x_src2]
-        canvas = torch.full((inpt.shape[0], self.size, self.size), self.fill, dtype=inpt.dtype)
-        canvas[:, y_out1:y_out2, x_out1:x_out2] = v2.functional.resize(
-            crop, [y_out2 - y_out1, x_out2 - x_out1], antialias=True)
-        return tv_tensors.Image(canvas)
+    x_src1, x_src2, x_out1, x_out2 = x_window
+    y_src1, y_src2, y_out1, y_out2 = y_window
+    crop = image[None, :, y_src1:y_src2, x_src1:x_src2].contiguous(memory_format=torch.channels_last)
+    canvas = torch.full((1, size, size, image.shape[0]), fill, dtype=image.dtype).permute(0, 3, 1, 2)
+    canvas[:, :, y_out1:y_out2, x_out1:x_out2] = F.interpolate(
+        crop, size=(y_out2 - y_out1, x_out2 - x_out1), mode="bilinear", antialias=True)
+    return canvas[0]
 
 
-def _labels_and_difficult(inputs):
-    # Module-level rather than a lambda so the transform pickles into spawned DataLoader workers.
-    return inputs[1]["labels"], inputs[1]["difficult"]
+def map_boxes(boxes, x_window, y_window, size):
+    """Pixel x1, y1, x2, y2 boxes (M, 4) through crop_and_resize's windows, clipped to the size x size canvas."""
+    x_src1, x_src2, x_out1, x_out2 = x_window
+    y_src1, y_src2, y_out1, y_out2 = y_window
+    gain = torch.tensor([(x_out2 - x_out1) / (x_src2 - x_src1), (y_out2 - y_out1) / (y_src2 - y_src1)] * 2)
+    source = torch.tensor([x_src1, y_src1] * 2, dtype=torch.float32)
+    output = torch.tensor([x_out1, y_out1] * 2, dtype=torch.float32)
+    return ((boxes - source) * gain + output).clamp(0, size)
 
 
-def _normalized_boxes(image, annotation, keep):
-    height, width = image.shape[1:]
+def _normalized_boxes(annotation, keep, width, height):
     return voc_to_normalized(torch.from_numpy(annotation["boxes"][keep]), width, height)
 
 
@@ -96,36 +97,35 @@ def _target(boxes, labels, difficult, annotation, orig_size, grid_size, num_clas
 
 
 class TrainTransform:
-    """Random scale/translate fused with the resize, horizontal flip, exposure/saturation jitter.
+    """Random scale/translate fused with the resize, then a horizontal flip, on uint8 pixels; draws the
+    colour factors that yolo.photometric applies on the device.
 
     Boxes follow the image, are clipped to it, and are dropped when left under a pixel wide or tall.
-    Difficult objects stay in the targets unless use_difficult=False.
+    Difficult objects stay in the targets unless use_difficult=False. Every random draw comes from
+    torch's RNG, in a fixed order: the windows, the flip, the colour factors.
     """
 
     def __init__(self, image_size, grid_size, num_classes, use_difficult=True):
         self.image_size, self.grid_size, self.num_classes = image_size, grid_size, num_classes
         self.use_difficult = use_difficult
-        self.augment = v2.Compose([
-            RandomScaleTranslateResize(image_size),
-            v2.RandomHorizontalFlip(p=0.5),
-            # Colour ops on float: cheaper than on uint8 and no intermediate rounding.
-            v2.ToDtype(torch.float32, scale=True),
-            v2.ColorJitter(brightness=COLOUR_FACTOR_RANGE, saturation=COLOUR_FACTOR_RANGE),
-            v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_labels_and_difficult),
-        ])
 
     def __call__(self, image, annotation):
         keep = slice(None) if self.use_difficult else ~annotation["difficult"]
         height, width = image.shape[1:]
-        boxes = _normalized_boxes(image, annotation, keep) * torch.tensor([width, height, width, height])
-        image, target = self.augment(tv_tensors.Image(image), {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "labels": torch.from_numpy(annotation["labels"][keep]),
-            "difficult": torch.from_numpy(annotation["difficult"][keep]),
-        })
-        boxes = target["boxes"].as_subclass(torch.Tensor) / self.image_size
-        return image.as_subclass(torch.Tensor), _target(boxes, target["labels"], target["difficult"], annotation,
-                                                        (height, width), self.grid_size, self.num_classes)
+        size = self.image_size
+        x_window, y_window = random_windows(height, width, size)
+        image = crop_and_resize(image, x_window, y_window, size)
+        boxes = _normalized_boxes(annotation, keep, width, height) * torch.tensor([width, height, width, height])
+        boxes = map_boxes(boxes, x_window, y_window, size)
+        if torch.rand(1).item() < FLIP_PROBABILITY:
+            image = image.flip(-1)
+            boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], dim=1)
+        visible = (boxes[:, 2] - boxes[:, 0] >= MIN_BOX_PIXELS) & (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_PIXELS)
+        labels = torch.from_numpy(annotation["labels"][keep])[visible]
+        difficult = torch.from_numpy(annotation["difficult"][keep])[visible]
+        return image, {**_target(boxes[visible] / size, labels, difficult, annotation, (height, width),
+                                 self.grid_size, self.num_classes),
+                       "colour_factors": draw_colour_factors()}
 
 
 class EvalTransform:
@@ -135,20 +135,58 @@ class EvalTransform:
         self.image_size, self.grid_size, self.num_classes = image_size, grid_size, num_classes
 
     def __call__(self, image, annotation):
-        resized = v2.functional.resize(image, [self.image_size, self.image_size], antialias=True)
-        return v2.functional.to_dtype(resized, torch.float32, scale=True), _target(
-            _normalized_boxes(image, annotation, slice(None)), torch.from_numpy(annotation["labels"]),
+        return v2.functional.resize(image, [self.image_size, self.image_size], antialias=True), _target(
+            _normalized_boxes(annotation, slice(None), image.shape[2], image.shape[1]),
+            torch.from_numpy(annotation["labels"]),
             torch.from_numpy(annotation["difficult"]), annotation, image.shape[1:], self.grid_size,
             self.num_classes)
 
 
 def collate_detection(batch):
-    """[(image, target dict)] -> (images (N, 3, H, W), grids (N, S, S, 5 + C), [target dicts])."""
+    """[(image, target dict)] -> (images (N, 3, H, W) channels-last, grids (N, S, S, 5 + C), [target dicts]).
+
+    The batch's target dicts hold the per-image values as NumPy arrays, without the grid (stacked already):
+    from a loader worker every tensor travels in a shared-memory segment of its own, which for a handful
+    of small tensors per image costs more than decoding the image, while arrays are copied inline.
+    Samples that are None (images skipped as unreadable) are left out.
+    """
+    batch = [sample for sample in batch if sample is not None]
+    if not batch:
+        raise ImageDecodeError("no image of this batch could be decoded (see the warnings above): check the "
+                               "dataset's image files")
     images, targets = zip(*batch)
-    return torch.stack(images), torch.stack([t["grid"] for t in targets]), list(targets)
+    stacked = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, memory_format=torch.channels_last)
+    target_dicts = [{key: value.numpy() if isinstance(value, torch.Tensor) else value
+                     for key, value in target.items() if key != "grid"} for target in targets]
+    return torch.stack(images, out=stacked), torch.stack([t["grid"] for t in targets]), target_dicts
 
 
-def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_last=False, seed=0):
+# num_workers="auto" gives each training process its share of the CPU cores less one (that process's own
+# core), within these bounds: more workers than this only add memory and start-up time.
+MAX_AUTO_WORKERS = 16
+
+
+def check_num_workers(setting: str) -> None:
+    """Rule for a num_workers setting: `auto` or a whole number of at least 0."""
+    if setting != "auto" and not setting.isdigit():
+        raise ValueError("must be auto or a whole number of at least 0")
+
+
+def num_loader_workers(setting: str) -> int:
+    """The worker processes per training process for a num_workers setting (`auto` or a number).
+
+    `auto`: the cores this process may use, shared among the training processes of this machine
+    (torchrun's LOCAL_WORLD_SIZE), minus the training process itself, at most MAX_AUTO_WORKERS.
+    """
+    check_num_workers(setting)
+    if setting != "auto":
+        return int(setting)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(usable_cores() // processes - 1, MAX_AUTO_WORKERS))
+
+
+def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_last=False, seed=0,
+                 pin_memory=None, prefetch_factor=None, collate_fn=collate_detection):
     """DataLoader for detection batches.
 
     Reproducible augmentation: the seeded generator fixes the shuffling order and every worker's torch
@@ -156,6 +194,10 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
     draw from the main process's torch RNG, so seed that with torch.manual_seed. The same seed with a
     different number of workers gives different (but equally reproducible) augmentations; for
     augmentation independent of workers, wrap the dataset in yolo.sampling.SeededSamples.
+
+    pin_memory (default: when CUDA is available) puts batches in page-locked memory, so the copy to the
+    GPU runs asynchronously; prefetch_factor is how many batches each worker prepares ahead (PyTorch's
+    default when None; ignored without workers).
     """
     return DataLoader(
         dataset,
@@ -163,9 +205,10 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
         shuffle=shuffle,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate_detection,
-        pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )

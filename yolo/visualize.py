@@ -5,6 +5,8 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
+from yolo.boxes import at_least_one_pixel
+
 # Tableau-like palette, cycled by class index so a class keeps its colour across images.
 PALETTE = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -16,11 +18,12 @@ def draw_boxes(image, boxes, labels, class_names, scores=None, colors=None, widt
     """Image uint8 (3, H, W) with boxes drawn and captioned "class" or "class 0.87"; returns a new uint8 image.
 
     boxes: (K, 4) VOC pixel coordinates (1-based inclusive x1, y1, x2, y2); convert normalised boxes
-    with yolo.boxes.normalized_to_voc first. colors: one per box, default a colour per class.
+    with yolo.boxes.normalized_to_voc first. A box under one pixel is drawn as one pixel.
+    colors: one per box, default a colour per class.
     """
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"draw_boxes needs a uint8 (3, H, W) image, got {image.dtype} {tuple(image.shape)}")
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    boxes = at_least_one_pixel(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
     labels = torch.as_tensor(labels).reshape(-1).tolist()
     captions = [class_names[label] for label in labels]
     if scores is not None:

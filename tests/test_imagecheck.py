@@ -1,0 +1,43 @@
+"""The pre-training check of a dataset's images: unreadable files named, good ones remembered."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from yolo.imagecheck import CACHE_NAME, find_unreadable_images, require_readable_images
+
+
+@pytest.fixture
+def folder(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "good.jpg")
+    Image.fromarray(pixels).save(tmp_path / "renamed_png.jpg", format="PNG")
+    (tmp_path / "text.jpg").write_text("not an image")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    return tmp_path
+
+
+def test_unreadable_files_are_named_with_their_problem(folder):
+    paths = [folder / name for name in ("good.jpg", "text.jpg", "renamed_png.jpg", "empty.jpg", "gone.jpg")]
+    problems = dict(find_unreadable_images(paths))
+    assert list(problems) == [folder / "text.jpg", folder / "empty.jpg", folder / "gone.jpg"]
+    assert "not a readable image" in problems[folder / "text.jpg"]
+    assert problems[folder / "gone.jpg"] == "file not found"
+
+
+def test_files_that_passed_are_remembered_until_they_change(folder):
+    good = folder / "good.jpg"
+    assert find_unreadable_images([good]) == []
+    cache = json.loads((folder / CACHE_NAME).read_text())
+    assert list(cache) == ["good.jpg"]
+    good.write_text("now broken")  # another size: checked again
+    assert [path for path, _ in find_unreadable_images([good])] == [good]
+    assert "good.jpg" not in json.loads((folder / CACHE_NAME).read_text())
+
+
+def test_the_error_lists_the_first_files_and_the_way_out(folder):
+    paths = [folder / f"missing_{index}.jpg" for index in range(7)]
+    with pytest.raises(ValueError, match=r"7 image\(s\) cannot be read \(.*missing_0.jpg: file not found;.* and 2 "
+                                         r"more\)\. Replace them .* ImageSets/Main"):
+        require_readable_images(paths)

@@ -1,0 +1,93 @@
+"""yolo.engine.train_one_epoch on a CPU: reads every few steps, no update from a non-finite loss, agreed stops."""
+import pytest
+import torch
+from torch import nn
+
+import train
+from yolo.engine import NonFiniteLossError, train_one_epoch
+from yolo.optim import build_optimizer, skips_on_device
+from yolo.targets import encode_target
+
+GRID, CLASSES, SIDE = 2, 3, 8
+LOSS_WEIGHTS = {"lambda_coord": 5.0, "lambda_noobj": 0.5}
+
+
+class TinyDetector(nn.Module):
+    """Images -> (N, S, S, 5B + C) in [0, 1]: the smallest model the loss accepts."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3 * SIDE * SIDE, GRID * GRID * (10 + CLASSES))
+
+    def forward(self, images):
+        return torch.sigmoid(self.linear(images.flatten(1))).view(len(images), GRID, GRID, 10 + CLASSES)
+
+
+def batches(count, poisoned=()):
+    """`count` micro-batches of 2 images; those in `poisoned` hold a NaN pixel (a NaN loss)."""
+    generator = torch.Generator().manual_seed(0)
+    target = encode_target(torch.tensor([[0.1, 0.2, 0.6, 0.7]]), torch.tensor([1]), GRID, CLASSES)
+    result = []
+    for index in range(count):
+        images = torch.rand(2, 3, SIDE, SIDE, generator=generator)
+        if index in poisoned:
+            images[0, 0, 0, 0] = float("nan")
+        result.append((images, torch.stack([target, target]), None))
+    return result
+
+
+def run(loader, *, fused, dtype=torch.float32, read_every=1, stop=lambda: False):
+    torch.manual_seed(0)
+    model = TinyDetector()
+    optimizer = build_optimizer(model, "sgd", 0.1, 0.9, 5e-4, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    try:
+        stats = train_one_epoch(model, loader, optimizer, scaler, epoch=0, start_step=0, accumulation=1,
+                                lr_at=lambda step: 0.1, loss_weights=LOSS_WEIGHTS, device=torch.device("cpu"),
+                                dtype=dtype, stop_requested=stop, read_every=read_every)
+    except NonFiniteLossError as error:
+        return model, str(error)
+    return model, stats
+
+
+@pytest.mark.parametrize("fused, dtype", [(True, torch.float32), (False, torch.float16), (False, torch.float32)])
+def test_no_update_is_applied_from_a_non_finite_loss_on(fused, dtype):
+    """Step 2 of 5 is NaN; with reads every 4 steps the run stops at step 4 having applied step 1 only
+    (fused: skipped on the device; fp16: by the GradScaler; otherwise: checked on the host each step)."""
+    assert skips_on_device(build_optimizer(TinyDetector(), "sgd", 0.1, 0.9, 0.0, fused=fused)) == fused
+    reference, _ = run(batches(1), fused=fused, dtype=dtype)
+    model, message = run(batches(5, poisoned={1}), fused=fused, dtype=dtype, read_every=4)
+    assert "NaN or infinite at epoch 1, optimizer step 2" in message and "No update was applied" in message
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_a_stop_request_lands_on_the_next_read():
+    model, stats = run(batches(5), fused=True, read_every=3, stop=lambda: True)
+    assert (stats["steps"], stats["stopped"], stats["images"]) == (3, True, 6)
+    _, stats = run(batches(5), fused=True, read_every=1, stop=lambda: True)
+    assert (stats["steps"], stats["stopped"]) == (1, True)
+    # A request on the epoch's last step lets the epoch finish: the caller saves the epoch's end.
+    _, stats = run(batches(3), fused=True, read_every=3, stop=lambda: True)
+    assert (stats["steps"], stats["stopped"]) == (3, False)
+
+
+def test_reads_every_few_steps_train_exactly_like_reads_every_step():
+    every_step, first = run(batches(5), fused=True, read_every=1)
+    every_third, second = run(batches(5), fused=True, read_every=3)
+    assert first == second
+    for name, value in every_step.state_dict().items():
+        assert torch.equal(every_third.state_dict()[name], value), name
+
+
+def test_a_resume_into_another_dtype_keeps_or_starts_the_scaler(capsys):
+    fp16_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    train.load_scaler_state(fp16_scaler, {}, "bf16")  # bf16 -> fp16: no state was saved
+    assert fp16_scaler.get_scale() == 1024.0
+    assert "fresh one" in capsys.readouterr().out
+    saved = torch.amp.GradScaler("cpu", init_scale=256.0).state_dict()
+    train.load_scaler_state(fp16_scaler, saved, "fp16")
+    assert fp16_scaler.get_scale() == 256.0
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    train.load_scaler_state(disabled, saved, "fp16")  # fp16 -> bf16: the scale is not needed
+    assert not disabled.is_enabled()

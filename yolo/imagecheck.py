@@ -1,0 +1,92 @@
+"""The check a dataset's images pass before training starts: each listed file opens as an image.
+
+Only the header is read (a few hundred bytes per file, in parallel threads), so the whole of VOC takes
+seconds; files that passed are remembered by size and modification time in a cache file beside them, so a
+rerun checks only what changed. A file whose header is fine but whose pixels are damaged is caught later,
+when the loader decodes it (see `yolo.data`), and skipped there.
+"""
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+CACHE_NAME = ".checked_images.json"
+THREADS = 16  # header reads wait on the disk, not the CPU
+
+
+def header_problem(path: Path) -> str | None:
+    """None when `path` opens as an image with a positive size, else what is wrong with it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except FileNotFoundError:
+        return "file not found"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        return f"not a readable image ({error})"
+    if width <= 0 or height <= 0:
+        return f"image size {width} x {height}"
+    return None
+
+
+def _signature(path: Path) -> list[int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _read_cache(folder: Path) -> dict:
+    try:
+        return json.loads((folder / CACHE_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(folder: Path, entries: dict) -> None:
+    # A read-only dataset folder only loses the cache, not the check.
+    try:
+        temporary = folder / (CACHE_NAME + f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(entries))
+        os.replace(temporary, folder / CACHE_NAME)
+    except OSError:
+        pass
+
+
+def find_unreadable_images(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(path, problem) for every file of `paths` whose header cannot be read, in the order given."""
+    paths = [Path(path) for path in paths]
+    by_folder: dict[Path, dict] = {}
+    to_check = []
+    for path in paths:
+        cache = by_folder.setdefault(path.parent, _read_cache(path.parent))
+        signature = _signature(path)
+        if signature is None or cache.get(path.name) != signature:
+            to_check.append(path)
+    with ThreadPoolExecutor(THREADS) as pool:
+        problems = dict(zip(to_check, pool.map(header_problem, to_check)))
+    for path, problem in problems.items():
+        if problem is None:
+            by_folder[path.parent][path.name] = _signature(path)
+        else:
+            by_folder[path.parent].pop(path.name, None)
+    if problems:
+        for folder, entries in by_folder.items():
+            _write_cache(folder, entries)
+    return [(path, problems[path]) for path in paths if problems.get(path)]
+
+
+def require_readable_images(paths: list[Path], shown: int = 5) -> None:
+    """ValueError naming the unreadable files among `paths` (the first `shown` of them) and the way out."""
+    unreadable = find_unreadable_images(paths)
+    if unreadable:
+        listing = "; ".join(f"{path}: {problem}" for path, problem in unreadable[:shown])
+        more = f" and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
+        raise ValueError(f"{len(unreadable)} image(s) cannot be read ({listing}{more}). Replace them (for VOC, "
+                         f"`make download` verifies and re-extracts the archives) or remove their ids from the "
+                         f"split lists in ImageSets/Main.")
