@@ -57,6 +57,14 @@ def classification_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def detection_dir(tmp_path_factory):
+    """A detection set of this module's own: train.py leaves a record of its image check in the data folder."""
+    root = tmp_path_factory.mktemp("detection")
+    make_synthetic.generate(root, train=16, val=8, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
 def reference_run(classification_dir, tmp_path_factory):
     """Two uninterrupted epochs: what every interrupted and resumed run must reproduce bit for bit."""
     out_dir = tmp_path_factory.mktemp("pretrain_reference")
@@ -142,12 +150,12 @@ def test_resume_refuses_other_settings_and_a_longer_cosine_run(classification_di
     assert "lr: 0.05 -> 0.5" in result.stderr
 
 
-def test_the_two_stages_hand_the_backbone_over_unchanged(reference_run, synthetic_root, tmp_path):
+def test_the_two_stages_hand_the_backbone_over_unchanged(reference_run, detection_dir, tmp_path):
     """With a zero learning rate the detector's backbone after its first step is the pretrained one
     (BatchNorm's running statistics excepted: they follow the detection images)."""
     out_dir = tmp_path / "detector"
     weights = reference_run / "last.pt"
-    run_script("train.py", f"--data_dir={synthetic_root}", f"--out_dir={out_dir}", *DETECTION, "--lr=0",
+    run_script("train.py", f"--data_dir={detection_dir}", f"--out_dir={out_dir}", *DETECTION, "--lr=0",
                "--warmup_lr=0", "--pretrained=false", f"--backbone_weights={weights}")
     pretrained, detector = saved_model(reference_run), saved_model(out_dir)
     backbone_parameters = [name for name, _ in YOLOv1("fast", num_classes=5, grid_size=4, image_size=128)
@@ -157,7 +165,7 @@ def test_the_two_stages_hand_the_backbone_over_unchanged(reference_run, syntheti
         assert torch.equal(detector[f"backbone.{name}"], pretrained[f"backbone.{name}"]), name
     assert json.loads((out_dir / "config.json").read_text())["backbone_weights"] == str(weights)
 
-    result = run_script("train.py", f"--data_dir={synthetic_root}", f"--out_dir={out_dir}", *DETECTION, "--lr=0",
+    result = run_script("train.py", f"--data_dir={detection_dir}", f"--out_dir={out_dir}", *DETECTION, "--lr=0",
                         "--warmup_lr=0", "--pretrained=false", "--epochs=2", expect_success=False)
     assert f"backbone_weights: '{weights}' -> ''" in result.stderr
 
@@ -186,7 +194,7 @@ def test_every_backbone_tensor_reaches_the_detector_and_nothing_else(tmp_path):
     ("other_backbone", "holds a pretrained darknet backbone, not the fast"),
     ("mismatched", "does not fit the fast backbone"),
 ])
-def test_bad_backbone_weights_are_one_clear_error(synthetic_root, tmp_path, case, message):
+def test_bad_backbone_weights_are_one_clear_error(detection_dir, tmp_path, case, message):
     path = tmp_path / "weights.pt"
     config = {"task": "classification", "backbone": "fast"}
     if case == "detector":
@@ -197,7 +205,7 @@ def test_bad_backbone_weights_are_one_clear_error(synthetic_root, tmp_path, case
         narrow = BackboneClassifier("fast", 5).state_dict()
         narrow["backbone.0.0.weight"] = narrow["backbone.0.0.weight"][:8]
         save_checkpoint({"model": narrow, "config": config}, path)
-    result = run_script("train.py", f"--data_dir={synthetic_root}", f"--out_dir={tmp_path / 'run'}", *DETECTION,
+    result = run_script("train.py", f"--data_dir={detection_dir}", f"--out_dir={tmp_path / 'run'}", *DETECTION,
                         "--pretrained=false", f"--backbone_weights={path}", expect_success=False)
     assert result.returncode != 0
     assert result.stderr.startswith("error: --backbone_weights: ") and str(path) in result.stderr, result.stderr
