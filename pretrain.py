@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset, default_collate
 
 from yolo.checkpoint import (RESUMABLE_CHANGES, CheckpointError, config_differences, git_commit, load_checkpoint,
                              save_checkpoint)
 from yolo.classification import BackboneClassifier, evaluate_classifier, image_folders, train_classifier_epoch
-from yolo.config import at_least, between, format_config, one_of, resolve_config
+from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import NonFiniteLossError
@@ -33,13 +33,14 @@ from yolo.optim import build_optimizer
 from yolo.plots import plot_classification_curve
 from yolo.run import StopRequest, append_log, find_checkpoint, mark_finished, read_log, say, write_log
 from yolo.sampling import GlobalBatchSampler, SeededSamples
+from yolo.transforms import build_loader, check_num_workers, num_loader_workers
 
 # --- model
 backbone = "darknet"           # darknet | fast | resnet18 | resnet50, trained from scratch
 image_size = 224               # training and evaluation crop side in pixels (the paper's pretraining size)
 # --- data
 data_dir = "data/imagenet"     # ImageFolder layout: train/ and val/, one folder of images per class in each
-num_workers = 8                # data-loading processes per training process
+num_workers = "auto"           # loading processes per training process: auto (its share of the cores, less one) | N
 # --- recipe (standard ImageNet: SGD, random resized crop + flip, cosine schedule)
 epochs = 90                    # total epochs
 batch_size = 256               # images per optimizer step, summed over processes and accumulation
@@ -62,11 +63,11 @@ eval_every = 1                 # validate every N epochs and after the last; 0: 
 
 SCHEDULES = ("cosine", "step")
 RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size": at_least(32),
-         "num_workers": at_least(0), "epochs": at_least(1), "batch_size": at_least(1),
+         "num_workers": check_num_workers, "epochs": at_least(1), "batch_size": at_least(1),
          "micro_batch_size": at_least(1), "lr": at_least(0.0), "schedule": one_of(*SCHEDULES),
          "lr_milestones": at_least(0), "lr_gamma": at_least(0.0), "momentum": between(0.0, 1.0),
          "weight_decay": at_least(0.0), "label_smoothing": between(0.0, 0.999), "seed": at_least(0),
-         "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0)}
+         "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0), "out_dir": writable_folder}
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "seconds")
 
 
@@ -94,10 +95,12 @@ def main(config: dict) -> None:
     run_config = {**config, "task": "classification", "num_classes": len(class_names)}
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
-    loader_options = {"batch_size": config["micro_batch_size"], "num_workers": config["num_workers"],
-                      "pin_memory": torch.cuda.is_available(), "persistent_workers": config["num_workers"] > 0}
-    train_loader = DataLoader(SeededSamples(train_set), sampler=sampler, **loader_options)
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)), **loader_options)
+    loading = {"num_workers": num_loader_workers(config["num_workers"]), "pin_memory": device.type == "cuda",
+               "collate_fn": default_collate}
+    train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False, sampler=sampler,
+                                **loading)
+    val_loader = build_loader(Subset(val_set, range(rank, len(val_set), world_size)), config["micro_batch_size"],
+                              shuffle=False, **loading)
 
     model = BackboneClassifier(config["backbone"], len(class_names)).to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, "sgd", config["lr"], config["momentum"], config["weight_decay"])
