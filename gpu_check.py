@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +32,7 @@ import torch
 from benchmark import random_training_batch
 from yolo.config import at_least, resolve_config
 from yolo.device import device_name
-from yolo.engine import train_one_epoch
+from yolo.engine import LOSS_TERMS, detection_loss, train_one_epoch
 from yolo.model import YOLOv1
 from yolo.optim import build_optimizer
 
@@ -52,6 +53,7 @@ RULES = {"train_images": at_least(2 * 16), "val_images": at_least(1), "image_siz
          "batch_size": at_least(1), "num_workers": at_least(0), "benchmark_iters": at_least(1),
          "loader_workers": at_least(0), "resume_tolerance": at_least(0.0), "timeout": at_least(1)}
 PYTHON = sys.executable
+LOSS_WEIGHTS = {"lambda_coord": 5.0, "lambda_noobj": 0.5}  # the paper's
 CHECK_COLUMNS = ("check", "result", "seconds", "detail", "device_name", "torch_version", "date")
 
 
@@ -107,10 +109,11 @@ def host_synchronisations(steps: int, model, optimizer, batch: tuple) -> int:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_one_epoch(model, [batch] * steps, optimizer, torch.amp.GradScaler("cuda", enabled=False), epoch=0,
-                            start_step=0, accumulation=1, lr_at=lambda step: 1e-3,
-                            loss_weights={"lambda_coord": 5.0, "lambda_noobj": 0.5}, device=device,
-                            dtype=torch.bfloat16, stop_requested=lambda: False, read_every=steps)
+            train_one_epoch(model, [batch] * steps, optimizer, torch.amp.GradScaler("cuda", enabled=False),
+                            forward_loss=partial(detection_loss, loss_weights=LOSS_WEIGHTS, device=device,
+                                                 dtype=torch.bfloat16),
+                            term_names=LOSS_TERMS, epoch=0, start_step=0, accumulation=1, lr_at=lambda step: 1e-3,
+                            device=device, stop_requested=lambda: False, read_every=steps)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     return sum("synchroniz" in str(warning.message) for warning in caught)

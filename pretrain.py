@@ -16,6 +16,7 @@ import math
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,11 +24,11 @@ from torch.utils.data import Subset, default_collate
 
 from yolo.checkpoint import (RESUMABLE_CHANGES, CheckpointError, config_differences, git_commit, load_checkpoint,
                              save_checkpoint)
-from yolo.classification import BackboneClassifier, evaluate_classifier, image_folders, train_classifier_epoch
+from yolo.classification import BackboneClassifier, classification_loss, evaluate_classifier, image_folders
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
-from yolo.engine import NonFiniteLossError
+from yolo.engine import NonFiniteLossError, train_one_epoch
 from yolo.model import BACKBONES
 from yolo.optim import build_optimizer
 from yolo.plots import plot_classification_curve
@@ -59,6 +60,7 @@ seed = 0                       # initialisation, data order and augmentation
 device = "auto"                # auto (cuda if available) | cpu | cuda
 dtype = "auto"                 # autocast: auto (CUDA: bf16 where native, else fp16; CPU: fp32) | fp32 | bf16 | fp16
 compile = False                # torch.compile the model
+log_every = 20                 # CUDA: the host reads the loss, stop requests and non-finite checks every N steps
 eval_every = 1                 # validate every N epochs and after the last; 0: only after the last
 
 SCHEDULES = ("cosine", "step")
@@ -67,7 +69,8 @@ RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size":
          "micro_batch_size": at_least(1), "lr": at_least(0.0), "schedule": one_of(*SCHEDULES),
          "lr_milestones": at_least(0), "lr_gamma": at_least(0.0), "momentum": between(0.0, 1.0),
          "weight_decay": at_least(0.0), "label_smoothing": between(0.0, 0.999), "seed": at_least(0),
-         "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0), "out_dir": writable_folder}
+         "dtype": one_of("auto", *DTYPES), "log_every": at_least(1), "eval_every": at_least(0),
+         "out_dir": writable_folder}
 LOG_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_s", "seconds")
 
 
@@ -151,17 +154,19 @@ def main(config: dict) -> None:
                 "git_commit": git_commit(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
     stop = StopRequest()
+    forward_loss = partial(classification_loss, label_smoothing=config["label_smoothing"], device=device,
+                           dtype=dtype)
     say(f"training epochs {start_epoch + 1}-{config['epochs']}: {sampler.steps_per_epoch} steps of "
         f"{config['batch_size']} images each ({sampler.accumulation} accumulated micro-batches per process)")
     for epoch in range(start_epoch, config["epochs"]):
         sampler.set_epoch(epoch, start_step)
         started = time.perf_counter()
         try:
-            stats = train_classifier_epoch(
-                train_model, train_loader, optimizer, scaler, epoch=epoch, start_step=start_step,
-                accumulation=sampler.accumulation, label_smoothing=config["label_smoothing"], device=device,
-                dtype=dtype, stop_requested=stop,
-                lr_at=lambda step: learning_rate(epoch + step / sampler.steps_per_epoch, config))
+            stats = train_one_epoch(
+                train_model, train_loader, optimizer, scaler, forward_loss=forward_loss, term_names=("cross_entropy",),
+                epoch=epoch, start_step=start_step, accumulation=sampler.accumulation, device=device,
+                stop_requested=stop, lr_at=lambda step: learning_rate(epoch + step / sampler.steps_per_epoch, config),
+                read_every=config["log_every"] if device.type == "cuda" else 1)
         except NonFiniteLossError as error:
             cleanup()
             sys.exit(f"error: {error}")
@@ -175,7 +180,7 @@ def main(config: dict) -> None:
         start_step = 0
         seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
-               "train_loss": f"{stats['loss'] / stats['images']:.6f}",
+               "train_loss": f"{stats['terms']['cross_entropy'] / stats['images']:.6f}",
                "images_per_s": f"{stats['images'] / seconds:.2f}", "seconds": f"{seconds:.1f}",
                "val_loss": "", "val_top1": "", "val_top5": ""}
         last_epoch = epoch + 1 == config["epochs"]

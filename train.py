@@ -15,6 +15,7 @@ import json
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from yolo.config import at_least, between, format_config, one_of, resolve_config
 from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import any_process, backend, barrier, cleanup, init_distributed, is_main_process
-from yolo.engine import LOSS_TERMS, NonFiniteLossError, evaluate, train_one_epoch
+from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, evaluate, train_one_epoch
 from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
 from yolo.model import BACKBONES, YOLOv1
@@ -82,12 +83,12 @@ eval_every = 5                 # validate every N epochs and after the last; 0: 
 RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size": at_least(32),
          "grid_size": at_least(1), "num_boxes": at_least(1), "head_channels": at_least(1), "fc_dim": at_least(1),
          "protocol": one_of(*PROTOCOLS), "num_workers": check_num_workers, "prefetch_factor": at_least(1),
-         "epochs": at_least(1),
-         "batch_size": at_least(1), "micro_batch_size": at_least(1), "optimizer": one_of(*OPTIMIZERS),
-         "lr": at_least(0.0), "warmup_lr": at_least(0.0), "warmup_epochs": at_least(0.0),
-         "lr_milestones": at_least(0), "lr_gamma": at_least(0.0), "momentum": between(0.0, 1.0),
-         "weight_decay": at_least(0.0), "lambda_coord": at_least(0.0), "lambda_noobj": at_least(0.0),
-         "seed": at_least(0), "dtype": one_of("auto", *DTYPES), "eval_every": at_least(0), "bad_images": one_of("skip", "error"), "log_every": at_least(1),
+         "epochs": at_least(1), "batch_size": at_least(1), "micro_batch_size": at_least(1),
+         "optimizer": one_of(*OPTIMIZERS), "lr": at_least(0.0), "warmup_lr": at_least(0.0),
+         "warmup_epochs": at_least(0.0), "lr_milestones": at_least(0), "lr_gamma": at_least(0.0),
+         "momentum": between(0.0, 1.0), "weight_decay": at_least(0.0), "lambda_coord": at_least(0.0),
+         "lambda_noobj": at_least(0.0), "seed": at_least(0), "dtype": one_of("auto", *DTYPES),
+         "eval_every": at_least(0), "bad_images": one_of("skip", "error"), "log_every": at_least(1),
          "out_dir": writable_folder}
 
 
@@ -233,6 +234,7 @@ def main(config: dict) -> None:
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
     loss_weights = {"lambda_coord": config["lambda_coord"], "lambda_noobj": config["lambda_noobj"]}
+    forward_loss = partial(detection_loss, loss_weights=loss_weights, device=device, dtype=dtype)
 
     def lr_at(epoch: int, step: int) -> float:
         return learning_rate(epoch + step / sampler.steps_per_epoch, config)
@@ -246,8 +248,8 @@ def main(config: dict) -> None:
         started = time.perf_counter()
         try:
             stats = train_one_epoch(
-                train_model, train_loader, optimizer, scaler, epoch=epoch, start_step=start_step,
-                accumulation=sampler.accumulation, loss_weights=loss_weights, device=device, dtype=dtype,
+                train_model, train_loader, optimizer, scaler, forward_loss=forward_loss, term_names=LOSS_TERMS,
+                epoch=epoch, start_step=start_step, accumulation=sampler.accumulation, device=device,
                 stop_requested=stop, lr_at=lambda step: lr_at(epoch, step), read_every=read_every)
         except NonFiniteLossError as error:
             cleanup()
@@ -281,7 +283,8 @@ def main(config: dict) -> None:
         last_epoch = epoch + 1 == config["epochs"]
         if last_epoch or (config["eval_every"] > 0 and (epoch + 1) % config["eval_every"] == 0):
             # fp32 weights: bf16 scores take 128 values in [0.5, 1), and their ties would rank by image order.
-            validation = evaluate(Detector(model, torch.float32, device), val_loader, val_set, loss_weights=loss_weights,
+            validation = evaluate(Detector(model, torch.float32, device), val_loader, val_set,
+                                  loss_weights=loss_weights,
                                   desc=f"validate {epoch + 1}")
             row["val_loss"] = f"{validation['loss']:.6f}"
             if is_main_process():

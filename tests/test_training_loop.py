@@ -1,10 +1,12 @@
 """yolo.engine.train_one_epoch on a CPU: reads every few steps, no update from a non-finite loss, agreed stops."""
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
 
 import train
-from yolo.engine import NonFiniteLossError, train_one_epoch
+from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, train_one_epoch
 from yolo.optim import build_optimizer, skips_on_device
 from yolo.targets import encode_target
 
@@ -42,9 +44,12 @@ def run(loader, *, fused, dtype=torch.float32, read_every=1, stop=lambda: False)
     optimizer = build_optimizer(model, "sgd", 0.1, 0.9, 5e-4, fused=fused)
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
     try:
+        cpu = torch.device("cpu")
         stats = train_one_epoch(model, loader, optimizer, scaler, epoch=0, start_step=0, accumulation=1,
-                                lr_at=lambda step: 0.1, loss_weights=LOSS_WEIGHTS, device=torch.device("cpu"),
-                                dtype=dtype, stop_requested=stop, read_every=read_every)
+                                forward_loss=partial(detection_loss, loss_weights=LOSS_WEIGHTS, device=cpu,
+                                                     dtype=dtype),
+                                term_names=LOSS_TERMS, lr_at=lambda step: 0.1, device=cpu, stop_requested=stop,
+                                read_every=read_every)
     except NonFiniteLossError as error:
         return model, str(error)
     return model, stats

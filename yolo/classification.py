@@ -5,7 +5,6 @@ The classifier is the backbone followed by global average pooling and one fully 
 paper pretrains its first 20 convolutions. Its state dict names the backbone's tensors `backbone.*`, as
 `YOLOv1` does, so a detector takes them over unchanged (yolo.checkpoint.load_backbone_weights).
 """
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -16,9 +15,8 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from yolo.distributed import all_reduce_sum, is_main_process
-from yolo.engine import NonFiniteLossError, autocast_context
+from yolo.engine import autocast_context
 from yolo.model import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from yolo.optim import set_learning_rate
 
 # The usual ImageNet evaluation: resize the short side to 256, centre crop 224 (scaled with image_size).
 EVAL_RESIZE_RATIO = 256 / 224
@@ -73,54 +71,17 @@ def image_folders(data_dir: str | Path, image_size: int) -> tuple[datasets.Image
     return folders["train"], folders["val"]
 
 
-def train_classifier_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, start_step: int,
-                           accumulation: int, lr_at, label_smoothing: float, device: torch.device,
-                           dtype: torch.dtype, stop_requested) -> dict:
-    """Train from optimizer step `start_step` to the end of `epoch`, or until `stop_requested()`.
-
-    Returns the cross-entropy summed over images and processes, the number of images, the optimizer
-    steps done and whether the epoch was cut short. Like the detector's loop, it stops with
-    NonFiniteLossError before an optimizer step that a NaN or infinite loss would poison.
-    """
-    model.train()
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x images, images
-    step, stopped = start_step, False
-    step_is_finite = torch.ones((), device=device)
-    progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
-                    disable=None if is_main_process() else True)
-    for index, (images, labels) in enumerate(progress):
-        micro_step = index % accumulation
-        if micro_step == 0:
-            set_learning_rate(optimizer, lr_at(step))
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        last_micro_step = micro_step == accumulation - 1
-        sync_context = nullcontext() if last_micro_step or not hasattr(model, "no_sync") else model.no_sync()
-        with sync_context:
-            with autocast_context(device, dtype):
-                logits = model(images)
-            loss = functional.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-            scaler.scale(loss / accumulation).backward()
-        step_is_finite = step_is_finite * torch.isfinite(loss)
-        sums += torch.stack([loss.detach().double(), sums.new_tensor(1.0)]) * len(images)
-        if not last_micro_step:
-            continue
-        flags = all_reduce_sum(torch.stack([1.0 - step_is_finite.float(),
-                                            torch.tensor(float(stop_requested()), device=device)]))
-        if flags[0] > 0:
-            raise NonFiniteLossError(f"The loss became NaN or infinite at epoch {epoch + 1}, optimizer step {step + 1}. "
-                                     f"No update was applied and last.pt still holds the previous epoch; lower lr "
-                                     f"or check the data, then resume.")
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step, step_is_finite = step + 1, torch.ones((), device=device)
-        progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        if flags[1] > 0 and index + 1 < len(loader):
-            stopped = True
-            break
-    totals = all_reduce_sum(sums)
-    return {"loss": totals[0].item(), "images": totals[1].item(), "steps": step, "stopped": stopped}
+def classification_loss(model: nn.Module, batch, *, label_smoothing: float, device: torch.device,
+                        dtype: torch.dtype) -> tuple[dict, int]:
+    """The cross-entropy (mean over the images) of one classification micro-batch, and its number of images:
+    yolo.engine.train_one_epoch's `forward_loss` for pretraining."""
+    images, labels = batch
+    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with autocast_context(device, dtype):
+        logits = model(images)
+    loss = functional.cross_entropy(logits.float(), labels.to(device, non_blocking=True),
+                                    label_smoothing=label_smoothing)
+    return {"cross_entropy": loss}, len(images)
 
 
 @torch.inference_mode()

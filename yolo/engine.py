@@ -32,11 +32,26 @@ def ground_truth_array(annotation: dict) -> np.ndarray:
                            annotation["difficult"][:, None]], axis=1)
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, start_step: int, accumulation: int,
-                    lr_at, loss_weights: dict, device: torch.device, dtype: torch.dtype, stop_requested,
+def detection_loss(model: nn.Module, batch, *, loss_weights: dict, device: torch.device,
+                   dtype: torch.dtype) -> tuple[dict, int]:
+    """The paper's loss terms (means over the images) of one detection micro-batch, and its number of images.
+
+    The batch's uint8 images become the model's input on the device, colour-jittered by their own factors.
+    """
+    images, targets, target_dicts = batch
+    images = model_input(images, device, stacked_colour_factors(target_dicts))
+    with autocast_context(device, dtype):
+        predictions = model(images)
+    return yolo_loss_terms(predictions, targets.to(device, non_blocking=True), **loss_weights), len(images)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, forward_loss, term_names: tuple[str, ...],
+                    epoch: int, start_step: int, accumulation: int, lr_at, device: torch.device, stop_requested,
                     read_every: int = 1) -> dict:
     """Train from optimizer step `start_step` to the end of `epoch`, or until `stop_requested()`.
 
+    `forward_loss(model, batch)` gives a micro-batch's loss terms (named `term_names`, means over its images)
+    and its number of images: `detection_loss` for the detector, a classification loss for pretraining.
     `lr_at(step)` gives the learning rate of each optimizer step. Returns the per-image loss terms summed
     over all processes, the number of images, the optimizer steps done and whether the epoch was cut short.
 
@@ -49,7 +64,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
     The loop then raises NonFiniteLossError naming that step at the next read.
     """
     model.train()
-    sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=device)  # terms x images, then images
+    sums = torch.zeros(len(term_names) + 1, dtype=torch.float64, device=device)  # terms x images, then images
     step, stopped = start_step, False
     one_batch = torch.ones((), dtype=torch.float64, device=device)  # made once: a copy from the host would wait
     step_is_finite = torch.ones((), device=device)
@@ -57,23 +72,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
     check_on_host = not skips_on_device(optimizer) and not scaler.is_enabled()
     progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                     disable=None if is_main_process() else True)
-    for index, (images, targets, target_dicts) in enumerate(progress):
+    for index, batch in enumerate(progress):
         micro_step = index % accumulation
         if micro_step == 0:
             set_learning_rate(optimizer, lr_at(step))
-        images = model_input(images, device, stacked_colour_factors(target_dicts))
-        targets = targets.to(device, non_blocking=True)
         last_micro_step = micro_step == accumulation - 1
         # Gradients are averaged across processes only on the micro-batch that completes the step.
         sync_context = nullcontext() if last_micro_step or not hasattr(model, "no_sync") else model.no_sync()
         with sync_context:
-            with autocast_context(device, dtype):
-                predictions = model(images)
-            terms = yolo_loss_terms(predictions, targets, **loss_weights)
+            terms, batch_size = forward_loss(model, batch)
             loss = sum(terms.values())
             scaler.scale(loss / accumulation).backward()
         step_is_finite = step_is_finite * torch.isfinite(loss)
-        sums += torch.stack([*(terms[name].detach().double() for name in LOSS_TERMS), one_batch]) * len(images)
+        sums += torch.stack([*(terms[name].detach().double() for name in term_names), one_batch]) * batch_size
         if not last_micro_step:
             continue
         # The same on every process, so that all of them skip (or apply) the same updates.
@@ -97,7 +108,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, epoch: int, 
             break
     totals = all_reduce_sum(sums)
     images_seen = totals[-1].item()
-    return {"terms": {name: totals[i].item() for i, name in enumerate(LOSS_TERMS)}, "images": images_seen,
+    return {"terms": {name: totals[i].item() for i, name in enumerate(term_names)}, "images": images_seen,
             "steps": step, "stopped": stopped}
 
 
