@@ -22,7 +22,7 @@ import torch
 
 from yolo.boxes import at_least_one_pixel
 from yolo.checkpoint import CheckpointError, load_model
-from yolo.config import at_least, between, format_config, one_of, resolve_config
+from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.data import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 from yolo.device import DTYPES, inference_dtype, resolve_device
 from yolo.inference import Detector
@@ -42,7 +42,8 @@ dtype = "auto"                 # auto (fastest the device computes natively) | f
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 CSV_COLUMNS = ("source", "frame", "x1", "y1", "x2", "y2", "score", "class_id", "class_name")
 RULES = {"device": resolve_device, "dtype": one_of("auto", *DTYPES), "batch_size": at_least(1),
-         "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0), "max_detections": at_least(1)}
+         "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0), "max_detections": at_least(1),
+         "out_dir": writable_folder}
 
 
 def load_detector(path: Path, config: dict) -> tuple[Detector, list[str]]:

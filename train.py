@@ -115,6 +115,12 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, saved_dtype: st
             f"fp16 starts a fresh one (scale {scaler.get_scale():g})")
 
 
+def unreadable_image_advice(config: dict) -> str:
+    if config["bad_images"] == "skip":
+        return "Replace the unreadable files, or remove their ids from the split lists in ImageSets/Main"
+    return "Replace the file, or rerun with --bad_images=skip to go on without it"
+
+
 def main(config: dict) -> None:
     device = resolve_device(config["device"], 0)
     rank, local_rank, world_size = init_distributed(device.type)
@@ -256,8 +262,8 @@ def main(config: dict) -> None:
             sys.exit(f"error: {error}")
         except ImageDecodeError as error:
             cleanup()
-            sys.exit(f"error: {error.reason}. Replace the file, or rerun with --bad_images=skip to train without it "
-                     f"(last.pt holds the last completed epoch).")
+            sys.exit(f"error: {error.reason}. {unreadable_image_advice(config)} (last.pt holds the last completed "
+                     f"epoch).")
         seconds = time.perf_counter() - started
         if carried is not None:
             stats["terms"] = {name: value + carried["terms"][name] for name, value in stats["terms"].items()}
@@ -282,10 +288,17 @@ def main(config: dict) -> None:
                "val_loss": "", "val_voc07_map": "", "val_voc12_map": ""}
         last_epoch = epoch + 1 == config["epochs"]
         if last_epoch or (config["eval_every"] > 0 and (epoch + 1) % config["eval_every"] == 0):
-            # fp32 weights: bf16 scores take 128 values in [0.5, 1), and their ties would rank by image order.
-            validation = evaluate(Detector(model, torch.float32, device), val_loader, val_set,
-                                  loss_weights=loss_weights,
-                                  desc=f"validate {epoch + 1}")
+            try:
+                # fp32 weights: bf16 scores take 128 values in [0.5, 1), and their ties would rank by image order.
+                validation = evaluate(Detector(model, torch.float32, device), val_loader, val_set,
+                                      loss_weights=loss_weights, desc=f"validate {epoch + 1}")
+            except ImageDecodeError as error:  # keep the epoch just trained, unvalidated
+                if is_main_process():
+                    append_log(out_dir / "log.csv", row, LOG_COLUMNS)
+                    save_checkpoint(checkpoint_state(epoch + 1, 0), out_dir / "last.pt")
+                cleanup()
+                sys.exit(f"error: validating epoch {epoch + 1}: {error.reason}. {unreadable_image_advice(config)} "
+                         f"(last.pt holds epoch {epoch + 1}, not validated).")
             row["val_loss"] = f"{validation['loss']:.6f}"
             if is_main_process():
                 metrics = validation["metrics"]

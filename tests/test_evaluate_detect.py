@@ -216,3 +216,13 @@ def test_detect_checks_its_settings_before_any_work(overfit_run, tmp_path, setti
                  f"--out_dir={out_dir}", setting, expect_success=False)
     assert result.returncode == 1 and result.stderr.strip() == message
     assert not out_dir.exists()
+
+
+def test_detect_refuses_an_out_dir_that_is_a_file(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    result = run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={data_dir / 'JPEGImages'}",
+                 f"--out_dir={blocker}", expect_success=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--out_dir='{blocker}': a file is in the way" in result.stderr and blocker.read_text() == "keep me"

@@ -6,6 +6,7 @@ transforms in `yolo.transforms` convert them to normalised coordinates.
 import io
 import os
 import re
+import sys
 import warnings
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -193,7 +194,8 @@ class VOCDetection(torch.utils.data.Dataset):
     pages with the training process (copy-on-write) instead of decoding each image again every epoch.
 
     An image that cannot be decoded raises ImageDecodeError, or with `skip_unreadable` gives None and a
-    warning naming it (`collate_detection` leaves it out of its batch): training loses one image, not an epoch.
+    warning line naming it (`collate_detection` leaves it out of its batch): training loses one image, not an
+    epoch.
     """
 
     def __init__(self, sources, class_names=VOC_CLASSES, transforms=None, skip_unreadable=False):
@@ -248,7 +250,7 @@ class VOCDetection(torch.utils.data.Dataset):
         except ImageDecodeError as error:
             if not self.skip_unreadable:
                 raise
-            warnings.warn(f"skipped: {error}", stacklevel=2)
+            print(f"warning: skipped {error}", file=sys.stderr, flush=True)
             return None
         # A copy, arrays included, so callers may edit it without corrupting the dataset.
         annotation = {key: value.copy() if isinstance(value, np.ndarray) else value

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from yolo.inference import Detector
+from yolo.data import ImageDecodeError
 from yolo.distributed import all_reduce_sum, gather_to_main, is_main_process
+from yolo.inference import Detector
 from yolo.loss import yolo_loss_terms
 from yolo.metrics import evaluate_detections
 from yolo.optim import set_learning_rate, skips_on_device
@@ -73,6 +74,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, forward_loss
     progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                     disable=None if is_main_process() else True)
     for index, batch in enumerate(progress):
+        if batch is None:
+            raise ImageDecodeError("every image of a micro-batch was skipped as unreadable (see the warnings "
+                                   "above); a training step needs at least one")
         micro_step = index % accumulation
         if micro_step == 0:
             set_learning_rate(optimizer, lr_at(step))
@@ -147,8 +151,10 @@ def evaluate(detector: Detector, loader, dataset, *, loss_weights: dict, desc: s
     device = detector.device
     sums = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=device)
     results = []
-    for images, targets, target_dicts in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
-                                              disable=None if is_main_process() else True):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main_process() else True):
+        if batch is None:  # every image of it was skipped as unreadable
+            continue
+        images, targets, target_dicts = batch
         predictions = detector.predict(images)
         terms = yolo_loss_terms(predictions, targets.to(device), **loss_weights)
         sums += torch.stack([*(terms[name].double() for name in LOSS_TERMS), sums.new_tensor(1.0)]) * len(images)

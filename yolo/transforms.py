@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from yolo.boxes import voc_to_normalized
-from yolo.data import ImageDecodeError, usable_cores
+from yolo.data import usable_cores
 from yolo.photometric import draw_colour_factors
 from yolo.targets import encode_target
 
@@ -148,12 +148,11 @@ def collate_detection(batch):
     The batch's target dicts hold the per-image values as NumPy arrays, without the grid (stacked already):
     from a loader worker every tensor travels in a shared-memory segment of its own, which for a handful
     of small tensors per image costs more than decoding the image, while arrays are copied inline.
-    Samples that are None (images skipped as unreadable) are left out.
+    Samples that are None (images skipped as unreadable) are left out; a batch left with none is None.
     """
     batch = [sample for sample in batch if sample is not None]
     if not batch:
-        raise ImageDecodeError("no image of this batch could be decoded (see the warnings above): check the "
-                               "dataset's image files")
+        return None
     images, targets = zip(*batch)
     stacked = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, memory_format=torch.channels_last)
     target_dicts = [{key: value.numpy() if isinstance(value, torch.Tensor) else value
