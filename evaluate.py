@@ -26,7 +26,7 @@ from yolo.plots import plot_per_class_ap, plot_precision_recall
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.results import ResultsError, check_writable, write_keyed
 from yolo.sampling import IndexedSamples
-from yolo.transforms import EvalTransform, build_loader
+from yolo.transforms import EvalTransform, build_loader, check_num_workers, num_loader_workers
 from yolo.visualize import draw_boxes, save_image
 
 checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint (last.pt is the reported one)
@@ -34,7 +34,7 @@ model_name = ""                # row key in the CSVs; empty: the checkpoint's fo
 protocol = ""                  # voc2012val | voc2007test | synthetic; empty: the checkpoint's
 data_dir = ""                  # dataset folder; empty: the checkpoint's
 batch_size = 32                # images per forward pass
-num_workers = 4                # data-loading processes
+num_workers = "auto"           # data-loading processes: auto (the cores less one) | N
 device = "auto"                # auto (cuda if available) | cpu | cuda
 dtype = "fp32"                 # fp32 | bf16 | fp16 | auto (fastest the device computes natively)
 score_threshold = EVAL_SCORE_THRESHOLD  # keep (box, class) pairs scoring above this (0..1); mAP wants nearly all
@@ -44,7 +44,7 @@ out_dir = "results"            # where the CSVs and figures go
 num_examples = 6               # test images drawn with detections beside ground truth; 0: none
 submission = False             # also write the VOC test-server files (comp4_det_test_<class>.txt) and a .tar.gz
 
-RULES = {"device": resolve_device, "batch_size": at_least(1), "num_workers": at_least(0),
+RULES = {"device": resolve_device, "batch_size": at_least(1), "num_workers": check_num_workers,
          "dtype": one_of("auto", *DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
          "max_detections": at_least(1), "num_examples": at_least(0),
          "out_dir": writable_folder}
@@ -123,7 +123,7 @@ def main(config: dict) -> None:
                         score_threshold=config["score_threshold"], nms_iou=config["nms_iou"],
                         max_detections=config["max_detections"])
     loader = build_loader(IndexedSamples(dataset), config["batch_size"], shuffle=False,
-                          num_workers=config["num_workers"])
+                          num_workers=num_loader_workers(config["num_workers"]))
     try:
         result = evaluate(detector, loader, dataset, loss_weights={}, desc=f"evaluate {model_name}")
     except ImageDecodeError as error:  # its header read, its pixels do not
