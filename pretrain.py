@@ -11,7 +11,6 @@ to 224. Every constant below can be overridden as --name=value. A rerun of the s
 from out_dir/last.pt; SIGINT or SIGTERM saves the current step and exits.
 """
 import bisect
-import json
 import math
 import random
 import sys
@@ -32,7 +31,8 @@ from yolo.engine import NonFiniteLossError, train_one_epoch
 from yolo.model import BACKBONES
 from yolo.optim import build_optimizer
 from yolo.plots import plot_classification_curve
-from yolo.run import StopRequest, append_log, find_checkpoint, mark_finished, read_log, say, write_log
+from yolo.run import (StopRequest, append_log, find_checkpoint, finished_already, load_scaler_state,
+                      mark_finished, say, start_run_folder, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, SeededSamples
 from yolo.transforms import build_loader, check_num_workers, num_loader_workers
 
@@ -124,29 +124,15 @@ def main(config: dict) -> None:
                      f"Rerun with the saved settings, or choose another out_dir to start a new run.")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        load_scaler_state(scaler, checkpoint["scaler"], checkpoint["config"].get("dtype"))
         start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
         random.setstate(checkpoint["rng"]["python"])
         say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
-    if start_epoch >= config["epochs"]:
-        say(f"{out_dir} already holds a finished run of {config['epochs']} epochs: nothing to do.")
-        if is_main_process():
-            mark_finished(out_dir, start_epoch)
-        cleanup()
+    if finished_already(out_dir, start_epoch, config["epochs"]):
         return
-
-    if is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "done").unlink(missing_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-        write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch), LOG_COLUMNS)
-    train_model = model
-    if world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if config["compile"]:
-        train_model = torch.compile(train_model)
+    start_run_folder(out_dir, run_config, start_epoch, LOG_COLUMNS)
+    train_model = training_wrapper(model, device, local_rank, config["compile"])
 
     def checkpoint_state(epoch: int, step: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),

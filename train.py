@@ -11,7 +11,6 @@ optimizer steps, so a stop lands on the next such step; on a CPU, where ops run 
 costs nothing, it reads after every step.
 """
 import bisect
-import json
 import random
 import sys
 import time
@@ -32,7 +31,8 @@ from yolo.inference import Detector
 from yolo.model import BACKBONES, YOLOv1
 from yolo.optim import OPTIMIZERS, build_optimizer
 from yolo.plots import plot_training_curve
-from yolo.run import StopRequest, append_log, find_checkpoint, mark_finished, read_log, say, write_log
+from yolo.run import (StopRequest, append_log, find_checkpoint, finished_already, load_scaler_state,
+                      mark_finished, say, start_run_folder, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
 from yolo.transforms import EvalTransform, TrainTransform, build_loader, check_num_workers, num_loader_workers
 
@@ -102,17 +102,6 @@ def learning_rate(epoch: float, config: dict) -> float:
 
 LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_map", "val_voc12_map",
                "images_per_s", "seconds", "skipped_images")
-
-
-def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, saved_dtype: str | None) -> None:
-    """The GradScaler's saved state where both runs use one (fp16); a run switching dtype starts afresh."""
-    if not scaler.is_enabled():
-        return  # fp16 -> bf16 / fp32: the scale has no use without fp16 gradients
-    if state:
-        scaler.load_state_dict(state)
-    else:
-        say(f"the checkpoint was trained with dtype {saved_dtype} and has no gradient scaler state: "
-            f"fp16 starts a fresh one (scale {scaler.get_scale():g})")
 
 
 def unreadable_image_advice(config: dict) -> str:
@@ -213,25 +202,10 @@ def main(config: dict) -> None:
             start_epoch, best_map = checkpoint["epoch"], checkpoint["val_voc12_map"]
             say(f"warm start from the weights of {checkpoint_path} (epoch {start_epoch}) with a fresh optimizer: "
                 f"momentum starts again from zero, so the run will not equal an uninterrupted one")
-    if start_epoch >= config["epochs"]:
-        say(f"{out_dir} already holds a finished run of {config['epochs']} epochs: nothing to do.")
-        if is_main_process():
-            mark_finished(out_dir, start_epoch)
-        cleanup()
+    if finished_already(out_dir, start_epoch, config["epochs"]):
         return
-
-    if is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "done").unlink(missing_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-        write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch), LOG_COLUMNS)
-    train_model = model
-    if backend():
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None)
-    if config["compile"]:
-        # PyTorch's recommended order: compile the DDP wrapper, whose optimizer splits the graph at its buckets.
-        train_model = torch.compile(train_model)
+    start_run_folder(out_dir, run_config, start_epoch, LOG_COLUMNS)
+    train_model = training_wrapper(model, device, local_rank, config["compile"])
 
     def checkpoint_state(epoch: int, step: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-import train
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, train_one_epoch
 from yolo.optim import build_optimizer, skips_on_device
+from yolo.run import load_scaler_state
 from yolo.targets import encode_target
 
 GRID, CLASSES, SIDE = 2, 3, 8
@@ -87,12 +87,12 @@ def test_reads_every_few_steps_train_exactly_like_reads_every_step():
 
 def test_a_resume_into_another_dtype_keeps_or_starts_the_scaler(capsys):
     fp16_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    train.load_scaler_state(fp16_scaler, {}, "bf16")  # bf16 -> fp16: no state was saved
+    load_scaler_state(fp16_scaler, {}, "bf16")  # bf16 -> fp16: no state was saved
     assert fp16_scaler.get_scale() == 1024.0
     assert "fresh one" in capsys.readouterr().out
     saved = torch.amp.GradScaler("cpu", init_scale=256.0).state_dict()
-    train.load_scaler_state(fp16_scaler, saved, "fp16")
+    load_scaler_state(fp16_scaler, saved, "fp16")
     assert fp16_scaler.get_scale() == 256.0
     disabled = torch.amp.GradScaler("cpu", enabled=False)
-    train.load_scaler_state(disabled, saved, "fp16")  # fp16 -> bf16: the scale is not needed
+    load_scaler_state(disabled, saved, "fp16")  # fp16 -> bf16: the scale is not needed
     assert not disabled.is_enabled()

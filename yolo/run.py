@@ -1,12 +1,14 @@
 """The parts of a resumable training run that every training script shares: messages, stop signals,
-log.csv, the finished-run marker and which checkpoint to resume from."""
+log.csv, the run folder, the finished-run marker, which checkpoint to resume from, and the training wrapper."""
 import csv
 import json
 import signal
 import sys
 from pathlib import Path
 
-from yolo.distributed import is_main_process
+import torch
+
+from yolo.distributed import backend, cleanup, is_main_process
 
 
 def say(*args) -> None:
@@ -72,3 +74,48 @@ def find_checkpoint(config: dict, out_dir: Path) -> Path | None:
                      f"delete the old run, or use --resume=auto.")
         return None
     return Path(config["resume"])
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, saved_dtype: str | None) -> None:
+    """The GradScaler's saved state where both runs use one (fp16); a run switching dtype starts afresh."""
+    if not scaler.is_enabled():
+        return  # fp16 -> bf16 / fp32: the scale has no use without fp16 gradients
+    if state:
+        scaler.load_state_dict(state)
+    else:
+        say(f"the checkpoint was trained with dtype {saved_dtype} and has no gradient scaler state: "
+            f"fp16 starts a fresh one (scale {scaler.get_scale():g})")
+
+
+def finished_already(out_dir: Path, start_epoch: int, epochs: int) -> bool:
+    """True (after saying so, marking the run done and leaving the process group) when the checkpoint
+    resumed from already holds all `epochs`: a rerun of a finished command does nothing."""
+    if start_epoch < epochs:
+        return False
+    say(f"{out_dir} already holds a finished run of {epochs} epochs: nothing to do.")
+    if is_main_process():
+        mark_finished(out_dir, start_epoch)
+    cleanup()
+    return True
+
+
+def start_run_folder(out_dir: Path, run_config: dict, start_epoch: int, log_columns: tuple[str, ...]) -> None:
+    """On rank 0: the run's folder, its settings in config.json, log.csv cut back to the epochs that
+    last.pt holds, and no `done` marker until the run ends."""
+    if not is_main_process():
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "done").unlink(missing_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch), log_columns)
+
+
+def training_wrapper(model: torch.nn.Module, device: torch.device, local_rank: int, compile: bool) -> torch.nn.Module:
+    """What the training loop calls: DistributedDataParallel in a process group (one process under torchrun
+    included), compiled on request in PyTorch's recommended order (the DDP wrapper, whose optimizer splits
+    the graph at its buckets)."""
+    train_model = model
+    if backend():
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
+    return torch.compile(train_model) if compile else train_model
