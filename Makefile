@@ -88,7 +88,7 @@ $(VOC_MARKERS) &: | data/download_voc.py $(INSTALLED)
 		$(if $(VOC_ARCHIVES_DIR),--archives-dir $(call quote,$(VOC_ARCHIVES_DIR))) \
 		--stall-timeout $(call quote,$(VOC_STALL_TIMEOUT)) --deadline $(call quote,$(VOC_DEADLINE))
 
-NO_GPU_MESSAGE := No CUDA GPU found. The full reproduction trains two 256-282 M parameter models for 145 \
+NO_GPU_MESSAGE := error: no CUDA GPU found. The full reproduction trains two 256-282 M parameter models for 145 \
 	epochs on 16.5k images, which takes days on a GPU. A 2-core CPU trains resnet18 at 448 px at about \
 	0.9 images/s (2.4 M images: about a month for resnet18 alone). Run make demo for the CPU \
 	demonstration, or set FORCE_CPU=1 to train on the CPU anyway.

@@ -287,7 +287,10 @@ def main(config: dict) -> None:
             append_log(out_dir / "log.csv", row, LOG_COLUMNS)
             save_checkpoint(checkpoint_state(epoch + 1, 0), out_dir / "last.pt")
             if row["val_loss"]:
-                plot_training_curve(out_dir / "log.csv", out_dir / "training_curve.png")
+                try:
+                    plot_training_curve(out_dir / "log.csv", out_dir / "training_curve.png")
+                except OSError as error:  # a figure is not worth stopping the run: log.csv holds the numbers
+                    say(f"warning: cannot write {out_dir / 'training_curve.png'} ({error.strerror or error})")
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
         if any_process(stop(), device) and not last_epoch:

@@ -70,7 +70,7 @@ def md5sum(path):
 
 
 def _network_hint(url):
-    return (f"could not download {url}. The host may be down: set --mirror URL (or VOC_MIRROR) to a base URL "
+    return (f"Could not download {url}. The host may be down: set --mirror URL (or VOC_MIRROR) to a base URL "
             "serving the same file names, or put the .tar files in a folder and pass --archives-dir DIR")
 
 

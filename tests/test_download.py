@@ -183,7 +183,7 @@ def test_host_that_never_answers_is_given_up(tmp_path, server, serve, voc_tar):
     archives = serve(voc_tar)
     server.silent.add(NAME)
     started = time.monotonic()
-    with pytest.raises(DownloadError, match=r"no answer within 0\.2 s \(--stall-timeout\): could not download"):
+    with pytest.raises(DownloadError, match=r"no answer within 0\.2 s \(--stall-timeout\): Could not download"):
         download(tmp_path, archives, stall_timeout=0.2)
     assert time.monotonic() - started < SILENCE_S
 
@@ -276,7 +276,7 @@ def test_cli_reports_a_failing_mirror_without_traceback(tmp_path, server):
     result = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path)], env=environment,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert f"error: HTTP 404 Not Found: could not download {server.url}/nowhere/{NAME}" in result.stderr
+    assert f"error: HTTP 404 Not Found: Could not download {server.url}/nowhere/{NAME}" in result.stderr
     assert "--archives-dir" in result.stderr and "Traceback" not in result.stderr
 
 

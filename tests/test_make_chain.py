@@ -100,7 +100,7 @@ def test_reproduce_without_a_gpu_stops_before_downloading():
         pytest.skip("this machine has a GPU: make reproduce would start for real")
     result = subprocess.run(["make", "reproduce"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "No CUDA GPU found" in result.stderr and "FORCE_CPU=1" in result.stderr
+    assert "error: no CUDA GPU found" in result.stderr and "FORCE_CPU=1" in result.stderr
     assert "download_voc.py" not in result.stdout
 
 
@@ -129,7 +129,7 @@ def test_training_targets_without_a_gpu_stop_before_downloading(target):
         pytest.skip("this machine has a GPU: the target would start for real")
     result = subprocess.run(["make", target], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "No CUDA GPU found" in result.stderr
+    assert "error: no CUDA GPU found" in result.stderr
     assert "download_voc.py" not in result.stdout + result.stderr
 
 

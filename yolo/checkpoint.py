@@ -71,9 +71,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch.load raises many types for a truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({error}). If a run was "
-                              f"interrupted while writing it, {path.name}.tmp may be left; delete the broken "
-                              f"file and resume from an intact one.") from error
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({reason}). If it is a "
+                              f"run's truncated last.pt, rerun with --resume={path.parent / 'best.pt'} to go on "
+                              f"from its best weights with a fresh optimizer, or delete it to start again.") \
+            from error
 
 
 def config_differences(saved: dict, current: dict, may_change=RESUMABLE_CHANGES) -> list[str]:
