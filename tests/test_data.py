@@ -191,6 +191,14 @@ def test_box_under_a_pixel_is_drawn_as_one_pixel():
         assert drawn[:, pixel[0], pixel[1]].tolist() == [255, 128, 7]
 
 
+def test_an_image_without_boxes_is_returned_unchanged_and_silently():
+    image = torch.randint(0, 256, (3, 6, 5), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torchvision warns when asked to draw no box
+        drawn = draw_boxes(image, torch.zeros(0, 4), [], CLASSES)
+    assert torch.equal(drawn, image) and drawn.data_ptr() != image.data_ptr()
+
+
 def test_empty_annotation_is_valid(tmp_path):
     dataset = dataset_of(tmp_path, [write_item(tmp_path, "empty").stem], transforms=EvalTransform(32, 4, 2))
     image, target = dataset[0]

@@ -24,6 +24,8 @@ def draw_boxes(image, boxes, labels, class_names, scores=None, colors=None, widt
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"draw_boxes needs a uint8 (3, H, W) image, got {image.dtype} {tuple(image.shape)}")
     boxes = at_least_one_pixel(torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    if len(boxes) == 0:
+        return image.clone()
     labels = torch.as_tensor(labels).reshape(-1).tolist()
     captions = [class_names[label] for label in labels]
     if scores is not None:
