@@ -26,7 +26,7 @@ from yolo.checkpoint import (RESUMABLE_CHANGES, CheckpointError, config_differen
 from yolo.classification import BackboneClassifier, classification_loss, evaluate_classifier, image_folders
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.device import DTYPES, autocast_dtype, resolve_device
-from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
+from yolo.distributed import any_process, barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import NonFiniteLossError, train_one_epoch
 from yolo.model import BACKBONES
 from yolo.optim import build_optimizer
@@ -161,6 +161,7 @@ def main(config: dict) -> None:
                 save_checkpoint(checkpoint_state(epoch, stats["steps"]), out_dir / "last.pt")
             say(f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
                 f"rerun the same command to resume")
+            barrier()  # no process exits (which makes torchrun end the others) before the save is complete
             cleanup()
             sys.exit(stop.exit_code())
         start_step = 0
@@ -181,7 +182,7 @@ def main(config: dict) -> None:
                 plot_classification_curve(out_dir / "log.csv", out_dir / "training_curve.png")
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
-        if stop() and not last_epoch:
+        if any_process(stop(), device) and not last_epoch:
             say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
             cleanup()
             sys.exit(stop.exit_code())

@@ -192,6 +192,8 @@ def main(config: dict) -> None:
         model.load_state_dict(checkpoint["model"])
         if "optimizer" in checkpoint:
             optimizer.load_state_dict(checkpoint["optimizer"])
+            for group in optimizer.param_groups:  # the saved flag is the saving device's (a CPU run: unfused)
+                group["fused"] = optimizer.defaults["fused"]
             load_scaler_state(scaler, checkpoint["scaler"], checkpoint["config"].get("dtype"))
             start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
             carried = checkpoint.get("partial_epoch")

@@ -416,6 +416,22 @@ def test_cached_images_are_copies(synthetic_root):
     assert torch.equal(dataset[0][0], build_dataset("synthetic", synthetic_root, train=True)[0][0])
 
 
+def test_a_damaged_image_is_skipped_with_the_cache_as_without(tmp_path):
+    root = tmp_path / "data"
+    make_synthetic.generate(root, train=3, val=0, seed=2)
+    damaged = root / "JPEGImages" / "train_000001.jpg"
+    damaged.write_bytes(damaged.read_bytes()[:2000])  # the header reads, the pixels do not
+    for cached in (False, True):
+        dataset = build_dataset("synthetic", root, train=True)
+        dataset.skip_unreadable = True
+        if cached:
+            dataset.cache_images()
+        assert [dataset[index] is None for index in range(3)] == [False, True, False]
+    dataset = build_dataset("synthetic", root, train=True)
+    with pytest.raises(ImageDecodeError, match="train_000001.jpg"):
+        dataset.cache_images()
+
+
 def test_num_workers_auto_shares_the_cores_among_processes(monkeypatch):
     monkeypatch.setattr(transforms, "usable_cores", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -55,6 +55,14 @@ def run(loader, *, fused, dtype=torch.float32, read_every=1, stop=lambda: False)
     return model, stats
 
 
+def test_an_optimizer_state_saved_unfused_is_not_taken_for_fused():
+    """A CPU run's state loaded into a fused optimizer brings its groups' fused=None: step() follows the groups."""
+    saved = build_optimizer(TinyDetector(), "sgd", 0.1, 0.9, 0.0, fused=False).state_dict()
+    optimizer = build_optimizer(TinyDetector(), "sgd", 0.1, 0.9, 0.0, fused=True)
+    optimizer.load_state_dict(saved)
+    assert not skips_on_device(optimizer)
+
+
 @pytest.mark.parametrize("fused, dtype", [(True, torch.float32), (False, torch.float16), (False, torch.float32)])
 def test_no_update_is_applied_from_a_non_finite_loss_on(fused, dtype):
     """Step 2 of 5 is NaN; with reads every 4 steps the run stops at step 4 having applied step 1 only

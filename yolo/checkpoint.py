@@ -72,9 +72,11 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch.load raises many types for a truncated or foreign file
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({reason}). If it is a "
-                              f"run's truncated last.pt, rerun with --resume={path.parent / 'best.pt'} to go on "
-                              f"from its best weights with a fresh optimizer, or delete it to start again.") \
+        best = path.parent / "best.pt"
+        way_out = (f"rerun with --resume={best} to go on from the run's best weights with a fresh optimizer, or "
+                   f"delete it to start again" if path.name == "last.pt" and best.is_file()
+                   else "replace it, or delete it and start again")
+        raise CheckpointError(f"{path} is not a readable checkpoint of this project ({reason}): {way_out}.") \
             from error
 
 

@@ -238,15 +238,28 @@ class VOCDetection(torch.utils.data.Dataset):
         return sum(3 * annotation["width"] * annotation["height"] for annotation in self.annotations)
 
     def cache_images(self):
-        """Decode every image into RAM now (in threads: the decoder releases the GIL)."""
+        """Decode every image into RAM now (in threads: the decoder releases the GIL). With `skip_unreadable`,
+        an image that fails is remembered as its error and skipped when asked for, as without the cache."""
         with ThreadPoolExecutor(usable_cores()) as pool:
-            self._decoded = list(pool.map(decode_image, self._image_paths))
+            self._decoded = list(pool.map(self._decode_for_cache, self._image_paths))
+
+    def _decode_for_cache(self, path):
+        try:
+            return decode_image(path)
+        except ImageDecodeError as error:
+            if not self.skip_unreadable:
+                raise
+            return error
 
     def __getitem__(self, index):
         path = self._image_paths[index]
         try:
-            # A copy of a cached image, so that callers may edit it without corrupting the cache.
-            image = decode_image(path) if self._decoded is None else self._decoded[index].clone()
+            if self._decoded is None:
+                image = decode_image(path)
+            elif isinstance(self._decoded[index], ImageDecodeError):
+                raise self._decoded[index]
+            else:  # a copy, so that callers may edit it without corrupting the cache
+                image = self._decoded[index].clone()
         except ImageDecodeError as error:
             if not self.skip_unreadable:
                 raise

@@ -34,5 +34,8 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, value: float) -> None:
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `optimizer.step()` honours a `found_inf` tensor (1.0: skip this update) without a host read."""
-    return bool(optimizer.defaults.get("fused"))
+    """Whether `optimizer.step()` honours a `found_inf` tensor (1.0: skip this update) without a host read.
+
+    Read from the parameter groups, which `step()` follows: a loaded state dict brings its own `fused` flags.
+    """
+    return all(group.get("fused") for group in optimizer.param_groups)
