@@ -26,13 +26,13 @@ from yolo.checkpoint import (RESUMABLE_CHANGES, CheckpointError, config_differen
 from yolo.classification import BackboneClassifier, classification_loss, evaluate_classifier, image_folders
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.device import DTYPES, autocast_dtype, resolve_device
-from yolo.distributed import any_process, barrier, cleanup, init_distributed, is_main_process
+from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import NonFiniteLossError, train_one_epoch
 from yolo.model import BACKBONES
 from yolo.optim import build_optimizer
 from yolo.plots import plot_classification_curve
-from yolo.run import (StopRequest, append_log, find_checkpoint, finished_already, load_scaler_state,
-                      mark_finished, say, start_run_folder, training_wrapper)
+from yolo.run import (StopRequest, find_checkpoint, finished_already, load_scaler_state,
+                      mark_finished, save_epoch, say, start_run_folder, stop_if_requested, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, SeededSamples
 from yolo.transforms import build_loader, check_num_workers, num_loader_workers
 
@@ -175,17 +175,10 @@ def main(config: dict) -> None:
             validation = evaluate_classifier(model, val_loader, device=device, dtype=dtype)
             row.update({"val_loss": f"{validation['loss']:.6f}", "val_top1": f"{validation['top1']:.6f}",
                         "val_top5": f"{validation['top5']:.6f}"})
-        if is_main_process():
-            append_log(out_dir / "log.csv", row, LOG_COLUMNS)
-            save_checkpoint(checkpoint_state(epoch + 1, 0), out_dir / "last.pt")
-            if row["val_loss"]:
-                plot_classification_curve(out_dir / "log.csv", out_dir / "training_curve.png")
+        save_epoch(out_dir, row, LOG_COLUMNS, checkpoint_state(epoch + 1, 0), plot_classification_curve)
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
-        if any_process(stop(), device) and not last_epoch:
-            say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
-            cleanup()
-            sys.exit(stop.exit_code())
+        stop_if_requested(stop, device, out_dir, epoch, last_epoch)
     if is_main_process():
         mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the pretrained backbone; pass it to train.py as "
@@ -196,5 +189,5 @@ def main(config: dict) -> None:
 if __name__ == "__main__":
     try:
         main(resolve_config(globals(), rules=RULES))
-    except (ValueError, FileNotFoundError) as error:  # bad settings or data, found while building the run
+    except (ValueError, FileNotFoundError, CheckpointError) as error:  # bad settings, data or disk
         sys.exit(f"error: {error}")

@@ -24,7 +24,7 @@ from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differen
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
-from yolo.distributed import any_process, backend, barrier, cleanup, init_distributed, is_main_process
+from yolo.distributed import backend, barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, evaluate, train_one_epoch
 from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
@@ -32,7 +32,7 @@ from yolo.model import BACKBONES, YOLOv1
 from yolo.optim import OPTIMIZERS, build_optimizer
 from yolo.plots import plot_training_curve
 from yolo.run import (StopRequest, append_log, find_checkpoint, finished_already, load_scaler_state,
-                      mark_finished, say, start_run_folder, training_wrapper)
+                      mark_finished, save_epoch, say, start_run_folder, stop_if_requested, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
 from yolo.transforms import EvalTransform, TrainTransform, build_loader, check_num_workers, num_loader_workers
 
@@ -285,20 +285,10 @@ def main(config: dict) -> None:
                     save_checkpoint({"model": model.state_dict(), "model_args": model_args, "epoch": epoch + 1,
                                      "class_names": list(class_names), "config": run_config,
                                      "val_voc12_map": best_map, "git_commit": git_commit()}, out_dir / "best.pt")
-        if is_main_process():
-            append_log(out_dir / "log.csv", row, LOG_COLUMNS)
-            save_checkpoint(checkpoint_state(epoch + 1, 0), out_dir / "last.pt")
-            if row["val_loss"]:
-                try:
-                    plot_training_curve(out_dir / "log.csv", out_dir / "training_curve.png")
-                except OSError as error:  # a figure is not worth stopping the run: log.csv holds the numbers
-                    say(f"warning: cannot write {out_dir / 'training_curve.png'} ({error.strerror or error})")
+        save_epoch(out_dir, row, LOG_COLUMNS, checkpoint_state(epoch + 1, 0), plot_training_curve)
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
-        if any_process(stop(), device) and not last_epoch:
-            say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
-            cleanup()
-            sys.exit(stop.exit_code())
+        stop_if_requested(stop, device, out_dir, epoch, last_epoch)
     if is_main_process():
         mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the final model (best.pt: best validation mAP, for reference only)")

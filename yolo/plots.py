@@ -10,15 +10,21 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def plot_losses(axis, log: pd.DataFrame, ylabel: str) -> pd.DataFrame:
+    """Training and validation loss (log scale) against the epoch; returns the validated epochs' rows."""
+    axis.plot(log["epoch"], log["train_loss"], label="train")
+    validated = log.dropna(subset=["val_loss"])
+    axis.plot(validated["epoch"], validated["val_loss"], "o-", label="validation")
+    axis.set(xlabel="epoch", ylabel=ylabel, yscale="log")
+    axis.legend()
+    return validated
+
+
 def plot_training_curve(log_csv: str | Path, png: str | Path, title: str | None = None) -> None:
     """Training and validation loss (log scale) and validation mAP against the epoch."""
     log = pd.read_csv(log_csv)
     figure, (loss_axis, map_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(log["epoch"], log["train_loss"], label="train")
-    validated = log.dropna(subset=["val_loss"])
-    loss_axis.plot(validated["epoch"], validated["val_loss"], "o-", label="validation")
-    loss_axis.set(xlabel="epoch", ylabel="loss (per image)", yscale="log")
-    loss_axis.legend()
+    plot_losses(loss_axis, log, "loss (per image)")
     evaluated = log.dropna(subset=["val_voc12_map"])
     map_axis.plot(evaluated["epoch"], evaluated["val_voc12_map"], "o-", label="VOC2012-style mAP")
     map_axis.plot(evaluated["epoch"], evaluated["val_voc07_map"], "s--", label="VOC2007 11-point mAP")
@@ -34,11 +40,7 @@ def plot_classification_curve(log_csv: str | Path, png: str | Path, title: str |
     """pretrain.py's log: training and validation loss, and validation top-1 / top-5 accuracy, against the epoch."""
     log = pd.read_csv(log_csv)
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(log["epoch"], log["train_loss"], label="train")
-    validated = log.dropna(subset=["val_loss"])
-    loss_axis.plot(validated["epoch"], validated["val_loss"], "o-", label="validation")
-    loss_axis.set(xlabel="epoch", ylabel="cross-entropy (per image)", yscale="log")
-    loss_axis.legend()
+    validated = plot_losses(loss_axis, log, "cross-entropy (per image)")
     accuracy_axis.plot(validated["epoch"], validated["val_top1"], "o-", label="top-1")
     accuracy_axis.plot(validated["epoch"], validated["val_top5"], "s--", label="top-5")
     accuracy_axis.set(xlabel="epoch", ylabel="validation accuracy", ylim=(0, 1))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from yolo.distributed import backend, cleanup, is_main_process
+from yolo.checkpoint import save_checkpoint
+from yolo.distributed import any_process, backend, cleanup, is_main_process
 
 
 def say(*args) -> None:
@@ -119,3 +120,26 @@ def training_wrapper(model: torch.nn.Module, device: torch.device, local_rank: i
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None)
     return torch.compile(train_model) if compile else train_model
+
+
+def save_epoch(out_dir: Path, row: dict, columns: tuple[str, ...], state: dict, plot_curve) -> None:
+    """On rank 0: the epoch's log.csv row, last.pt, and after a validation `plot_curve(log.csv, png)`; a figure
+    that cannot be written is a warning (log.csv holds its numbers), not a reason to stop the run."""
+    if not is_main_process():
+        return
+    append_log(out_dir / "log.csv", row, columns)
+    save_checkpoint(state, out_dir / "last.pt")
+    if row["val_loss"]:
+        try:
+            plot_curve(out_dir / "log.csv", out_dir / "training_curve.png")
+        except OSError as error:
+            say(f"warning: cannot write {out_dir / 'training_curve.png'} ({error.strerror or error})")
+
+
+def stop_if_requested(stop: StopRequest, device: torch.device, out_dir: Path, epoch: int, last_epoch: bool) -> None:
+    """After a saved epoch: exit when any process was asked to stop (all of them agree), unless the run ends
+    anyway."""
+    if any_process(stop(), device) and not last_epoch:
+        say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
+        cleanup()
+        sys.exit(stop.exit_code())
