@@ -45,6 +45,7 @@ grid_size = 7                  # S, cells per side
 num_boxes = 2                  # B, boxes predicted per cell
 head_channels = 1024           # width of the head's convolutions (paper: 1024)
 fc_dim = 4096                  # width of the hidden fully connected layer (paper: 4096)
+zero_init_residual = False     # from scratch: each ResNet block starts as the identity (its last BatchNorm at 0)
 # --- data
 protocol = "voc2012val"        # voc2012val | voc2007test | synthetic
 data_dir = "data"              # folder holding VOCdevkit/, or the synthetic set's VOC-layout folder
@@ -62,7 +63,7 @@ optimizer = "sgd"              # sgd (the paper's) | adamw
 lr = 1e-2                      # learning rate after warm-up
 warmup_lr = 1e-3               # learning rate at the start of the linear warm-up
 warmup_epochs = 10.0           # epochs of linear warm-up (fractional epochs allowed)
-lr_milestones = (85, 115)      # epochs at which the learning rate is multiplied by lr_gamma
+lr_milestones = (85.0, 115.0)  # epochs at which the learning rate is multiplied by lr_gamma (fractions allowed)
 lr_gamma = 0.1                 # step factor at each milestone
 momentum = 0.9                 # SGD momentum (AdamW: beta1)
 weight_decay = 5e-4            # L2 weight decay on convolution and linear weights
@@ -85,7 +86,7 @@ RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size":
          "protocol": one_of(*PROTOCOLS), "num_workers": check_num_workers, "prefetch_factor": at_least(1),
          "epochs": at_least(1), "batch_size": at_least(1), "micro_batch_size": at_least(1),
          "optimizer": one_of(*OPTIMIZERS), "lr": at_least(0.0), "warmup_lr": at_least(0.0),
-         "warmup_epochs": at_least(0.0), "lr_milestones": at_least(0), "lr_gamma": at_least(0.0),
+         "warmup_epochs": at_least(0.0), "lr_milestones": at_least(0.0), "lr_gamma": at_least(0.0),
          "momentum": between(0.0, 1.0), "weight_decay": at_least(0.0), "lambda_coord": at_least(0.0),
          "lambda_noobj": at_least(0.0), "seed": at_least(0), "dtype": one_of("auto", *DTYPES),
          "eval_every": at_least(0), "bad_images": one_of("skip", "error"), "log_every": at_least(1),
@@ -162,7 +163,8 @@ def main(config: dict) -> None:
     val_loader = build_loader(IndexedSamples(val_set, range(rank, len(val_set), world_size)),
                               config["micro_batch_size"], shuffle=False, **loading)
 
-    model = YOLOv1(**model_args, pretrained=config["pretrained"]).to(device, memory_format=torch.channels_last)
+    model = YOLOv1(**model_args, pretrained=config["pretrained"], zero_init_residual=config["zero_init_residual"])
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config["optimizer"], config["lr"], config["momentum"], config["weight_decay"],
                                 fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -1,15 +1,17 @@
 """`make demo`'s training recipe (train.py, after configs/demo_model.py): from scratch on the synthetic set, on a CPU.
 
-The paper's SGD recipe stays near 0 mAP from scratch in the minutes a demo may take: AdamW, no augmentation
-(the model underfits the few thousand images it sees) and a learning-rate drop for the last epoch instead.
-The Makefile sets epochs and lr_milestones per model.
+The paper's SGD recipe stays near 0 mAP from scratch in the minutes a demo may take. Instead: AdamW at 3e-4
+(1e-3 and 5e-4 leave the class term high for epochs), no augmentation (the model underfits the ~10,000 images
+it sees), and the learning rate x 0.2 for the last quarter of training (each drop lifts mAP at once). The
+Makefile sets epochs, lr_milestones and zero_init_residual per model; the README's demo section gives the
+measurements behind each choice.
 """
 protocol = "synthetic"
 pretrained = False
 optimizer = "adamw"
-lr = 1e-3
-warmup_lr = 1e-4
-warmup_epochs = 0.1
+lr = 3e-4
+warmup_lr = 3e-5
+warmup_epochs = 0.05
 lr_gamma = 0.2
 weight_decay = 0.0
 augment = False

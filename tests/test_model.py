@@ -94,6 +94,24 @@ def test_head_initialisation_starts_near_half():
     assert all(conv.bias is None for conv in head_convs)
 
 
+@pytest.mark.parametrize("backbone, block, last_norm", [("resnet18", "BasicBlock", "bn2"),
+                                                       ("resnet50", "Bottleneck", "bn3")])
+def test_zero_init_residual_starts_every_block_as_the_identity(backbone, block, last_norm):
+    torch.manual_seed(0)
+    plain, zeroed = (YOLOv1(backbone, grid_size=4, image_size=128, head_channels=64, fc_dim=256,
+                            zero_init_residual=zero) for zero in (False, True))
+    blocks = [module for module in zeroed.backbone.modules() if type(module).__name__ == block]
+    assert len(blocks) == {"resnet18": 8, "resnet50": 16}[backbone]
+    assert all((getattr(module, last_norm).weight == 0).all() for module in blocks)
+    assert all((getattr(module, last_norm).weight == 1).all()
+               for module in plain.backbone.modules() if type(module).__name__ == block)
+    # a block that starts at zero passes its input through (after its ReLU), whatever its convolutions hold
+    block = next(module for module in blocks if module.downsample is None).eval()
+    features = torch.rand(2, block.conv1.in_channels, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(block(features), features)
+
+
 def test_pretrained_weights_load_from_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     reference = torchvision.models.resnet18(weights=None).state_dict()

@@ -13,6 +13,7 @@ import torch
 import make_synthetic
 import train
 from yolo.checkpoint import config_differences
+from yolo.config import resolve_config
 from yolo.device import autocast_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,6 +245,15 @@ def test_the_schedule_warms_up_then_steps_at_each_milestone():
     assert [train.learning_rate(epoch, config) for epoch in (10, 84.9, 85, 114.9, 115, 1000)] == \
         pytest.approx([1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4])
     assert train.learning_rate(0.0, {**config, "warmup_epochs": 0.0}) == pytest.approx(1e-2)
+
+
+def test_a_milestone_may_fall_inside_an_epoch():
+    """The demo's one-epoch ResNet50 run drops its learning rate three quarters of the way through."""
+    config = resolve_config(vars(train), ["--lr=3e-4", "--warmup_epochs=0", "--lr_milestones=0.75",
+                                          "--lr_gamma=0.2"], rules=train.RULES)
+    assert config["lr_milestones"] == (0.75,)
+    assert [train.learning_rate(epoch, config) for epoch in (0.0, 0.74, 0.75, 1.0)] == \
+        pytest.approx([3e-4, 3e-4, 6e-5, 6e-5])
 
 
 def test_a_resume_may_change_only_the_listed_settings():

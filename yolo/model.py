@@ -126,12 +126,13 @@ class YOLOv1(nn.Module):
 
     `head_channels` and `fc_dim` are the paper's 1024 and 4096 by default; smaller values give a
     narrow head for quick CPU runs. The `fast` backbone comes with Fast YOLO's own head (`fast_head`),
-    which these two do not shape.
+    which these two do not shape. `zero_init_residual` (ResNets from scratch) starts the last BatchNorm of
+    every residual block at zero, so that each block starts as the identity (torchvision's option of that name).
     """
 
     def __init__(self, backbone: str = "resnet18", num_classes: int = 20, grid_size: int = 7,
                  num_boxes: int = 2, image_size: int = 448, pretrained: bool = False,
-                 head_channels: int = 1024, fc_dim: int = 4096):
+                 head_channels: int = 1024, fc_dim: int = 4096, zero_init_residual: bool = False):
         super().__init__()
         feature_size, remainder = divmod(image_size, BACKBONE_STRIDE)
         if remainder or feature_size not in (grid_size, 2 * grid_size):
@@ -163,9 +164,9 @@ class YOLOv1(nn.Module):
                 nn.LeakyReLU(0.1, inplace=True),
                 nn.Linear(fc_dim, grid_size * grid_size * outputs_per_cell),
             )
-        self._init_weights(skip_backbone=pretrained)
+        self._init_weights(skip_backbone=pretrained, zero_init_residual=zero_init_residual)
 
-    def _init_weights(self, skip_backbone: bool) -> None:
+    def _init_weights(self, skip_backbone: bool, zero_init_residual: bool) -> None:
         """He initialisation for LeakyReLU, zero biases, and a small last layer.
 
         The small last layer makes every initial output close to sigmoid(0) = 0.5: boxes start at their
@@ -183,6 +184,12 @@ class YOLOv1(nn.Module):
                 nn.init.zeros_(module.bias)
         last = self.head[-1]
         nn.init.normal_(last.weight, std=0.01)
+        if zero_init_residual and not skip_backbone:
+            for module in self.backbone.modules():
+                if isinstance(module, torchvision.models.resnet.BasicBlock):
+                    nn.init.zeros_(module.bn2.weight)
+                elif isinstance(module, torchvision.models.resnet.Bottleneck):
+                    nn.init.zeros_(module.bn3.weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1:] != (3, self.image_size, self.image_size):
