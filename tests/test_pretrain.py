@@ -16,6 +16,7 @@ import pretrain
 from yolo.checkpoint import load_backbone_weights, save_checkpoint
 from yolo.classification import BackboneClassifier
 from yolo.model import YOLOv1
+from weights import assert_same_weights, final_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread per process: runs compared bit for bit must use the same number of threads (see test_train.py).
@@ -37,16 +38,6 @@ def run_script(script, *arguments, expect_success=True):
 
 def pretrain_command(data_dir, out_dir, *overrides):
     return [sys.executable, "pretrain.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *overrides]
-
-
-def saved_model(out_dir):
-    return torch.load(Path(out_dir) / "last.pt", weights_only=True)["model"]
-
-
-def assert_same_weights(first, second):
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +95,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(classification_di
 
     result = run_script("pretrain.py", f"--data_dir={classification_dir}", f"--out_dir={out_dir}", *RESUMABLE)
     assert "resumed from" in result.stdout
-    assert_same_weights(saved_model(out_dir), saved_model(reference_run))
+    assert_same_weights(final_weights(out_dir), final_weights(reference_run))
     assert list(pd.read_csv(out_dir / "log.csv")["epoch"]) == [1, 2]
 
 
@@ -122,7 +113,7 @@ def test_sigterm_saves_the_step_and_resume_is_exact(classification_dir, referenc
     assert (saved["epoch"], saved["step"]) == (0, 1)
 
     run_script("pretrain.py", f"--data_dir={classification_dir}", f"--out_dir={out_dir}", *RESUMABLE)
-    assert_same_weights(saved_model(out_dir), saved_model(reference_run))
+    assert_same_weights(final_weights(out_dir), final_weights(reference_run))
 
 
 def test_torchrun_on_two_processes_matches_one_process(classification_dir, reference_run, tmp_path):
@@ -133,7 +124,7 @@ def test_torchrun_on_two_processes_matches_one_process(classification_dir, refer
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("| train_loss") == 2  # rank 0 alone prints the epoch lines
-    ddp, single = saved_model(out_dir), saved_model(reference_run)
+    ddp, single = final_weights(out_dir), final_weights(reference_run)
     for name, value in single.items():
         if value.is_floating_point() and "running" not in name:
             torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
@@ -157,7 +148,7 @@ def test_the_two_stages_hand_the_backbone_over_unchanged(reference_run, detectio
     weights = reference_run / "last.pt"
     run_script("train.py", f"--data_dir={detection_dir}", f"--out_dir={out_dir}", *DETECTION, "--lr=0",
                "--warmup_lr=0", "--pretrained=false", f"--backbone_weights={weights}")
-    pretrained, detector = saved_model(reference_run), saved_model(out_dir)
+    pretrained, detector = final_weights(reference_run), final_weights(out_dir)
     backbone_parameters = [name for name, _ in YOLOv1("fast", num_classes=5, grid_size=4, image_size=128)
                            .backbone.named_parameters()]
     assert len(backbone_parameters) == 18  # 6 convolutions, each with BatchNorm's weight and bias

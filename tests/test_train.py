@@ -15,6 +15,7 @@ import train
 from yolo.checkpoint import config_differences
 from yolo.config import resolve_config
 from yolo.device import autocast_dtype
+from weights import assert_same_weights, final_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["configs/tiny_model.py", "configs/tiny.py"]
@@ -36,16 +37,6 @@ def run_train(data_dir, out_dir, *overrides, expect_success=True):
     if expect_success:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
-
-
-def final_weights(out_dir):
-    return torch.load(Path(out_dir) / "last.pt", weights_only=True)["model"]
-
-
-def assert_same_weights(first, second):
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
 
 
 @pytest.fixture(scope="module")
