@@ -1,10 +1,16 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
-from yolo.device import inference_dtype, is_native
+import yolo.device
+from yolo.device import device_name, inference_dtype, is_native
 from yolo.inference import Detector, fold_batch_norms, prepare_for_inference, preprocess
 from yolo.loss import yolo_loss
 from yolo.metrics import evaluate_detections
@@ -75,6 +81,27 @@ def test_dtype_names():
     assert inference_dtype("auto", "cpu") == (torch.bfloat16 if is_native(torch.bfloat16, "cpu") else torch.float32)
     with pytest.raises(ValueError, match="unknown dtype"):
         inference_dtype("int8", "cpu")
+
+
+@pytest.mark.parametrize("capability, flags, instructions", [
+    ("AVX512", "fma avx2 avx512f avx512_bf16", "AVX512-BF16"),
+    ("AVX512", "fma avx2 avx512f", "AVX512"),
+    ("AVX2", "fma avx2 avx512f avx512_bf16", "AVX2"),  # kernels held to AVX2 by ATEN_CPU_CAPABILITY
+])
+def test_a_cpu_is_named_with_its_vector_instructions(monkeypatch, capability, flags, instructions):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(yolo.device, "read_cpuinfo", lambda: {"model name": "AMD EPYC", "flags": flags})
+    assert device_name(torch.device("cpu")) == f"AMD EPYC, {instructions}, {torch.get_num_threads()} threads"
+
+
+@pytest.mark.skipif("avx2" not in yolo.device.read_cpuinfo().get("flags", ""), reason="needs an AVX2 CPU")
+def test_the_name_follows_the_instructions_torch_is_held_to():
+    command = [sys.executable, "-c", "import torch; from yolo.device import device_name; "
+                                     "print(device_name(torch.device('cpu')))"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True,
+                            env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"},
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip().endswith(", AVX2, 1 threads")
 
 
 def test_preprocess_gives_the_evaluation_transforms_input():

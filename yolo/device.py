@@ -52,12 +52,23 @@ def read_cpuinfo() -> dict[str, str]:
             (line.partition(":") for line in first_processor.splitlines())}
 
 
+def cpu_instructions() -> str:
+    """The widest vector instructions PyTorch's CPU kernels use here (AVX512, AVX2, ...; lowered by
+    ATEN_CPU_CAPABILITY), with -BF16 where AVX512 comes with native bf16: CPUs of one model name can differ
+    in both, and bf16 runs about twice as fast where it is native."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512") and is_native(torch.bfloat16, "cpu"):
+        return f"{capability}-BF16"
+    return capability
+
+
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model and the threads torch uses: what a timing or a result ran on."""
+    """The GPU's name, or the CPU's model, its vector instructions and the threads torch uses: what a timing
+    or a result ran on."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = read_cpuinfo().get("model name") or platform.processor() or platform.machine()
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    return f"{cpu}, {cpu_instructions()}, {torch.get_num_threads()} threads"
 
 
 def is_native(dtype: torch.dtype, device: torch.device | str) -> bool:
