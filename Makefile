@@ -166,7 +166,7 @@ $(DEMO_DATA)/classes.txt: data/make_synthetic.py | $(INSTALLED)
 	$(PY) data/make_synthetic.py --out $(DEMO_DATA) --train $(DEMO_TRAIN_IMAGES) --val $(DEMO_VAL_IMAGES) --seed 0 \
 		--difficulty easy
 
-# ResNet50 costs about 2.7x resnet18 per image, so it sees a fifth of the images; its residual blocks start as
+# ResNet50 costs 2.3-2.7x resnet18 per image, so it sees a fifth of the images; its residual blocks start as
 # the identity (zero_init_residual), which in one epoch gave 0.17 mAP instead of 0.05 (README, demo section).
 $(DEMO_RUNS)/resnet18/done: DEMO_RUN := --epochs=$(DEMO_EPOCHS) --lr_milestones=$(DEMO_LR_DROP)
 $(DEMO_RUNS)/resnet50/done: DEMO_RUN := --epochs=$(DEMO_EPOCHS_RESNET50) --lr_milestones=$(DEMO_LR_DROP_RESNET50) \

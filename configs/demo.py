@@ -1,10 +1,10 @@
 """`make demo`'s training recipe (train.py, after configs/demo_model.py): from scratch on the synthetic set, on a CPU.
 
 The paper's SGD recipe stays near 0 mAP from scratch in the minutes a demo may take. Instead: AdamW at 3e-4
-(1e-3 and 5e-4 leave the class term high for epochs), no augmentation (in ~10,000 images it slows learning
-more than it prevents overfitting), and the learning rate x 0.2 for the last fifth or quarter of the run (each
-drop lifts mAP at once). The Makefile sets epochs, lr_milestones and zero_init_residual per model; the README's
-demo section gives the measurements behind each choice.
+(at 1e-3 the class term stays high for epochs; 5e-4 and 2e-4 gave lower mAP), no augmentation (in ~10,000
+images it slows learning more than it prevents overfitting), and the learning rate x 0.2 for the last fifth or
+quarter of the run (each drop lifts mAP at once). The Makefile sets epochs, lr_milestones and zero_init_residual
+per model; the README's demo section gives the measurements behind each choice.
 """
 protocol = "synthetic"
 pretrained = False

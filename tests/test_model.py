@@ -112,6 +112,12 @@ def test_zero_init_residual_starts_every_block_as_the_identity(backbone, block, 
         assert torch.equal(block(features), features)
 
 
+@pytest.mark.parametrize("backbone, pretrained", [("darknet", False), ("fast", False), ("resnet18", True)])
+def test_zero_init_residual_without_blocks_to_start_is_a_clear_error(backbone, pretrained):
+    with pytest.raises(ValueError, match="zero_init_residual starts the residual blocks of a ResNet"):
+        YOLOv1(backbone, grid_size=4, image_size=128, pretrained=pretrained, zero_init_residual=True)
+
+
 def test_pretrained_weights_load_from_the_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     reference = torchvision.models.resnet18(weights=None).state_dict()

@@ -6,6 +6,7 @@
 - training (`autocast_dtype`): the autocast dtype of mixed precision, weights staying fp32: on CUDA bf16
   where the GPU computes it natively, else fp16 (with a gradient scaler); on a CPU fp32 (no autocast).
 """
+import functools
 import platform
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+@functools.cache
 def read_cpuinfo() -> dict[str, str]:
-    """The first processor's entries of /proc/cpuinfo ('model name', 'flags', ...); empty where there is none."""
+    """The first processor's entries of /proc/cpuinfo ('model name', 'flags', ...); empty where there is none.
+    Read once per process (a CPU's entries do not change); do not modify the returned dict."""
     path = Path("/proc/cpuinfo")
     if not path.is_file():
         return {}

@@ -96,9 +96,9 @@ def load_imagenet_weights(name: str) -> dict:
         ) from error
 
 
-def resnet_backbone(name: str, pretrained: bool) -> tuple[nn.Sequential, int]:
+def resnet_backbone(name: str, pretrained: bool, zero_init_residual: bool = False) -> tuple[nn.Sequential, int]:
     """A torchvision ResNet without its average pool and classifier, and its output channels."""
-    resnet = getattr(torchvision.models, name)(weights=None)
+    resnet = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
     if pretrained:
         resnet.load_state_dict(load_imagenet_weights(name))
     layers = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
@@ -106,11 +106,14 @@ def resnet_backbone(name: str, pretrained: bool) -> tuple[nn.Sequential, int]:
     return layers, resnet.fc.in_features
 
 
-def build_backbone(name: str, pretrained: bool = False) -> tuple[nn.Sequential, int]:
+def build_backbone(name: str, pretrained: bool = False, zero_init_residual: bool = False) -> tuple[nn.Sequential, int]:
     """The backbone `name` (stride 32) and its output channels; `pretrained`: torchvision's ImageNet weights
-    (ResNets only)."""
+    (ResNets only); `zero_init_residual`: torchvision's option of that name (ResNets from scratch only)."""
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}.")
+    if zero_init_residual and (pretrained or not name.startswith("resnet")):
+        raise ValueError(f"zero_init_residual starts the residual blocks of a ResNet trained from scratch; "
+                         f"{name} with pretrained={pretrained} has none to start: use zero_init_residual=False.")
     if pretrained and name in ("darknet", "fast"):
         raise ValueError(f"No ImageNet weights exist for the {name} backbone here; use pretrained=False, or "
                          f"pretrain it with pretrain.py and pass its last.pt as backbone_weights.")
@@ -118,7 +121,7 @@ def build_backbone(name: str, pretrained: bool = False) -> tuple[nn.Sequential, 
         return darknet_backbone(), 1024
     if name == "fast":
         return fast_backbone(), FAST_WIDTHS[-1]
-    return resnet_backbone(name, pretrained)
+    return resnet_backbone(name, pretrained, zero_init_residual)
 
 
 class YOLOv1(nn.Module):
@@ -127,7 +130,7 @@ class YOLOv1(nn.Module):
     `head_channels` and `fc_dim` are the paper's 1024 and 4096 by default; smaller values give a
     narrow head for quick CPU runs. The `fast` backbone comes with Fast YOLO's own head (`fast_head`),
     which these two do not shape. `zero_init_residual` (ResNets from scratch) starts the last BatchNorm of
-    every residual block at zero, so that each block starts as the identity (torchvision's option of that name).
+    every residual block at zero, so that each block starts as the identity (torchvision's option).
     """
 
     def __init__(self, backbone: str = "resnet18", num_classes: int = 20, grid_size: int = 7,
@@ -148,7 +151,7 @@ class YOLOv1(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-        self.backbone, backbone_channels = build_backbone(backbone, pretrained)
+        self.backbone, backbone_channels = build_backbone(backbone, pretrained, zero_init_residual)
         head_stride = feature_size // grid_size
         outputs_per_cell = 5 * num_boxes + num_classes
         if backbone == "fast":
@@ -164,32 +167,24 @@ class YOLOv1(nn.Module):
                 nn.LeakyReLU(0.1, inplace=True),
                 nn.Linear(fc_dim, grid_size * grid_size * outputs_per_cell),
             )
-        self._init_weights(skip_backbone=pretrained, zero_init_residual=zero_init_residual)
+        self._init_weights(skip_backbone=pretrained)
 
-    def _init_weights(self, skip_backbone: bool, zero_init_residual: bool) -> None:
+    def _init_weights(self, skip_backbone: bool) -> None:
         """He initialisation for LeakyReLU, zero biases, and a small last layer.
 
         The small last layer makes every initial output close to sigmoid(0) = 0.5: boxes start at their
-        cell's centre with half the image size, which gives small, balanced first gradients.
+        cell's centre with half the image size, which gives small, balanced first gradients. BatchNorm keeps
+        the weights it was built with (1, or 0 where `zero_init_residual` asked for it).
         """
         modules = self.head.modules() if skip_backbone else self.modules()
         for module in modules:
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, a=0.1, mode="fan_out", nonlinearity="leaky_relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Linear):
                 nn.init.kaiming_uniform_(module.weight, a=0.1, nonlinearity="leaky_relu")
                 nn.init.zeros_(module.bias)
         last = self.head[-1]
         nn.init.normal_(last.weight, std=0.01)
-        if zero_init_residual and not skip_backbone:
-            for module in self.backbone.modules():
-                if isinstance(module, torchvision.models.resnet.BasicBlock):
-                    nn.init.zeros_(module.bn2.weight)
-                elif isinstance(module, torchvision.models.resnet.Bottleneck):
-                    nn.init.zeros_(module.bn3.weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1:] != (3, self.image_size, self.image_size):
