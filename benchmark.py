@@ -327,10 +327,20 @@ def main(config: dict) -> None:
     device = resolve_device(config["device"])
     dtype_names = dtypes_to_time(config["dtypes"], device, config["emulated_dtypes"])
     print(f"device: {device_name(device)}; torch {torch.__version__}")
-    rows = []
+    rows, replaced = [], 0
+
+    def save(new_rows: list[dict]) -> None:
+        """Rows go to the CSV as each backbone (and the loader) finishes, so a run stopped later keeps them."""
+        nonlocal replaced
+        rows.extend(new_rows)
+        try:
+            replaced += write_keyed(config["out"], new_rows, CSV_KEY, CSV_COLUMNS)
+        except ResultsError as error:
+            sys.exit(f"error: --out: {error}")
+
     if set(config["modes"]) & {*INFERENCE_MODES, "train_step"}:
         for backbone in config["backbones"]:
-            rows += benchmark_backbone(backbone, config, device, dtype_names)
+            save(benchmark_backbone(backbone, config, device, dtype_names))
     if set(config["modes"]) & set(LOADER_MODES):
         with tempfile.TemporaryDirectory() as temporary:
             data_dir = config["data_dir"] or write_voc_sized_set(Path(temporary))
@@ -339,11 +349,7 @@ def main(config: dict) -> None:
                 dataset = build_dataset(protocol, data_dir, train=True)
             except (ValueError, FileNotFoundError) as error:  # a missing or unreadable data_dir
                 sys.exit(f"error: {error}")
-            rows += benchmark_loader(dataset, config, device)
-    try:
-        replaced = write_keyed(config["out"], rows, CSV_KEY, CSV_COLUMNS)
-    except ResultsError as error:
-        sys.exit(f"error: --out: {error}")
+            save(benchmark_loader(dataset, config, device))
     print_table(rows)
     print(f"wrote {len(rows)} rows to {config['out']}, replacing {replaced} earlier rows of the same measurements")
 

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from functools import partial
 from pathlib import Path
@@ -237,6 +238,33 @@ def loader_check(workers: int):
     return check
 
 
+def run_checks(checks: dict, config: dict, gpu: str) -> list[dict]:
+    """Run each check in order, print its PASS or FAIL line and write its row to out_dir/checks.csv as it ends,
+    so that a run stopped from outside keeps the rows of the checks it finished. A failure, even an unexpected
+    exception (printed with its traceback), does not stop the checks after it."""
+    rows, shared = [], {}  # shared: what one check leaves for a later one (the bf16 run's epoch-1 weights)
+    with open(Path(config["out_dir"]) / "checks.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, CHECK_COLUMNS)
+        writer.writeheader()
+        for name, check in checks.items():
+            started = time.perf_counter()
+            try:
+                result, detail = "PASS", check(config, shared)
+            except CheckFailed as error:
+                result, detail = "FAIL", str(error)
+            except Exception as error:  # noqa: BLE001 - one run on a lent GPU: the checks after it still run
+                traceback.print_exc()
+                result, detail = "FAIL", f"{type(error).__name__}: {error} (traceback above)"
+            seconds = time.perf_counter() - started
+            print(f"{result}  {name:<42} {seconds:6.1f} s  {detail}", flush=True)
+            rows.append({"check": name, "result": result, "seconds": f"{seconds:.1f}", "detail": detail,
+                         "device_name": gpu, "torch_version": torch.__version__,
+                         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+            writer.writerow(rows[-1])
+            file.flush()
+    return rows
+
+
 def main(config: dict) -> None:
     if not torch.cuda.is_available():
         sys.exit("error: gpu_check.py exercises the CUDA paths and torch finds no CUDA GPU here; run it on a "
@@ -253,22 +281,7 @@ def main(config: dict) -> None:
               "SIGTERM then resume": check_sigterm_resume, "evaluate.py": check_evaluate,
               "benchmark forward/end_to_end/train_step": check_benchmark,
               **{f"benchmark loader {workers} workers": loader_check(workers) for workers in config["loader_workers"]}}
-    rows, shared = [], {}  # shared: what one check leaves for a later one (the bf16 run's epoch-1 weights)
-    for name, check in checks.items():
-        started = time.perf_counter()
-        try:
-            result, detail = "PASS", check(config, shared)
-        except (CheckFailed, OSError, RuntimeError, KeyError, ValueError) as error:
-            result, detail = "FAIL", str(error)
-        seconds = time.perf_counter() - started
-        print(f"{result}  {name:<42} {seconds:6.1f} s  {detail}", flush=True)
-        rows.append({"check": name, "result": result, "seconds": f"{seconds:.1f}", "detail": detail,
-                     "device_name": gpu, "torch_version": torch.__version__,
-                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
-    with open(out / "checks.csv", "w", newline="") as file:
-        writer = csv.DictWriter(file, CHECK_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = run_checks(checks, config, gpu)
     failed = [row["check"] for row in rows if row["result"] == "FAIL"]
     total = sum(float(row["seconds"]) for row in rows)
     print(f"{len(rows) - len(failed)} of {len(rows)} checks passed in {total:.0f} s; {out / 'checks.csv'}")

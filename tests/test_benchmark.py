@@ -112,6 +112,24 @@ def test_train_step_mode_writes_rows_of_the_same_schema(tmp_path):
                                                                / float(row["latency_ms_median"]), rel=1e-3)
 
 
+def test_a_run_stopped_during_a_later_backbone_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+    out = tmp_path / "stopped.csv"
+    measure = benchmark.benchmark_backbone
+
+    def stopped_at_resnet50(backbone, *args):
+        if backbone == "resnet50":
+            raise KeyboardInterrupt  # as a Ctrl-C or a time limit would stop it
+        return measure(backbone, *args)
+
+    monkeypatch.setattr(benchmark, "benchmark_backbone", stopped_at_resnet50)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(resolve_config(vars(benchmark), [*TINY, "--backbones=resnet18,resnet50", "--modes=forward",
+                                                        "--batch_sizes=1", "--dtypes=fp32", "--threads=1",
+                                                        f"--out={out}"]))
+    header, *rows = read_rows(out)
+    assert [dict(zip(header, row))["backbone"] for row in rows] == ["resnet18"]
+
+
 def test_a_train_step_lowers_the_loss_of_its_batch():
     config = {"image_size": 64, "grid_size": 2}
     torch.manual_seed(0)
