@@ -148,7 +148,7 @@ $(STAMPS)/benchmark-cpu: benchmark.py $(PACKAGE) | $(INSTALLED)
 
 # Reads the CSVs whatever their times, and runs nothing that writes them.
 table: | $(INSTALLED) ## regenerate the README results table and figures from the committed CSV files
-	$(PY) table.py --readme=$(README) --results=$(RESULTS) --demo_results=$(DEMO_RESULTS)
+	$(PY) table.py --readme=$(README) --results=$(RESULTS) --demo_results=$(DEMO_RESULTS) --gpu_results=$(RESULTS)/gpu
 
 reproduce: check-gpu ## download, train both models, evaluate, benchmark, table (CUDA)
 	$(MAKE) eval

@@ -19,6 +19,7 @@ from yolo.plots import plot_training_curve
 readme = "README.md"           # the file holding the table markers
 results = "results"            # metrics.csv, per_class_ap.csv, benchmark.csv and <model>_log.csv of the VOC runs
 demo_results = "results/demo"  # the same files of `make demo`
+gpu_results = "results/gpu"    # benchmark.csv of `make gpu-check` (speed rows only: it trains nothing to report)
 
 START, END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 # Figures reported by their authors, not measured here (SPEC section 8), as {column header: text}; the seed
@@ -204,7 +205,8 @@ def main(config: dict) -> None:
         raise SystemExit(f"error: {path} has no {START} ... {END} markers to put the table between.")
     # (folder, what made its accuracy rows, what made its speed rows)
     folders = [(Path(config["results"]), "`make reproduce`", "`make benchmark`"),
-               (Path(config["demo_results"]), "`make demo`", "`make demo`")]
+               (Path(config["demo_results"]), "`make demo`", "`make demo`"),
+               (Path(config["gpu_results"]), "`make gpu-check`", "`make gpu-check`")]
     for folder, _, _ in folders:
         if folder.exists():
             write_per_class_table(folder)

@@ -42,7 +42,8 @@ def write_results(folder: Path, voc12_map: float) -> None:
 
 def make_table(tmp_path):
     result = subprocess.run([sys.executable, "table.py", f"--readme={tmp_path / 'README.md'}",
-                             f"--results={tmp_path / 'voc'}", f"--demo_results={tmp_path / 'demo'}"],
+                             f"--results={tmp_path / 'voc'}", f"--demo_results={tmp_path / 'demo'}",
+                             f"--gpu_results={tmp_path / 'voc' / 'gpu'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return (tmp_path / "README.md").read_text()
@@ -71,7 +72,7 @@ def test_the_table_comes_from_the_csvs_and_is_stable(tmp_path):
 def test_a_readme_without_markers_is_a_clear_error(tmp_path):
     (tmp_path / "README.md").write_text("# No markers\n")
     result = subprocess.run([sys.executable, "table.py", f"--readme={tmp_path / 'README.md'}",
-                             f"--results={tmp_path}", f"--demo_results={tmp_path}"],
+                             f"--results={tmp_path}", f"--demo_results={tmp_path}", f"--gpu_results={tmp_path}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "markers" in result.stderr
 
@@ -90,9 +91,11 @@ def test_one_speed_table_per_kind_of_device(tmp_path):
            "batch_size": 64, "image_size": 448, "mode": "forward", "compile": True, "latency_ms_median": 80.0,
            "latency_ms_p90": 81.0, "throughput_img_s": 800.0, "params_m": 282.0, "gflops": 43.0,
            "torch_version": "2.14.1", "date": "2026-11-26"}
-    (tmp_path / "voc").mkdir()
+    (tmp_path / "voc" / "gpu").mkdir(parents=True)
     pd.DataFrame([gpu, {**gpu, "backbone": "resnet18"}, {**gpu, "device_name": "NVIDIA H200"}]
                  ).to_csv(tmp_path / "voc" / "benchmark.csv", index=False)
+    pd.DataFrame([{**gpu, "mode": "train_step", "batch_size": 1, "compile": False}]
+                 ).to_csv(tmp_path / "voc" / "gpu" / "benchmark.csv", index=False)
     readme = make_table(tmp_path)
     assert readme.index("CPU:") < readme.index("NVIDIA H100 80GB HBM3:") < readme.index("NVIDIA H200:")
     assert speed_table(readme, "CPU") == [
@@ -100,7 +103,9 @@ def test_one_speed_table_per_kind_of_device(tmp_path):
         "| `make demo` |"]
     assert speed_table(readme, "NVIDIA H100 80GB HBM3") == [
         f"| {backbone} | 448 | forward | bf16 | 64 | True | 80.0 | 81.0 | 800.0 | NVIDIA H100 80GB HBM3, torch 2.14.1 "
-        f"| `make benchmark` |" for backbone in ("resnet18", "resnet50")]
+        f"| `make benchmark` |" for backbone in ("resnet18", "resnet50")] + [
+        "| resnet50 | 448 | train_step | bf16 | 1 | False | 80.0 | 81.0 | 800.0 | NVIDIA H100 80GB HBM3, torch 2.14.1 "
+        "| `make gpu-check` |"]
     assert len(speed_table(readme, "NVIDIA H200")) == 1
 
 
