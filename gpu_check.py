@@ -252,7 +252,7 @@ def run_checks(checks: dict, config: dict, gpu: str) -> list[dict]:
                 result, detail = "PASS", check(config, shared)
             except CheckFailed as error:
                 result, detail = "FAIL", str(error)
-            except Exception as error:  # noqa: BLE001 - one run on a lent GPU: the checks after it still run
+            except Exception as error:  # a GPU run is one long command: a bug in one check must not end it
                 traceback.print_exc()
                 result, detail = "FAIL", f"{type(error).__name__}: {error} (traceback above)"
             seconds = time.perf_counter() - started
