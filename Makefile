@@ -26,6 +26,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-requirements
 PACKAGE := $(wildcard yolo/*.py)
 RESULTS := results
+GPU_RESULTS := $(RESULTS)/gpu
 RUNS := runs
 STAMPS := $(RUNS)/stamps
 # A value as one shell word, whatever spaces or quotes it holds.
@@ -148,7 +149,7 @@ $(STAMPS)/benchmark-cpu: benchmark.py $(PACKAGE) | $(INSTALLED)
 
 # Reads the CSVs whatever their times, and runs nothing that writes them.
 table: | $(INSTALLED) ## regenerate the README results table and figures from the committed CSV files
-	$(PY) table.py --readme=$(README) --results=$(RESULTS) --demo_results=$(DEMO_RESULTS) --gpu_results=$(RESULTS)/gpu
+	$(PY) table.py --readme=$(README) --results=$(RESULTS) --demo_results=$(DEMO_RESULTS) --gpu_results=$(GPU_RESULTS)
 
 reproduce: check-gpu ## download, train both models, evaluate, benchmark, table (CUDA)
 	$(MAKE) eval
@@ -159,7 +160,7 @@ reproduce: check-gpu ## download, train both models, evaluate, benchmark, table 
 GPU_CHECK_ENV := $(if $(filter command line environment,$(origin VENV)),,$(INSTALLED))
 
 gpu-check: | $(GPU_CHECK_ENV) ## exercise every CUDA path on a small synthetic set (one GPU, <= 8 min) into results/gpu/
-	$(PY) gpu_check.py --out_dir=$(RESULTS)/gpu
+	$(PY) gpu_check.py --out_dir=$(GPU_RESULTS)
 
 # --- demo
 $(DEMO_DATA)/classes.txt: data/make_synthetic.py | $(INSTALLED)

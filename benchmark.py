@@ -314,6 +314,22 @@ def print_table(rows: list[dict]) -> None:
               f"{row['latency_ms_median']:>10.1f} {row['latency_ms_p90']:>10.1f} {row['throughput_img_s']:>9.2f}")
 
 
+def measurements(config: dict, device: torch.device, dtype_names: list[str]):
+    """The rows of the modes asked for, one list per backbone and then one for the loader modes."""
+    if set(config["modes"]) & {*INFERENCE_MODES, "train_step"}:
+        for backbone in config["backbones"]:
+            yield benchmark_backbone(backbone, config, device, dtype_names)
+    if set(config["modes"]) & set(LOADER_MODES):
+        with tempfile.TemporaryDirectory() as temporary:
+            data_dir = config["data_dir"] or write_voc_sized_set(Path(temporary))
+            protocol = config["protocol"] if config["data_dir"] else "synthetic"
+            try:
+                dataset = build_dataset(protocol, data_dir, train=True)
+            except (ValueError, FileNotFoundError) as error:  # a missing or unreadable data_dir
+                sys.exit(f"error: {error}")
+            yield benchmark_loader(dataset, config, device)
+
+
 def main(config: dict) -> None:
     print(format_config(config))
     if config["threads"]:
@@ -328,28 +344,12 @@ def main(config: dict) -> None:
     dtype_names = dtypes_to_time(config["dtypes"], device, config["emulated_dtypes"])
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     rows, replaced = [], 0
-
-    def save(new_rows: list[dict]) -> None:
-        """Rows go to the CSV as each backbone (and the loader) finishes, so a run stopped later keeps them."""
-        nonlocal replaced
-        rows.extend(new_rows)
+    for measured in measurements(config, device, dtype_names):  # written as they come: a stopped run keeps them
         try:
-            replaced += write_keyed(config["out"], new_rows, CSV_KEY, CSV_COLUMNS)
+            replaced += write_keyed(config["out"], measured, CSV_KEY, CSV_COLUMNS)
         except ResultsError as error:
             sys.exit(f"error: --out: {error}")
-
-    if set(config["modes"]) & {*INFERENCE_MODES, "train_step"}:
-        for backbone in config["backbones"]:
-            save(benchmark_backbone(backbone, config, device, dtype_names))
-    if set(config["modes"]) & set(LOADER_MODES):
-        with tempfile.TemporaryDirectory() as temporary:
-            data_dir = config["data_dir"] or write_voc_sized_set(Path(temporary))
-            protocol = config["protocol"] if config["data_dir"] else "synthetic"
-            try:
-                dataset = build_dataset(protocol, data_dir, train=True)
-            except (ValueError, FileNotFoundError) as error:  # a missing or unreadable data_dir
-                sys.exit(f"error: {error}")
-            save(benchmark_loader(dataset, config, device))
+        rows += measured
     print_table(rows)
     print(f"wrote {len(rows)} rows to {config['out']}, replacing {replaced} earlier rows of the same measurements")
 
