@@ -29,10 +29,11 @@ from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import NonFiniteLossError, train_one_epoch
 from yolo.model import BACKBONES
-from yolo.optim import build_optimizer
+from yolo.optim import load_optimizer_state
 from yolo.plots import plot_classification_curve
 from yolo.run import (StopRequest, find_checkpoint, finished_already, load_scaler_state,
-                      mark_finished, save_epoch, say, start_run_folder, stop_if_requested, training_wrapper)
+                      mark_finished, save_epoch, say, start_run_folder, stop_if_requested, training_parts,
+                      training_wrapper)
 from yolo.sampling import GlobalBatchSampler, SeededSamples
 from yolo.transforms import build_loader, check_num_workers, num_loader_workers
 
@@ -106,8 +107,7 @@ def main(config: dict) -> None:
                               shuffle=False, **loading)
 
     model = BackboneClassifier(config["backbone"], len(class_names)).to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, "sgd", config["lr"], config["momentum"], config["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer, scaler = training_parts(model, "sgd", config, device, dtype)
     start_epoch, start_step = 0, 0
 
     checkpoint_path = find_checkpoint(config, out_dir)
@@ -123,7 +123,7 @@ def main(config: dict) -> None:
             sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
                      f"Rerun with the saved settings, or choose another out_dir to start a new run.")
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(optimizer, checkpoint["optimizer"])
         load_scaler_state(scaler, checkpoint["scaler"], checkpoint["config"].get("dtype"))
         start_epoch, start_step = checkpoint["epoch"], checkpoint["step"]
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())

@@ -29,10 +29,11 @@ from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, evaluate
 from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
 from yolo.model import BACKBONES, YOLOv1
-from yolo.optim import OPTIMIZERS, build_optimizer
+from yolo.optim import OPTIMIZERS, load_optimizer_state
 from yolo.plots import plot_training_curve
 from yolo.run import (StopRequest, append_log, find_checkpoint, finished_already, load_scaler_state,
-                      mark_finished, save_epoch, say, start_run_folder, stop_if_requested, training_wrapper)
+                      mark_finished, save_epoch, say, start_run_folder, stop_if_requested, training_parts,
+                      training_wrapper)
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
 from yolo.transforms import EvalTransform, TrainTransform, build_loader, check_num_workers, num_loader_workers
 
@@ -122,8 +123,6 @@ def main(config: dict) -> None:
     process_group = f" in a {backend()} process group" if backend() else ""
     say(f"train.py on {world_size} process(es){process_group}, device {device}, "
         f"dtype {str(dtype).removeprefix('torch.')}\n{format_config(config)}")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: time the convolution algorithms once
 
     random.seed(config["seed"])
     torch.manual_seed(config["seed"])
@@ -165,9 +164,7 @@ def main(config: dict) -> None:
 
     model = YOLOv1(**model_args, pretrained=config["pretrained"], zero_init_residual=config["zero_init_residual"])
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config["optimizer"], config["lr"], config["momentum"], config["weight_decay"],
-                                fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimizer, scaler = training_parts(model, config["optimizer"], config, device, dtype)
     start_epoch, start_step, best_map = 0, 0, -1.0
     carried = None  # the loss sums, images and seconds of the part of an epoch done before an interruption
 
@@ -193,9 +190,7 @@ def main(config: dict) -> None:
                      f"(classes.txt), or choose another out_dir to start a new run.")
         model.load_state_dict(checkpoint["model"])
         if "optimizer" in checkpoint:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            for group in optimizer.param_groups:  # the saved flag is the saving device's (a CPU run: unfused)
-                group["fused"] = optimizer.defaults["fused"]
+            load_optimizer_state(optimizer, checkpoint["optimizer"])
             load_scaler_state(scaler, checkpoint["scaler"], checkpoint["config"].get("dtype"))
             start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
             carried = checkpoint.get("partial_epoch")

@@ -1,13 +1,15 @@
 """yolo.engine.train_one_epoch on a CPU: reads every few steps, no update from a non-finite loss, agreed stops."""
+import copy
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, train_one_epoch
-from yolo.optim import build_optimizer, skips_on_device
-from yolo.run import load_scaler_state
+from yolo.engine import LOSS_TERMS, NonFiniteLossError, apply_update, detection_loss, train_one_epoch
+from yolo.optim import build_optimizer, load_optimizer_state, skips_on_device
+from yolo.run import load_scaler_state, training_parts
 from yolo.targets import encode_target
 
 GRID, CLASSES, SIDE = 2, 3, 8
@@ -104,3 +106,101 @@ def test_a_resume_into_another_dtype_keeps_or_starts_the_scaler(capsys):
     disabled = torch.amp.GradScaler("cpu", enabled=False)
     load_scaler_state(disabled, saved, "fp16")  # fp16 -> bf16: the scale is not needed
     assert not disabled.is_enabled()
+
+
+def stock_sgd(model, lr=0.1, momentum=0.9, weight_decay=5e-4):
+    """PyTorch's fused SGD with no help from yolo.optim: the project's parameter groups, no buffers made ahead
+    (fused, as the skipping one: its arithmetic differs from the foreach implementation's in the last bit)."""
+    reference = build_optimizer(model, "sgd", lr, momentum, weight_decay)
+    return torch.optim.SGD([{"params": group["params"], "weight_decay": group["weight_decay"]}
+                            for group in reference.param_groups], lr=lr, momentum=momentum, fused=True)
+
+
+def poisoned_empty_like(original):
+    """torch.empty_like whose memory is NaN: what PyTorch leaves uninitialised is then sure to show."""
+    def empty_like(tensor, *args, **kwargs):
+        return original(tensor, *args, **kwargs).fill_(float("nan"))
+    return empty_like
+
+
+@pytest.mark.parametrize("skipped_step", [0, 1])
+@pytest.mark.parametrize("scaled", [False, True], ids=["no_scaler", "grad_scaler"])
+@pytest.mark.parametrize("resumed", [False, True], ids=["", "resumed"])
+def test_a_skipped_step_touches_nothing_and_the_run_then_equals_stock_sgd(monkeypatch, skipped_step, scaled,
+                                                                          resumed):
+    """Fused SGD skipping a step on the device (a non-finite loss, or the GradScaler's overflow, routine on
+    the first fp16 step) leaves weights and optimizer state as they were; the steps after it are stock
+    SGD's steps from the same weights, bitwise, also when the state went through a checkpoint after the skip."""
+    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like(torch.empty_like))
+    torch.manual_seed(0)
+    model, reference_model = TinyDetector(), TinyDetector()
+    reference_model.load_state_dict(model.state_dict())
+    optimizer = build_optimizer(model, "sgd", 0.1, 0.9, 5e-4, fused=True)
+    reference = stock_sgd(reference_model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=scaled)
+    gradients = [[torch.randn_like(p) for p in model.parameters()] for _ in range(3)]
+    for step, step_gradients in enumerate(gradients):
+        skip = step == skipped_step
+        scaler.scale(torch.ones(()))  # as the loop scales its loss before backward
+        for parameter, gradient in zip(model.parameters(), step_gradients):
+            # The GradScaler's overflow: a non-finite gradient of the scaled loss.
+            parameter.grad = gradient * scaler.get_scale() + (float("inf") if skip and scaled else 0.0)
+        weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+        apply_update(optimizer, scaler, skip=torch.tensor(skip and not scaled))
+        if skip:
+            assert_equal_states(model.state_dict(), weights)
+            assert_equal_states(optimizer.state_dict()["state"], state["state"])
+            if resumed:
+                optimizer = build_optimizer(model, "sgd", 0.1, 0.9, 5e-4, fused=True)
+                load_optimizer_state(optimizer, state)
+            continue
+        for parameter, gradient in zip(reference_model.parameters(), step_gradients):
+            parameter.grad = gradient.clone()
+        reference.step()
+        assert_equal_states(model.state_dict(), reference_model.state_dict())
+
+
+def test_a_state_saved_before_any_step_resumes_into_a_fused_optimizer_that_skips_cleanly(monkeypatch):
+    """A checkpoint from stock SGD before its first step has no momentum buffers: loaded into fused SGD
+    whose first step is skipped, it still gives stock SGD's next step."""
+    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like(torch.empty_like))
+    torch.manual_seed(0)
+    model, reference_model = TinyDetector(), TinyDetector()
+    reference_model.load_state_dict(model.state_dict())
+    reference = stock_sgd(reference_model)
+    optimizer = build_optimizer(model, "sgd", 0.1, 0.9, 5e-4, fused=True)
+    load_optimizer_state(optimizer, reference.state_dict())
+    assert skips_on_device(optimizer)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    apply_update(optimizer, scaler, skip=torch.tensor(True))
+    for parameter, reference_parameter in zip(model.parameters(), reference_model.parameters()):
+        parameter.grad = torch.randn_like(parameter)
+        reference_parameter.grad = parameter.grad.clone()
+    apply_update(optimizer, scaler, skip=torch.tensor(False))
+    reference.step()
+    assert_equal_states(model.state_dict(), reference_model.state_dict())
+
+
+def assert_equal_states(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key, value in first.items():
+        if isinstance(value, dict):
+            assert_equal_states(value, second[key])
+        else:
+            assert torch.equal(value, second[key]), key
+
+
+@pytest.mark.parametrize("script", ["train.py", "pretrain.py"])
+def test_both_training_scripts_build_their_optimizer_and_scaler_through_training_parts(monkeypatch, script):
+    """On CUDA a training run's optimizer is fused (a skipped step costs no host read), cuDNN picks its
+    algorithms once, and fp16 alone gets the GradScaler; pretrain.py once built an unfused SGD there."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    config = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    optimizer, scaler = training_parts(TinyDetector(), "sgd", config, torch.device("cuda"), torch.bfloat16)
+    assert skips_on_device(optimizer) and torch.backends.cudnn.benchmark and not scaler.is_enabled()
+    optimizer, scaler = training_parts(TinyDetector(), "adamw", config, torch.device("cpu"), torch.float16)
+    assert isinstance(optimizer, torch.optim.AdamW) and not skips_on_device(optimizer) and scaler.is_enabled()
+    source = (Path(__file__).resolve().parents[1] / script).read_text()
+    assert "training_parts(model," in source and "build_optimizer(" not in source

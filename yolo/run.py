@@ -10,6 +10,7 @@ import torch
 
 from yolo.checkpoint import save_checkpoint
 from yolo.distributed import any_process, backend, cleanup, is_main_process
+from yolo.optim import build_optimizer
 
 
 def say(*args) -> None:
@@ -109,6 +110,22 @@ def start_run_folder(out_dir: Path, run_config: dict, start_epoch: int, log_colu
     (out_dir / "done").unlink(missing_ok=True)
     (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch), log_columns)
+
+
+def training_parts(model: torch.nn.Module, optimizer_name: str, config: dict, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+    """The optimizer and gradient scaler of a training run on `device`, which is also made ready for it.
+
+    On CUDA the optimizer is fused, so that a step skips on the device without a host read (see
+    yolo.engine.train_one_epoch), and cuDNN times its convolution algorithms once for the run's fixed
+    input size. The GradScaler is enabled for fp16 alone.
+    """
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    optimizer = build_optimizer(model, optimizer_name, config["lr"], config["momentum"], config["weight_decay"],
+                                fused=cuda)
+    return optimizer, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def training_wrapper(model: torch.nn.Module, device: torch.device, local_rank: int, compile: bool) -> torch.nn.Module:
