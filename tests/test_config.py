@@ -4,7 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from yolo.config import ConfigError, apply_overrides, at_least, constants, one_of, read_preset, resolve_config
+from yolo.checkpoint import ARCHITECTURE_KEYS
+from yolo.config import (ConfigError, apply_overrides, at_least, check_rules, constants, one_of, read_preset,
+                         resolve_config)
+from yolo.model import YOLOv1
+from yolo.optim import build_optimizer
+from yolo.sampling import GlobalBatchSampler
 from yolo.device import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,12 +80,35 @@ def test_a_missing_preset_is_a_clear_error(tmp_path):
         apply_overrides(DEFAULTS, [str(tmp_path / "nope.py")])
 
 
-@pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.py")), ids=lambda path: path.name)
-def test_the_repositorys_presets_fit_the_scripts_they_name(preset):
+def check_preset(preset: Path) -> None:
+    """The preset, after its model preset as the Makefile and the tests give them, keeps every rule of each
+    script it names, and builds that script's model, optimizer and batch sampler."""
     scripts = ["train.py", "benchmark.py"] if preset.name.endswith("_model.py") else ["train.py"]
+    model_preset = CONFIGS / f"{preset.stem.removesuffix('_model')}_model.py"
     for script in scripts:
         namespace = runpy.run_path(str(ROOT / script), run_name="not_main")
         assert read_preset(preset, constants(namespace)), script
+        config = apply_overrides(constants(namespace), [str(model_preset), str(preset)])
+        check_rules(config, {name: rule for name, rule in namespace["RULES"].items() if name != "out_dir"})
+        model = YOLOv1(**{key: config[key] for key in ARCHITECTURE_KEYS if key in config}, num_classes=5,
+                       pretrained=False)
+        if script == "train.py":
+            build_optimizer(model, config["optimizer"], config["lr"], config["momentum"], config["weight_decay"])
+            GlobalBatchSampler(64, config["batch_size"], config["micro_batch_size"], 0, 1, config["seed"])
+
+
+@pytest.mark.parametrize("preset", sorted(CONFIGS.glob("*.py")), ids=lambda path: path.name)
+def test_the_repositorys_presets_fit_the_scripts_they_name(preset):
+    check_preset(preset)
+
+
+@pytest.mark.parametrize("line", ["lr = -3e-4", 'optimizer = "adam"', "micro_batch_size = 0", "batch_size = 24",
+                                  "image_size = 100"])
+def test_a_broken_preset_fails_that_check(tmp_path, line):
+    preset = tmp_path / "demo.py"
+    preset.write_text((CONFIGS / "demo.py").read_text() + line + "\n")
+    with pytest.raises(ValueError):  # ConfigError is one
+        check_preset(preset)
 
 
 @pytest.mark.parametrize("argument, message", [

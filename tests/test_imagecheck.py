@@ -1,10 +1,12 @@
 """The pre-training check of a dataset's images: unreadable files named, good ones remembered."""
 import json
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from yolo import imagecheck
 from yolo.imagecheck import CACHE_NAME, find_unreadable_images, require_readable_images
 
 
@@ -41,3 +43,21 @@ def test_the_error_lists_the_first_files_and_the_way_out(folder):
     with pytest.raises(ValueError, match=r"7 image\(s\) cannot be read \(.*missing_0.jpg: file not found;.* and 2 "
                                          r"more\)\. Replace them .* ImageSets/Main"):
         require_readable_images(paths)
+
+
+def test_a_rerun_reads_no_header_of_an_unchanged_file(folder, monkeypatch):
+    good = folder / "good.jpg"
+    assert find_unreadable_images([good]) == []
+    opened = []
+    monkeypatch.setattr(imagecheck, "header_problem", lambda path: opened.append(path))
+    assert find_unreadable_images([good]) == [] and opened == []
+
+
+def test_a_rewrite_of_the_same_size_is_checked_again(folder):
+    """Size alone does not say a file is unchanged: the modification time is part of what is remembered."""
+    good = folder / "good.jpg"
+    assert find_unreadable_images([good]) == []
+    size, modified = good.stat().st_size, good.stat().st_mtime_ns
+    good.write_bytes(b"\0" * size)
+    os.utime(good, ns=(modified + 10 ** 9, modified + 10 ** 9))
+    assert [path for path, _ in find_unreadable_images([good])] == [good]

@@ -147,6 +147,20 @@ def test_matches_loop_reference_on_random_inputs(seed):
     assert yolo_loss(pred, target).item() == pytest.approx(reference_loss(pred, target), rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("lambda_coord, lambda_noobj", [(2.0, 0.5), (5.0, 3.0), (0.0, 0.0)])
+def test_the_term_weights_are_the_ones_given(lambda_coord, lambda_noobj):
+    generator = torch.Generator().manual_seed(7)
+    pred = torch.rand(3, 4, 4, 2 * 5 + 3, generator=generator, dtype=torch.float64)
+    target = random_target(generator, 3, 4, 3)
+    weights = {"lambda_coord": lambda_coord, "lambda_noobj": lambda_noobj}
+    assert yolo_loss(pred, target, **weights).item() == pytest.approx(reference_loss(pred, target, **weights),
+                                                                     rel=1e-9, abs=1e-12)
+    unweighted = yolo_loss_terms(pred, target, lambda_coord=1.0, lambda_noobj=1.0)
+    weighted = yolo_loss_terms(pred, target, **weights)
+    assert weighted["noobj"].item() == pytest.approx(lambda_noobj * unweighted["noobj"].item(), rel=1e-12)
+    assert weighted["coord"].item() == pytest.approx(lambda_coord * unweighted["coord"].item(), rel=1e-12)
+
+
 def test_gradients_are_finite_even_for_zero_width():
     generator = torch.Generator().manual_seed(0)
     pred = torch.rand(2, 4, 4, 5 * 2 + 3, generator=generator)
