@@ -17,7 +17,7 @@ import make_synthetic
 from download_voc import DownloadError, download_voc as download
 from yolo.data import VOCDetection
 
-SILENCE_S = 1.0
+SILENCE_S = 5.0
 TRICKLED_BYTES = 100  # at most, so a trickling handler ends soon after the client gave up
 NAME = "VOCtrainval_06-Nov-2007.tar"  # a real archive name, so the CLI test meets it too
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "download_voc.py"
@@ -158,9 +158,10 @@ def test_dropped_connection_keeps_part_then_resumes(tmp_path, server, serve, voc
     assert_extracted(tmp_path)
 
 
+# Each trickle would take 100 x its seconds per byte (10 s or more), against 10 x the limit that ends it.
 @pytest.mark.parametrize("seconds_per_byte, settings, message", [
     (2.0, {"stall_timeout": 0.3, "deadline": 0}, r"no data for 0\.3 s \(--stall-timeout\) after [1-9]\d* bytes"),
-    (0.02, {"stall_timeout": 5, "deadline": 0.5},
+    (0.1, {"stall_timeout": 5, "deadline": 0.5},
      r"not downloaded within 0\.5 s \(--deadline\), [1-9]\d* of \d+ bytes so far"),
 ], ids=["stall", "deadline"])
 def test_stalling_or_trickling_host_is_given_up_and_the_part_resumes(tmp_path, server, serve, voc_tar,
@@ -170,7 +171,7 @@ def test_stalling_or_trickling_host_is_given_up_and_the_part_resumes(tmp_path, s
     started = time.monotonic()
     with pytest.raises(DownloadError, match=rf"{message}; .*\.part is kept, rerun to resume.*--mirror"):
         download(tmp_path, archives, **settings)
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10 * (settings["deadline"] or settings["stall_timeout"])
     kept = (tmp_path / "archives" / f"{NAME}.part").read_bytes()
     assert kept and voc_tar.startswith(kept)
     server.trickle.clear()
@@ -185,7 +186,7 @@ def test_host_that_never_answers_is_given_up(tmp_path, server, serve, voc_tar):
     started = time.monotonic()
     with pytest.raises(DownloadError, match=r"no answer within 0\.2 s \(--stall-timeout\): Could not download"):
         download(tmp_path, archives, stall_timeout=0.2)
-    assert time.monotonic() - started < SILENCE_S
+    assert time.monotonic() - started < 10 * 0.2 < SILENCE_S
 
 
 def test_cli_gives_up_on_a_trickling_mirror_without_traceback(tmp_path, server, serve, voc_tar):

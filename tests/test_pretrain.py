@@ -110,7 +110,9 @@ def test_sigterm_saves_the_step_and_resume_is_exact(classification_dir, referenc
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 128 + signal.SIGTERM, output
     saved = torch.load(out_dir / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["step"]) == (0, 1)
+    # The signal lands during step 1 (the save is that step's) or, on a slow machine, during step 2, the
+    # epoch's last (the epoch ends and its save is the stop's): either way the resume below is exact.
+    assert (saved["epoch"], saved["step"]) in {(0, 1), (1, 0)}
 
     run_script("pretrain.py", f"--data_dir={classification_dir}", f"--out_dir={out_dir}", *RESUMABLE)
     assert_same_weights(final_weights(out_dir), final_weights(reference_run))

@@ -90,7 +90,7 @@ def test_sigterm_saves_the_step_and_resume_is_exact(data_dir, reference_run, tmp
     process = subprocess.Popen(train_command(data_dir, out_dir, *RESUMABLE), cwd=ROOT, env=ONE_THREAD,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # Once the handlers are installed (train.py then announces the epochs), a SIGTERM lets the current
-    # optimizer step finish: with 2 steps per epoch the run stops after step 1 of epoch 1.
+    # optimizer step finish and saves there.
     for line in process.stdout:
         if line.startswith("training epochs"):
             break
@@ -99,7 +99,9 @@ def test_sigterm_saves_the_step_and_resume_is_exact(data_dir, reference_run, tmp
     assert process.returncode == 128 + signal.SIGTERM, output
     assert "rerun the same command to resume" in output
     saved = torch.load(out_dir / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["step"]) == (0, 1)
+    # The signal lands during step 1 (the save is that step's) or, on a slow machine, during step 2, the
+    # epoch's last (the epoch ends and its save is the stop's): either way the resume below is exact.
+    assert (saved["epoch"], saved["step"]) in {(0, 1), (1, 0)}
 
     run_train(data_dir, out_dir, *RESUMABLE)
     assert_same_weights(final_weights(out_dir), final_weights(reference_run))
