@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset, default_collate
 
-from yolo.checkpoint import (RESUMABLE_CHANGES, CheckpointError, config_differences, git_commit, load_checkpoint,
-                             save_checkpoint)
+from yolo.checkpoint import (RESUMABLE_CHANGES, CheckpointError, CheckpointWriter, config_differences, git_commit,
+                             load_checkpoint)
 from yolo.classification import BackboneClassifier, classification_loss, evaluate_classifier, image_folders
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.device import DTYPES, autocast_dtype, resolve_device
@@ -31,7 +31,7 @@ from yolo.engine import NonFiniteLossError, train_one_epoch
 from yolo.model import BACKBONES
 from yolo.optim import load_optimizer_state
 from yolo.plots import plot_classification_curve
-from yolo.run import (StopRequest, find_checkpoint, finished_already, load_scaler_state,
+from yolo.run import (StopRequest, exit_for_stop, find_checkpoint, finished_already, load_scaler_state,
                       mark_finished, save_epoch, say, start_run_folder, stop_if_requested, training_parts,
                       training_wrapper)
 from yolo.sampling import GlobalBatchSampler, SeededSamples
@@ -140,6 +140,7 @@ def main(config: dict) -> None:
                 "git_commit": git_commit(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
     stop = StopRequest()
+    writer = CheckpointWriter()
     forward_loss = partial(classification_loss, label_smoothing=config["label_smoothing"], device=device,
                            dtype=dtype)
     say(f"training epochs {start_epoch + 1}-{config['epochs']}: {sampler.steps_per_epoch} steps of "
@@ -154,16 +155,14 @@ def main(config: dict) -> None:
                 stop_requested=stop, lr_at=lambda step: learning_rate(epoch + step / sampler.steps_per_epoch, config),
                 read_every=config["log_every"] if device.type == "cuda" else 1)
         except NonFiniteLossError as error:
+            writer.wait()
             cleanup()
             sys.exit(f"error: {error}")
         if stats["stopped"]:
             if is_main_process():
-                save_checkpoint(checkpoint_state(epoch, stats["steps"]), out_dir / "last.pt")
-            say(f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
-                f"rerun the same command to resume")
-            barrier()  # no process exits (which makes torchrun end the others) before the save is complete
-            cleanup()
-            sys.exit(stop.exit_code())
+                writer.save(checkpoint_state(epoch, stats["steps"]), out_dir / "last.pt")
+            exit_for_stop(stop, writer, f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
+                                        f"rerun the same command to resume")
         start_step = 0
         seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
@@ -175,10 +174,11 @@ def main(config: dict) -> None:
             validation = evaluate_classifier(model, val_loader, device=device, dtype=dtype)
             row.update({"val_loss": f"{validation['loss']:.6f}", "val_top1": f"{validation['top1']:.6f}",
                         "val_top5": f"{validation['top5']:.6f}"})
-        save_epoch(out_dir, row, LOG_COLUMNS, checkpoint_state(epoch + 1, 0), plot_classification_curve)
+        save_epoch(writer, out_dir, row, LOG_COLUMNS, checkpoint_state(epoch + 1, 0), plot_classification_curve)
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
-        stop_if_requested(stop, device, out_dir, epoch, last_epoch)
+        stop_if_requested(stop, writer, device, out_dir, epoch, last_epoch)
+    writer.wait()
     if is_main_process():
         mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the pretrained backbone; pass it to train.py as "

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, config_differences, git_commit,
-                             load_backbone_weights, load_checkpoint, save_checkpoint)
+from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, CheckpointWriter, config_differences, git_commit,
+                             load_backbone_weights, load_checkpoint)
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
 from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
@@ -31,7 +31,7 @@ from yolo.inference import Detector
 from yolo.model import BACKBONES, YOLOv1
 from yolo.optim import OPTIMIZERS, load_optimizer_state
 from yolo.plots import plot_training_curve
-from yolo.run import (StopRequest, append_log, find_checkpoint, finished_already, load_scaler_state,
+from yolo.run import (StopRequest, append_log, exit_for_stop, find_checkpoint, finished_already, load_scaler_state,
                       mark_finished, save_epoch, say, start_run_folder, stop_if_requested, training_parts,
                       training_wrapper)
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
@@ -219,6 +219,7 @@ def main(config: dict) -> None:
         return learning_rate(epoch + step / sampler.steps_per_epoch, config)
 
     stop = StopRequest()
+    writer = CheckpointWriter()
     read_every = config["log_every"] if device.type == "cuda" else 1
     say(f"training epochs {start_epoch + 1}-{config['epochs']}: {sampler.steps_per_epoch} steps of "
         f"{config['batch_size']} images each ({sampler.accumulation} accumulated micro-batches per process)")
@@ -231,9 +232,11 @@ def main(config: dict) -> None:
                 epoch=epoch, start_step=start_step, accumulation=sampler.accumulation, device=device,
                 stop_requested=stop, lr_at=lambda step: lr_at(epoch, step), read_every=read_every)
         except NonFiniteLossError as error:
+            writer.wait()
             cleanup()
             sys.exit(f"error: {error}")
         except ImageDecodeError as error:
+            writer.wait()
             cleanup()
             sys.exit(f"error: {error.reason}. {unreadable_image_advice(config)} (last.pt holds the last completed "
                      f"epoch).")
@@ -245,13 +248,10 @@ def main(config: dict) -> None:
             carried = None
         if stats["stopped"]:
             if is_main_process():
-                save_checkpoint({**checkpoint_state(epoch, stats["steps"]), "partial_epoch": {
+                writer.save({**checkpoint_state(epoch, stats["steps"]), "partial_epoch": {
                     "terms": stats["terms"], "images": stats["images"], "seconds": seconds}}, out_dir / "last.pt")
-            say(f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
-                f"rerun the same command to resume")
-            barrier()  # no process exits (which makes torchrun end the others) before the save is complete
-            cleanup()
-            sys.exit(stop.exit_code())
+            exit_for_stop(stop, writer, f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
+                                        f"rerun the same command to resume")
         start_step = 0
         row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
                **{name: f"{value / stats['images']:.6f}" for name, value in stats["terms"].items()},
@@ -268,7 +268,8 @@ def main(config: dict) -> None:
             except ImageDecodeError as error:  # keep the epoch just trained, unvalidated
                 if is_main_process():
                     append_log(out_dir / "log.csv", row, LOG_COLUMNS)
-                    save_checkpoint(checkpoint_state(epoch + 1, 0), out_dir / "last.pt")
+                    writer.save(checkpoint_state(epoch + 1, 0), out_dir / "last.pt")
+                writer.wait()
                 cleanup()
                 sys.exit(f"error: validating epoch {epoch + 1}: {error.reason}. {unreadable_image_advice(config)} "
                          f"(last.pt holds epoch {epoch + 1}, not validated).")
@@ -279,13 +280,14 @@ def main(config: dict) -> None:
                 row["val_voc12_map"] = f"{metrics['voc12_map']:.6f}"
                 if metrics["voc12_map"] > best_map:
                     best_map = metrics["voc12_map"]
-                    save_checkpoint({"model": model.state_dict(), "model_args": model_args, "epoch": epoch + 1,
-                                     "class_names": list(class_names), "config": run_config,
-                                     "val_voc12_map": best_map, "git_commit": git_commit()}, out_dir / "best.pt")
-        save_epoch(out_dir, row, LOG_COLUMNS, checkpoint_state(epoch + 1, 0), plot_training_curve)
+                    writer.save({"model": model.state_dict(), "model_args": model_args, "epoch": epoch + 1,
+                                  "class_names": list(class_names), "config": run_config,
+                                  "val_voc12_map": best_map, "git_commit": git_commit()}, out_dir / "best.pt")
+        save_epoch(writer, out_dir, row, LOG_COLUMNS, checkpoint_state(epoch + 1, 0), plot_training_curve)
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
-        stop_if_requested(stop, device, out_dir, epoch, last_epoch)
+        stop_if_requested(stop, writer, device, out_dir, epoch, last_epoch)
+    writer.wait()
     if is_main_process():
         mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the final model (best.pt: best validation mAP, for reference only)")

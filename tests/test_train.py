@@ -25,6 +25,18 @@ TINY = ["configs/tiny_model.py", "configs/tiny.py"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 # A short, resumable run: 16 images, 2 optimizer steps of 2 accumulated micro-batches per epoch.
 RESUMABLE = TINY + ["--epochs=2", "--batch_size=8", "--micro_batch_size=4", "--num_workers=1"]
+# `python -c SLOW_CHECKPOINT_WRITES script.py --name=value ...`: the script with every checkpoint write held
+# for 2 s before its first byte, a window in which to kill the process while a write is in progress.
+SLOW_CHECKPOINT_WRITES = """
+import runpy, sys, time, torch
+save = torch.save
+def slow_save(*args, **kwargs):
+    time.sleep(2)
+    save(*args, **kwargs)
+torch.save = slow_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def train_command(data_dir, out_dir, *overrides):
@@ -83,6 +95,41 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, referen
     assert "resumed from" in result.stdout
     assert_same_weights(final_weights(out_dir), final_weights(reference_run))
     assert list(pd.read_csv(out_dir / "log.csv")["epoch"]) == [1, 2]
+
+
+def test_training_goes_on_while_last_pt_is_written_and_a_kill_then_keeps_the_previous_one(data_dir, reference_run,
+                                                                                           tmp_path):
+    out_dir = tmp_path / "killed_while_saving"
+    command = [sys.executable, "-c", SLOW_CHECKPOINT_WRITES, *train_command(data_dir, out_dir, *RESUMABLE)[1:]]
+    process = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    # Epoch 2's line comes once its last.pt is handed to the writer: the kill lands while that write waits.
+    for line in process.stdout:
+        if line.startswith("epoch 2 |"):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.communicate(timeout=300)
+    killed_at = torch.load(out_dir / "last.pt", weights_only=True)
+    assert (killed_at["epoch"], killed_at["step"]) == (1, 0), "epoch 2's last.pt must still be in the writer"
+    assert not (out_dir / "done").exists()
+
+    result = run_train(data_dir, out_dir, *RESUMABLE)
+    assert "resumed from" in result.stdout
+    assert_same_weights(final_weights(out_dir), final_weights(reference_run))
+
+
+def test_done_appears_only_once_the_final_last_pt_is_on_disk(data_dir, tmp_path):
+    out_dir = tmp_path / "slow_writes"
+    command = [sys.executable, "-c", SLOW_CHECKPOINT_WRITES,
+               *train_command(data_dir, out_dir, *RESUMABLE, "--epochs=1")[1:]]
+    process = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out_dir / "done").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert (out_dir / "done").exists()
+    assert torch.load(out_dir / "last.pt", weights_only=True)["epoch"] == 1
+    assert process.wait(timeout=300) == 0
 
 
 def test_sigterm_saves_the_step_and_resume_is_exact(data_dir, reference_run, tmp_path):
@@ -304,6 +351,16 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_temporary_and_says_disk_f
         save_checkpoint({"step": 2, "weights": torch.zeros(100_000)}, path)
     assert not (tmp_path / "last.pt.tmp").exists()
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_a_failed_background_write_ends_the_run_with_one_error_line(data_dir, tmp_path):
+    out_dir = tmp_path / "full"
+    out_dir.mkdir()
+    (out_dir / "last.pt.tmp").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    result = run_train(data_dir, out_dir, *RESUMABLE, "--epochs=1", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: disk full while saving {out_dir / 'last.pt'}"), result.stderr
+    assert not (out_dir / "done").exists() and not (out_dir / "last.pt").exists()
 
 
 def test_an_unreadable_image_stops_the_run_before_training_naming_the_file(tmp_path):

@@ -1,7 +1,10 @@
-"""Training checkpoints: written atomically, read safely (weights_only), checked against the config."""
+"""Training checkpoints: written atomically (in the background while training goes on), read safely
+(weights_only), checked against the config."""
+import copy
 import errno
 import os
 import subprocess
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -53,6 +56,46 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             raise CheckpointError(f"disk full while saving {path} ({kept}): free some space on that disk, "
                                   f"or choose another out_dir, and rerun to resume.") from error
         raise CheckpointError(f"cannot save {path} ({error}); {kept}.") from error
+
+
+class CheckpointWriter:
+    """Writes checkpoints with save_checkpoint in a background thread, one at a time, so that training goes
+    on while a file of gigabytes reaches the disk.
+
+    `save` returns once the state is copied to host memory: training may then change its tensors in place.
+    A failed write raises its CheckpointError at the next `save` or `wait`; call `wait` before anything that
+    needs the file complete (the `done` marker, leaving the process).
+    """
+
+    def __init__(self):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future | None = None
+
+    def save(self, state: dict, path: str | Path) -> None:
+        self.wait()  # one host copy at a time: the state of a large model takes gigabytes
+        self._pending = self._executor.submit(save_checkpoint, _host_copy(state), path)
+
+    def wait(self) -> None:
+        """Block until the last save is on disk; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+def _host_copy(value):
+    """`value` with every tensor in its dicts, lists and tuples copied to the CPU: on a CPU the state's
+    tensors are the model's own, which the next optimizer step changes in place."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        copied = copy.copy(value)  # the same type and attributes: a state_dict's OrderedDict carries _metadata
+        copied.update((key, _host_copy(item)) for key, item in value.items())
+        return copied
+    if isinstance(value, list):
+        return [_host_copy(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(_host_copy(item) for item in value)
+    return value
 
 
 def _is_disk_full(error: BaseException | None) -> bool:

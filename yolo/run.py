@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from yolo.checkpoint import save_checkpoint
-from yolo.distributed import any_process, backend, cleanup, is_main_process
+from yolo.checkpoint import CheckpointWriter
+from yolo.distributed import any_process, backend, barrier, cleanup, is_main_process
 from yolo.optim import build_optimizer
 
 
@@ -62,7 +62,8 @@ def append_log(path: Path, row: dict, columns: tuple[str, ...]) -> None:
 
 
 def mark_finished(out_dir: Path, epochs: int) -> None:
-    """out_dir/done: the file the Makefile waits for; it exists only once last.pt is the final model."""
+    """out_dir/done: the file the Makefile waits for; it exists only once last.pt is the final model, complete
+    on disk (after CheckpointWriter.wait)."""
     (out_dir / "done").write_text(json.dumps({"epochs": epochs, "checkpoint": "last.pt"}) + "\n")
 
 
@@ -139,13 +140,15 @@ def training_wrapper(model: torch.nn.Module, device: torch.device, local_rank: i
     return torch.compile(train_model) if compile else train_model
 
 
-def save_epoch(out_dir: Path, row: dict, columns: tuple[str, ...], state: dict, plot_curve) -> None:
-    """On rank 0: the epoch's log.csv row, last.pt, and after a validation `plot_curve(log.csv, png)`; a figure
-    that cannot be written is a warning (log.csv holds its numbers), not a reason to stop the run."""
+def save_epoch(writer: CheckpointWriter, out_dir: Path, row: dict, columns: tuple[str, ...], state: dict,
+               plot_curve) -> None:
+    """On rank 0: the epoch's log.csv row, last.pt (written in the background), and after a validation
+    `plot_curve(log.csv, png)`; a figure that cannot be written is a warning (log.csv holds its numbers), not a
+    reason to stop the run."""
     if not is_main_process():
         return
     append_log(out_dir / "log.csv", row, columns)
-    save_checkpoint(state, out_dir / "last.pt")
+    writer.save(state, out_dir / "last.pt")
     if row["val_loss"]:
         try:
             plot_curve(out_dir / "log.csv", out_dir / "training_curve.png")
@@ -153,10 +156,21 @@ def save_epoch(out_dir: Path, row: dict, columns: tuple[str, ...], state: dict, 
             say(f"warning: cannot write {out_dir / 'training_curve.png'} ({error.strerror or error})")
 
 
-def stop_if_requested(stop: StopRequest, device: torch.device, out_dir: Path, epoch: int, last_epoch: bool) -> None:
+def stop_if_requested(stop: StopRequest, writer: CheckpointWriter, device: torch.device, out_dir: Path, epoch: int,
+                      last_epoch: bool) -> None:
     """After a saved epoch: exit when any process was asked to stop (all of them agree), unless the run ends
     anyway."""
     if any_process(stop(), device) and not last_epoch:
-        say(f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same command to resume")
-        cleanup()
-        sys.exit(stop.exit_code())
+        exit_for_stop(stop, writer, f"saved {out_dir / 'last.pt'} at the end of epoch {epoch + 1}: rerun the same "
+                                    f"command to resume")
+
+
+def exit_for_stop(stop: StopRequest, writer: CheckpointWriter, message: str) -> None:
+    """Every process's exit on a stop request, once rank 0's last checkpoint is on disk: all wait for it at a
+    barrier, since one that exits first makes torchrun end the others. A failed write raises its
+    CheckpointError instead."""
+    writer.wait()
+    say(message)
+    barrier()
+    cleanup()
+    sys.exit(stop.exit_code())
