@@ -11,7 +11,7 @@ SHELL := bash
 MAKEFLAGS += --warn-undefined-variables --no-builtin-rules
 
 PYTHON ?= python3## interpreter that creates the virtual environment
-VENV ?= .venv## virtual environment (point it at a conda env to use that instead)
+VENV ?= .venv## Python environment (a conda env: VENV=$CONDA_PREFIX); make gpu-check installs nothing into a given one
 PROTOCOL ?= voc2012val## voc2012val (the seed's) or voc2007test (the paper's)
 NPROC ?= 1## GPUs to train on (torchrun when more than 1)
 FORCE_CPU ?= 0## 1: let `make reproduce` train on a CPU (months)
@@ -22,7 +22,8 @@ VOC_DEADLINE ?= 14400## seconds one VOC archive may take to download before givi
 README ?= README.md## the file whose results table `make table` regenerates
 IMAGENET_DIR ?=## classification set for make pretrain-darknet: train/ and val/, one folder per class
 
-PY := $(VENV)/bin/python
+# A system prefix (VENV=/usr) may have python3 alone.
+PY := $(firstword $(wildcard $(VENV)/bin/python) $(VENV)/bin/python3)
 INSTALLED := $(VENV)/.installed-requirements
 PACKAGE := $(wildcard yolo/*.py)
 RESULTS := results
@@ -156,10 +157,11 @@ reproduce: check-gpu ## download, train both models, evaluate, benchmark, table 
 	$(MAKE) benchmark
 	$(MAKE) table
 
-# A VENV given on the command line (or in the environment) is used as it is: nothing is installed into it.
+# A VENV given on the command line (or in the environment) is used as it is, nothing installed into it: a GPU
+# machine's own environment runs the check unchanged.
 GPU_CHECK_ENV := $(if $(filter command line environment,$(origin VENV)),,$(INSTALLED))
 
-gpu-check: | $(GPU_CHECK_ENV) ## exercise every CUDA path on a small synthetic set (one GPU, <= 8 min) into results/gpu/
+gpu-check: | $(GPU_CHECK_ENV) ## exercise every CUDA path on a small synthetic set (one GPU, <= 8 min) into results/gpu/; in this python3, installing nothing: make gpu-check VENV=$(python3 -c 'import sys; print(sys.prefix)')
 	$(PY) gpu_check.py --out_dir=$(GPU_RESULTS)
 
 # --- demo

@@ -1,8 +1,23 @@
-"""gpu_check.py's runner, which needs no GPU: one row per check on disk as soon as that check ends, and a failing
-check does not stop the ones after it. (Its refusal without CUDA is tested with the Makefile in test_make_chain.)"""
+"""gpu_check.py's parts that need no GPU: the runner (one row per check on disk as soon as that check ends, and a
+failing check does not stop the ones after it), the plan and its budget, the commands the checks run, the batch
+the in-process checks train on, and the command line. (Its refusal without CUDA is tested with the Makefile in
+test_make_chain.)"""
 import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 import gpu_check
+import yolo.photometric
+from yolo.config import resolve_config
+from yolo.engine import detection_loss
+from yolo.model import YOLOv1
+from yolo.photometric import MAX_COLOUR_FACTOR
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def read_rows(path):
@@ -57,3 +72,105 @@ def test_an_unexpected_exception_is_a_failed_check_with_its_traceback(tmp_path, 
     printed = capsys.readouterr()
     assert "Traceback" in printed.err and "len(None)" in printed.err
     assert printed.out.splitlines()[0].startswith("FAIL  missing api")
+
+
+def default_config(tmp_path):
+    return resolve_config(vars(gpu_check), [f"--work_dir={tmp_path}"], rules=gpu_check.RULES)
+
+
+def test_the_plan_covers_the_recipe_paths_in_order_within_the_budget(tmp_path):
+    plan = gpu_check.planned_checks(default_config(tmp_path))
+    assert list(plan) == [
+        "synthetic data", "benchmark forward/end_to_end/train_step", "benchmark loader 8 workers",
+        "benchmark loader 16 workers", "training steps without host sync, bf16",
+        "training steps without host sync, fp16 overflowing", "bf16 training", "fp16 + GradScaler", "torchrun nccl",
+        "SIGTERM then resume", "evaluate.py", "fused AdamW, fast backbone", "cache_images, darknet backbone",
+        "pretrain.py", "compile"]
+    assert sum(seconds for _, seconds in plan.values()) <= gpu_check.BUDGET <= 8 * 60
+
+
+def commands_of(check, config, monkeypatch):
+    """The commands `check` would run (recorded, not run), up to the first result file it reads."""
+    issued = []
+
+    def record(name, command, config):
+        issued.append(command)
+        return "train.py on 1 process(es) in a nccl process group\nresumed from last.pt"
+
+    monkeypatch.setattr(gpu_check, "run", record)
+    try:
+        check(config, {})
+    except FileNotFoundError:  # the run's last.pt or log.csv: nothing ran
+        pass
+    return issued
+
+
+def test_every_training_run_accumulates_micro_batches_of_4_into_steps_of_16(tmp_path, monkeypatch):
+    config = default_config(tmp_path)
+    plan = gpu_check.planned_checks(config)
+    commands = {name: commands_of(plan[name][0], config, monkeypatch)
+                for name in ("bf16 training", "fp16 + GradScaler", "torchrun nccl", "fused AdamW, fast backbone",
+                             "cache_images, darknet backbone", "pretrain.py", "compile")}
+    for name, issued in commands.items():
+        training = [command for command in issued if {"train.py", "pretrain.py"} & set(command)]
+        assert training, name
+        for command in training:
+            assert "--batch_size=16" in command and "--micro_batch_size=4" in command, (name, command)
+    assert {"--optimizer=adamw", "--backbone=fast", "--pretrained=false"} <= set(
+        commands["fused AdamW, fast backbone"][0])
+    assert {"--cache_images=true", "--backbone=darknet", "--pretrained=false"} <= set(
+        commands["cache_images, darknet backbone"][0])
+    assert {"pretrain.py", "--backbone=darknet"} <= set(commands["pretrain.py"][0])
+
+
+def test_torchrun_starts_a_process_per_gpu_up_to_two(tmp_path, monkeypatch):
+    config = default_config(tmp_path)
+    for gpus, processes in ((1, 1), (2, 2), (8, 2)):
+        monkeypatch.setattr(gpu_check.torch.cuda, "device_count", lambda: gpus)
+        command = commands_of(gpu_check.check_torchrun, config, monkeypatch)[0]
+        assert f"--nproc_per_node={processes}" in command, command
+
+
+def test_a_loader_batch_reaches_the_model_colour_jittered(monkeypatch):
+    """What the host-sync checks train on: a uint8 micro-batch that the training loss takes as train.py's loader
+    gives it, with each image's colour factors, so that the on-device jitter runs in those checks."""
+    jittered = []
+
+    def record_jitter(images, factors):
+        jittered.append(factors)
+        return images
+
+    monkeypatch.setattr(yolo.photometric, "jitter_colours_", record_jitter)
+    config = {"micro_batch_size": 2, "image_size": 224}
+    batch = gpu_check.loader_batch(config, torch.device("cpu"))
+    assert batch[0].dtype == torch.uint8 and batch[0].shape == (2, 3, 224, 224)
+    model = YOLOv1("resnet18", image_size=224, head_channels=8, fc_dim=16)
+    terms, images = detection_loss(model, batch, loss_weights=gpu_check.LOSS_WEIGHTS, device=torch.device("cpu"),
+                                   dtype=torch.float32)
+    assert images == 2 and all(torch.isfinite(value) for value in terms.values())
+    assert len(jittered) == 1 and jittered[0].shape == (2, 2)
+    assert ((jittered[0] >= 1 / MAX_COLOUR_FACTOR) & (jittered[0] <= MAX_COLOUR_FACTOR)).all()
+
+
+def test_non_finite_state_names_the_weights_and_momentum_holding_nan_or_inf():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(3, 2)).sum().backward()
+    optimizer.step()
+    assert gpu_check.non_finite_state(model, optimizer) == []
+    optimizer.state[model[0].bias]["momentum_buffer"][0] = float("nan")
+    with torch.no_grad():
+        model[0].weight[1, 0] = float("inf")
+    model[1].running_var[0] = float("nan")
+    assert gpu_check.non_finite_state(model, optimizer) == ["0.weight", "1.running_var", "0.bias momentum_buffer"]
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("--help", "error: '--help': overrides are written --name=value"),
+    ("--micro_batch_size=0", "error: --micro_batch_size=0: must be at least 1"),
+    ("--sync_check_steps=1", "error: --sync_check_steps=1: must be at least 2")])
+def test_a_bad_command_line_is_one_error_line(argument, message):
+    result = subprocess.run([sys.executable, "gpu_check.py", argument], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and result.stderr.startswith(message)
+    assert "Traceback" not in result.stderr and result.stdout == ""

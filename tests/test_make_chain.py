@@ -123,6 +123,46 @@ def test_gpu_check_without_a_gpu_stops_at_once_and_installs_nothing(tmp_path):
     assert not (tmp_path / "gpu").exists() and not (environment / ".installed-requirements").exists()
 
 
+def dry_run(*arguments, environment=None):
+    """What make would run (make -n runs none of it), with no make variables inherited from a calling make."""
+    result = subprocess.run(["make", "-n", "--no-print-directory", *arguments], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "MAKEFLAGS": "", **(environment or {})})
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("interpreters, used", [(("python", "python3"), "python"), (("python3",), "python3")])
+def test_gpu_check_in_a_given_environment_only_runs_gpu_check_in_it(tmp_path, interpreters, used):
+    """An environment without the install stamp, given as VENV on the command line or in the environment:
+    make gpu-check runs gpu_check.py with its interpreter and nothing else, while make test, which fills a
+    VENV, shows its pip command in the same dry run. A system prefix may have python3 alone."""
+    environment = tmp_path / "given-env"
+    (environment / "bin").mkdir(parents=True)
+    for name in interpreters:
+        (environment / "bin" / name).touch()
+    only_the_check = [f"{environment}/bin/{used} gpu_check.py --out_dir=results/gpu"]
+    assert dry_run("gpu-check", f"VENV={environment}") == only_the_check
+    assert dry_run("gpu-check", environment={"VENV": str(environment)}) == only_the_check
+    assert any(" -m pip install " in command for command in dry_run("test", f"VENV={environment}"))
+
+
+def test_make_help_says_how_to_run_gpu_check_in_this_python_installing_nothing():
+    output = subprocess.run(["make", "help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    instruction = "make gpu-check VENV=$(python3 -c 'import sys; print(sys.prefix)')"
+    assert instruction in next(line for line in output.splitlines() if line.startswith("  gpu-check "))
+    assert "make gpu-check installs nothing into a given one" in next(
+        line for line in output.splitlines() if line.startswith("  VENV="))
+    # The instruction as a shell runs it: this machine's python3, and no install.
+    prefix = subprocess.run(["python3", "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    commands = subprocess.run(["bash", "-c", instruction.replace("make ", "make -n --no-print-directory ", 1)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "MAKEFLAGS": ""}).stdout.splitlines()
+    assert len(commands) == 1 and commands[0].endswith(" gpu_check.py --out_dir=results/gpu"), commands
+    interpreter = Path(commands[0].split()[0])
+    assert interpreter.parent == Path(prefix) / "bin" and os.access(interpreter, os.X_OK)
+
+
 @pytest.mark.parametrize("target", ["train-resnet18", "train-darknet", "eval"])
 def test_training_targets_without_a_gpu_stop_before_downloading(target):
     if torch.cuda.is_available():
