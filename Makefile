@@ -11,7 +11,7 @@ SHELL := bash
 MAKEFLAGS += --warn-undefined-variables --no-builtin-rules
 
 PYTHON ?= python3## interpreter that creates the virtual environment
-VENV ?= .venv## Python environment (a conda env: VENV=$CONDA_PREFIX); make gpu-check installs nothing into a given one
+VENV ?= .venv## Python environment; one given here is used as it is (nothing installed) by every target but test
 PROTOCOL ?= voc2012val## voc2012val (the seed's) or voc2007test (the paper's)
 NPROC ?= 1## GPUs to train on (torchrun when more than 1)
 FORCE_CPU ?= 0## 1: let `make reproduce` train on a CPU (months)
@@ -19,12 +19,19 @@ VOC_MIRROR ?=## base URL of a mirror serving the VOC .tar files
 VOC_ARCHIVES_DIR ?=## folder already holding the VOC .tar files (verified, not downloaded)
 VOC_STALL_TIMEOUT ?= 60## seconds without a byte before the VOC download gives up on a host
 VOC_DEADLINE ?= 14400## seconds one VOC archive may take to download before giving up (0: no limit)
+VOC_CHECKSUMS ?=## file of "md5  archive" lines (md5sum's format) that replace the official VOC checksums
+VOC_DATA ?= data## folder of the VOC archives/ and VOCdevkit/
+VOC_MODEL ?=## model preset of the VOC runs and of make benchmark (empty: the paper's 448 px model)
+VOC_CONFIG ?=## recipe presets of the VOC runs, read before the protocol (empty: the paper's recipe)
+BENCHMARK_SETTINGS ?=## benchmark.py settings added to make benchmark's (e.g. --iters=3)
 README ?= README.md## the file whose results table `make table` regenerates
 IMAGENET_DIR ?=## classification set for make pretrain-darknet: train/ and val/, one folder per class
 
 # A system prefix (VENV=/usr) may have python3 alone.
 PY := $(firstword $(wildcard $(VENV)/bin/python) $(VENV)/bin/python3)
 INSTALLED := $(VENV)/.installed-requirements
+# What the targets that run the project need: the pinned install, unless VENV names an environment to use as it is.
+ENV_READY := $(if $(filter command line environment,$(origin VENV)),,$(INSTALLED))
 PACKAGE := $(wildcard yolo/*.py)
 RESULTS := results
 GPU_RESULTS := $(RESULTS)/gpu
@@ -36,7 +43,7 @@ TRAIN_CMD := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --st
 
 # --- the VOC reproduction (CUDA)
 VOC_ARCHIVES := VOCtrainval_06-Nov-2007.tar VOCtest_06-Nov-2007.tar VOCtrainval_11-May-2012.tar
-VOC_MARKERS := $(addprefix data/archives/,$(addsuffix .extracted,$(VOC_ARCHIVES)))
+VOC_MARKERS := $(addprefix $(VOC_DATA)/archives/,$(addsuffix .extracted,$(VOC_ARCHIVES)))
 VOC_MODELS := resnet18 resnet50
 VOC_DONE := $(foreach m,$(VOC_MODELS),$(RUNS)/$(m)_$(PROTOCOL)/done)
 VOC_EVALS := $(foreach m,$(VOC_MODELS),$(STAMPS)/eval-$(m)_$(PROTOCOL))
@@ -87,9 +94,11 @@ download: $(VOC_MARKERS) ## download, verify and extract VOC2007 trainval/test a
 
 # The markers are written once an archive is verified and fully extracted; an edited download script
 # need not invalidate the data (and everything trained on it), hence order-only.
-$(VOC_MARKERS) &: | data/download_voc.py $(INSTALLED)
-	$(PY) data/download_voc.py --data-dir data $(if $(VOC_MIRROR),--mirror $(call quote,$(VOC_MIRROR))) \
+$(VOC_MARKERS) &: | data/download_voc.py $(ENV_READY)
+	$(PY) data/download_voc.py --data-dir $(call quote,$(VOC_DATA)) \
+		$(if $(VOC_MIRROR),--mirror $(call quote,$(VOC_MIRROR))) \
 		$(if $(VOC_ARCHIVES_DIR),--archives-dir $(call quote,$(VOC_ARCHIVES_DIR))) \
+		$(if $(VOC_CHECKSUMS),--checksums $(call quote,$(VOC_CHECKSUMS))) \
 		--stall-timeout $(call quote,$(VOC_STALL_TIMEOUT)) --deadline $(call quote,$(VOC_DEADLINE))
 
 NO_GPU_MESSAGE := error: no CUDA GPU found. The full reproduction trains two 256-282 M parameter models for 145 \
@@ -97,15 +106,20 @@ NO_GPU_MESSAGE := error: no CUDA GPU found. The full reproduction trains two 256
 	0.9 images/s (2.4 M images: about a month for resnet18 alone). Run make demo for the CPU \
 	demonstration, or set FORCE_CPU=1 to train on the CPU anyway.
 
-check-gpu: | $(INSTALLED)
+check-gpu: | $(ENV_READY)
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or '$(FORCE_CPU)' == '1' \
 		else '$(NO_GPU_MESSAGE)')"
 
 # The data comes from the recipe, not a prerequisite, so that no GPU means a refusal before a 2.8 GB
-# download, even under make -j.
-$(RUNS)/%_$(PROTOCOL)/done: train.py $(PACKAGE) | check-gpu
+# download, even under make -j. A deleted last.pt retrains that model: the rule below (explicit, so
+# that make neither deletes the files as intermediate ones nor ignores their absence) makes a missing
+# one count as new.
+$(RUNS)/%_$(PROTOCOL)/done: train.py $(PACKAGE) $(VOC_MODEL) $(VOC_CONFIG) $(RUNS)/%_$(PROTOCOL)/last.pt \
+		| check-gpu
 	$(MAKE) --no-print-directory download
-	$(TRAIN_CMD) train.py --backbone=$* --protocol=$(PROTOCOL) --out_dir=$(@D)
+	$(TRAIN_CMD) train.py $(VOC_MODEL) $(VOC_CONFIG) --backbone=$* --protocol=$(PROTOCOL) \
+		--data_dir=$(call quote,$(VOC_DATA)) --out_dir=$(@D)
+$(foreach m,$(VOC_MODELS),$(RUNS)/$(m)_$(PROTOCOL)/last.pt): ;
 
 train-resnet18: $(RUNS)/resnet18_$(PROTOCOL)/done ## train YOLOv1-ResNet18 with the paper's recipe (resumes)
 train-resnet50: $(RUNS)/resnet50_$(PROTOCOL)/done ## train YOLOv1-ResNet50 with the paper's recipe (resumes)
@@ -123,7 +137,7 @@ pretrain-darknet: $(PRETRAIN_DARKNET)/done ## pretrain Darknet's 20 convolutions
 train-darknet: check-gpu | $(PRETRAIN_DARKNET)/done ## train the paper's Darknet detector from its pretrained backbone (CUDA, resumes)
 	$(MAKE) --no-print-directory download
 	$(TRAIN_CMD) train.py --backbone=darknet --pretrained=false --backbone_weights=$(PRETRAIN_DARKNET)/last.pt \
-		--protocol=$(PROTOCOL) --out_dir=$(RUNS)/darknet_$(PROTOCOL)
+		--protocol=$(PROTOCOL) --data_dir=$(call quote,$(VOC_DATA)) --out_dir=$(RUNS)/darknet_$(PROTOCOL)
 
 $(STAMPS)/eval-%_$(PROTOCOL): $(RUNS)/%_$(PROTOCOL)/done evaluate.py $(PACKAGE)
 	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --out_dir=$(RESULTS)
@@ -133,23 +147,24 @@ $(STAMPS)/eval-%_$(PROTOCOL): $(RUNS)/%_$(PROTOCOL)/done evaluate.py $(PACKAGE)
 eval: $(VOC_EVALS) ## evaluate the final checkpoints into results/metrics.csv and figures
 
 # One stamp per kind of device: its rows replace only their own in results/benchmark.csv.
-benchmark: | $(INSTALLED) ## time both models at 448 px on this machine's GPU (else CPU) into results/benchmark.csv
+benchmark: | $(ENV_READY) ## time both models at 448 px on this machine's GPU (else CPU) into results/benchmark.csv
 	$(MAKE) --no-print-directory $(STAMPS)/benchmark-$$($(PY) -c \
 		"import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 
 # On CUDA: batch 1 and 64 in fp32, bf16 and fp16.
-$(STAMPS)/benchmark-cuda: benchmark.py $(PACKAGE) | $(INSTALLED)
-	$(PY) benchmark.py --device=cuda --batch_sizes=1,64 --out=$(RESULTS)/benchmark.csv
-	mkdir -p $(@D) && touch $@
-
-# On a CPU: batch 1 and 8 in fp32, fewer runs (a 448 x 448 batch of 8 takes seconds there).
-$(STAMPS)/benchmark-cpu: benchmark.py $(PACKAGE) | $(INSTALLED)
-	$(PY) benchmark.py --device=cpu --batch_sizes=1,8 --dtypes=fp32 --warmup=1 --iters=5 \
+$(STAMPS)/benchmark-cuda: benchmark.py $(PACKAGE) $(VOC_MODEL) | $(ENV_READY)
+	$(PY) benchmark.py $(VOC_MODEL) --device=cuda --batch_sizes=1,64 $(BENCHMARK_SETTINGS) \
 		--out=$(RESULTS)/benchmark.csv
 	mkdir -p $(@D) && touch $@
 
+# On a CPU: batch 1 and 8 in fp32, fewer runs (a 448 x 448 batch of 8 takes seconds there).
+$(STAMPS)/benchmark-cpu: benchmark.py $(PACKAGE) $(VOC_MODEL) | $(ENV_READY)
+	$(PY) benchmark.py $(VOC_MODEL) --device=cpu --batch_sizes=1,8 --dtypes=fp32 --warmup=1 --iters=5 \
+		$(BENCHMARK_SETTINGS) --out=$(RESULTS)/benchmark.csv
+	mkdir -p $(@D) && touch $@
+
 # Reads the CSVs whatever their times, and runs nothing that writes them.
-table: | $(INSTALLED) ## regenerate the README results table and figures from the committed CSV files
+table: | $(ENV_READY) ## regenerate the README results table and figures from the committed CSV files
 	$(PY) table.py --readme=$(README) --results=$(RESULTS) --demo_results=$(DEMO_RESULTS) --gpu_results=$(GPU_RESULTS)
 
 reproduce: check-gpu ## download, train both models, evaluate, benchmark, table (CUDA)
@@ -157,15 +172,12 @@ reproduce: check-gpu ## download, train both models, evaluate, benchmark, table 
 	$(MAKE) benchmark
 	$(MAKE) table
 
-# A VENV given on the command line (or in the environment) is used as it is, nothing installed into it: a GPU
-# machine's own environment runs the check unchanged.
-GPU_CHECK_ENV := $(if $(filter command line environment,$(origin VENV)),,$(INSTALLED))
-
-gpu-check: | $(GPU_CHECK_ENV) ## exercise every CUDA path on a small synthetic set (one GPU, <= 8 min) into results/gpu/; in this python3, installing nothing: make gpu-check VENV=$(python3 -c 'import sys; print(sys.prefix)')
+# A GPU machine's own environment, given as VENV, runs the check unchanged.
+gpu-check: | $(ENV_READY) ## exercise every CUDA path on a small synthetic set (one GPU, <= 8 min) into results/gpu/; in this python3, installing nothing: make gpu-check VENV=$(python3 -c 'import sys; print(sys.prefix)')
 	$(PY) gpu_check.py --out_dir=$(GPU_RESULTS)
 
 # --- demo
-$(DEMO_DATA)/classes.txt: data/make_synthetic.py | $(INSTALLED)
+$(DEMO_DATA)/classes.txt: data/make_synthetic.py | $(ENV_READY)
 	$(PY) data/make_synthetic.py --out $(DEMO_DATA) --train $(DEMO_TRAIN_IMAGES) --val $(DEMO_VAL_IMAGES) --seed 0 \
 		--difficulty easy
 
@@ -183,7 +195,7 @@ $(DEMO_STAMPS)/eval-%: $(DEMO_RUNS)/%/done evaluate.py $(PACKAGE)
 	cp $(<D)/log.csv $(DEMO_RESULTS)/$*_log.csv
 	mkdir -p $(@D) && touch $@
 
-$(DEMO_STAMPS)/benchmark: benchmark.py $(PACKAGE) $(DEMO_MODEL) | $(INSTALLED)
+$(DEMO_STAMPS)/benchmark: benchmark.py $(PACKAGE) $(DEMO_MODEL) | $(ENV_READY)
 	$(PY) benchmark.py $(DEMO_MODEL) --device=cpu --backbones=resnet18,resnet50 --batch_sizes=1,8 --dtypes=fp32 \
 		$(DEMO_BENCHMARK) --out=$(DEMO_RESULTS)/benchmark.csv
 	mkdir -p $(@D) && touch $@

@@ -1,6 +1,6 @@
 """Download, verify and extract PASCAL VOC2007 trainval, VOC2007 test and VOC2012 trainval.
 
-    python data/download_voc.py --data-dir data [--mirror URL] [--archives-dir DIR]
+    python data/download_voc.py --data-dir data [--mirror URL] [--archives-dir DIR] [--checksums FILE]
                                 [--stall-timeout SECONDS] [--deadline SECONDS]
 
 Archives go to <data-dir>/archives/ and are extracted into <data-dir>/ (VOCdevkit/VOC2007, VOCdevkit/VOC2012).
@@ -13,7 +13,9 @@ half-extracted one is redone. The .tar files may be deleted after extraction; ke
 The historical host is often down: --mirror URL (or the VOC_MIRROR environment variable) names another
 base URL serving the same file names, and --archives-dir DIR uses .tar files you already have. A host
 that sends nothing for --stall-timeout seconds, or has not delivered an archive within --deadline
-seconds, is given up on; the .part file stays, and a rerun resumes from it.
+seconds, is given up on; the .part file stays, and a rerun resumes from it. --checksums FILE replaces the
+official MD5s by the lines of FILE (`md5sum`'s format: "<md5>  <archive name>"), for archives of your own
+in the VOC layout, such as a miniature set that rehearses the whole chain.
 """
 import argparse
 import hashlib
@@ -218,6 +220,31 @@ def download_voc(data_dir, archives, mirror=None, archives_dir=None, stall_timeo
     print(f"VOC data ready in {data_dir}")
 
 
+def with_checksums(archives, path):
+    """`archives` with the MD5s that the file at `path` gives (md5sum's "<md5>  <name>" lines) instead of theirs;
+    a file that leaves one out, or names another archive, is a DownloadError."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as error:
+        raise DownloadError(f"cannot read --checksums {path} ({error.strerror or error})") from None
+    checksums = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        md5, _, name = line.strip().partition(" ")
+        name = name.strip().lstrip("*")  # md5sum marks binary mode with a '*'
+        if len(md5) != 32 or not name:
+            raise DownloadError(f"{path}:{number}: expected '<md5>  <archive name>', got {line!r}")
+        checksums[name] = md5.lower()
+    names = [archive.filename for archive in archives]
+    unknown, missing = sorted(set(checksums) - set(names)), [name for name in names if name not in checksums]
+    if unknown or missing:
+        raise DownloadError(f"{path} must give the MD5 of exactly {', '.join(names)}"
+                            + (f"; it lacks {', '.join(missing)}" if missing else "")
+                            + (f"; it also names {', '.join(unknown)}" if unknown else ""))
+    return tuple(archive._replace(md5=checksums[archive.filename]) for archive in archives)
+
+
 def seconds(allow_zero):
     """An argparse type: a number of seconds, above zero (or also zero, where allow_zero)."""
     def parse(text):
@@ -238,6 +265,8 @@ def main(argv=None):
     parser.add_argument("--mirror", default=os.environ.get("VOC_MIRROR"),
                         help="base URL serving the same archive file names (default: $VOC_MIRROR)")
     parser.add_argument("--archives-dir", help="folder holding the .tar files already; no download")
+    parser.add_argument("--checksums", metavar="FILE",
+                        help="md5sum-format file of the archives' MD5s, replacing the official ones")
     parser.add_argument("--stall-timeout", type=seconds(allow_zero=False), default=STALL_TIMEOUT_S,
                         metavar="SECONDS",
                         help=f"give up on a host that sends nothing for this long (default: {STALL_TIMEOUT_S})")
@@ -245,7 +274,8 @@ def main(argv=None):
                         help=f"give up on an archive not downloaded within this; 0: never (default: {DEADLINE_S})")
     args = parser.parse_args(argv)
     try:
-        download_voc(args.data_dir, VOC_ARCHIVES, mirror=args.mirror, archives_dir=args.archives_dir,
+        archives = with_checksums(VOC_ARCHIVES, args.checksums) if args.checksums else VOC_ARCHIVES
+        download_voc(args.data_dir, archives, mirror=args.mirror, archives_dir=args.archives_dir,
                      stall_timeout=args.stall_timeout, deadline=args.deadline)
     except DownloadError as error:
         sys.exit(f"error: {error}")
