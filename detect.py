@@ -23,8 +23,9 @@ import torch
 from yolo.boxes import at_least_one_pixel
 from yolo.checkpoint import CheckpointError, load_model
 from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
-from yolo.data import IMAGE_SUFFIXES, ImageDecodeError, decode_image
+from yolo.data import ImageDecodeError, decode_image
 from yolo.device import DTYPES, inference_dtype, resolve_device
+from yolo.imagecheck import IMAGE_SUFFIXES
 from yolo.inference import Detector
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.visualize import draw_boxes, save_image

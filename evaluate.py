@@ -19,6 +19,7 @@ from yolo.config import at_least, between, format_config, one_of, resolve_config
 from yolo.data import ImageDecodeError, build_dataset, decode_image
 from yolo.device import DTYPES, device_name, inference_dtype, resolve_device
 from yolo.engine import evaluate
+from yolo.formats import DATA_FORMATS
 from yolo.imagecheck import require_readable_images
 from yolo.inference import Detector
 from yolo.metrics import voc_precision_recall
@@ -31,8 +32,10 @@ from yolo.visualize import draw_boxes, save_image
 
 checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint (last.pt is the reported one)
 model_name = ""                # row key in the CSVs; empty: the checkpoint's folder name
-protocol = ""                  # voc2012val | voc2007test | synthetic; empty: the checkpoint's
+protocol = ""                  # voc2012val | voc2007test | custom (synthetic: the same); empty: the checkpoint's
 data_dir = ""                  # dataset folder; empty: the checkpoint's
+data_format = ""               # custom: auto | voc | coco | yolo (yolo/formats.py); empty: the checkpoint's
+val_split = ""                 # custom: the split evaluated; empty: the checkpoint's val_split
 batch_size = 32                # images per forward pass
 num_workers = "auto"           # data-loading processes: auto (the cores less one) | N
 device = "auto"                # auto (cuda if available) | cpu | cuda
@@ -46,10 +49,10 @@ submission = False             # also write the VOC test-server files (comp4_det
 
 RULES = {"device": resolve_device, "batch_size": at_least(1), "num_workers": check_num_workers,
          "dtype": one_of("auto", *DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
-         "max_detections": at_least(1), "num_examples": at_least(0),
+         "max_detections": at_least(1), "num_examples": at_least(0), "data_format": one_of("", "auto", *DATA_FORMATS),
          "out_dir": writable_folder}
 METRIC_COLUMNS = ("voc07_map", "voc12_map", "coco_map", "coco_ap50", "coco_ap75")
-TEST_SPLITS = {"voc2012val": "VOC2012 val", "voc2007test": "VOC2007 test", "synthetic": "synthetic val"}
+TEST_SPLITS = {"voc2012val": "VOC2012 val", "voc2007test": "VOC2007 test"}  # custom: "<protocol> <val_split>"
 # The CSVs written in out_dir, by their columns; rerunning a model replaces its rows (the key), others stay.
 RESULT_CSVS = {
     "metrics.csv": ("model", "backbone", "protocol", "split", "n_images", *METRIC_COLUMNS, "image_size", "dtype",
@@ -101,6 +104,9 @@ def main(config: dict) -> None:
     saved = state["config"]
     protocol_name = config["protocol"] or saved["protocol"]
     data_dir = config["data_dir"] or saved["data_dir"]
+    # Checkpoints saved before these settings existed hold none: their runs read the defaults.
+    data_format = config["data_format"] or saved.get("data_format", "auto")
+    val_split = config["val_split"] or saved.get("val_split", "val")
     model_name = config["model_name"] or checkpoint_path.parent.name
     class_names = state["class_names"]
     out_dir = Path(config["out_dir"])
@@ -112,7 +118,8 @@ def main(config: dict) -> None:
 
     transform = EvalTransform(model.image_size, model.grid_size, model.num_classes)
     try:
-        dataset = build_dataset(protocol_name, data_dir, train=False, transforms=transform, class_names=class_names)
+        dataset = build_dataset(protocol_name, data_dir, train=False, transforms=transform, class_names=class_names,
+                                data_format=data_format, split=val_split)
         require_readable_images([dataset.image_path(index) for index in range(len(dataset))])
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
@@ -132,7 +139,7 @@ def main(config: dict) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     row = {"model": model_name, "backbone": state["model_args"]["backbone"], "protocol": protocol_name,
-           "split": TEST_SPLITS.get(protocol_name, protocol_name), "n_images": len(dataset),
+           "split": TEST_SPLITS.get(protocol_name, f"{protocol_name} {val_split}"), "n_images": len(dataset),
            **{name: round(float(metrics[name]), 6) for name in METRIC_COLUMNS},
            "image_size": model.image_size, "dtype": str(detector.dtype).removeprefix("torch."),
            "checkpoint": str(checkpoint_path), "epoch": state.get("epoch"),

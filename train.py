@@ -26,7 +26,8 @@ from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import backend, barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, evaluate, train_one_epoch
-from yolo.imagecheck import require_readable_images
+from yolo.formats import CLASS_LIST_ADVICE, DATA_FORMATS
+from yolo.imagecheck import LEAVE_OUT_OF_SPLIT, require_readable_images
 from yolo.inference import Detector
 from yolo.model import BACKBONES, YOLOv1
 from yolo.optim import OPTIMIZERS, load_optimizer_state
@@ -48,8 +49,11 @@ head_channels = 1024           # width of the head's convolutions (paper: 1024)
 fc_dim = 4096                  # width of the hidden fully connected layer (paper: 4096)
 zero_init_residual = False     # from scratch: each ResNet block starts as the identity (its last BatchNorm at 0)
 # --- data
-protocol = "voc2012val"        # voc2012val | voc2007test | synthetic
-data_dir = "data"              # folder holding VOCdevkit/, or the synthetic set's VOC-layout folder
+protocol = "voc2012val"        # voc2012val | voc2007test | custom: your own data_dir (synthetic: the same)
+data_dir = "data"              # folder holding VOCdevkit/, or (custom) the dataset's folder
+data_format = "auto"           # custom: auto (the layout data_dir holds) | voc | coco | yolo, see yolo/formats.py
+train_split = "train"          # custom: the split trained on
+val_split = "val"              # custom: the split validated on (and evaluated by evaluate.py)
 use_difficult = True           # keep objects marked difficult in the training targets (the seed did)
 augment = True                 # the paper's augmentation; false: resize only (for overfitting checks)
 num_workers = "auto"           # loading processes per training process: auto (its share of the cores, less one) | N
@@ -85,6 +89,7 @@ eval_every = 5                 # validate every N epochs and after the last; 0: 
 RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size": at_least(32),
          "grid_size": at_least(1), "num_boxes": at_least(1), "head_channels": at_least(1), "fc_dim": at_least(1),
          "protocol": one_of(*PROTOCOLS), "num_workers": check_num_workers, "prefetch_factor": at_least(1),
+         "data_format": one_of("auto", *DATA_FORMATS),
          "epochs": at_least(1), "batch_size": at_least(1), "micro_batch_size": at_least(1),
          "optimizer": one_of(*OPTIMIZERS), "lr": at_least(0.0), "warmup_lr": at_least(0.0),
          "warmup_epochs": at_least(0.0), "lr_milestones": at_least(0.0), "lr_gamma": at_least(0.0),
@@ -108,7 +113,7 @@ LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_
 
 def unreadable_image_advice(config: dict) -> str:
     if config["bad_images"] == "skip":
-        return "Replace the unreadable files, or remove their ids from the split lists in ImageSets/Main"
+        return f"Replace the unreadable files, or {LEAVE_OUT_OF_SPLIT}"
     return "Replace the file, or rerun with --bad_images=skip to go on without it"
 
 
@@ -126,7 +131,8 @@ def main(config: dict) -> None:
 
     random.seed(config["seed"])
     torch.manual_seed(config["seed"])
-    train_set = build_dataset(config["protocol"], config["data_dir"], train=True)
+    train_set = build_dataset(config["protocol"], config["data_dir"], train=True, data_format=config["data_format"],
+                              split=config["train_split"])
     train_set.skip_unreadable = config["bad_images"] == "skip"
     class_names = train_set.class_names
     if config["augment"]:
@@ -136,7 +142,7 @@ def main(config: dict) -> None:
         train_set.transforms = EvalTransform(config["image_size"], config["grid_size"], len(class_names))
     val_set = build_dataset(config["protocol"], config["data_dir"], train=False,
                             transforms=EvalTransform(config["image_size"], config["grid_size"], len(class_names)),
-                            class_names=class_names)
+                            class_names=class_names, data_format=config["data_format"], split=config["val_split"])
     val_set.skip_unreadable = config["bad_images"] == "skip"
     require_readable_images([dataset.image_path(index) for dataset in (train_set, val_set)
                              for index in range(len(dataset))])
@@ -187,7 +193,7 @@ def main(config: dict) -> None:
         if list(checkpoint["class_names"]) != list(class_names):
             sys.exit(f"error: {checkpoint_path} was trained on the classes {list(checkpoint['class_names'])}, in "
                      f"that order; the dataset now has {list(class_names)}. Restore the dataset's class list "
-                     f"(classes.txt), or choose another out_dir to start a new run.")
+                     f"({CLASS_LIST_ADVICE}), or choose another out_dir to start a new run.")
         model.load_state_dict(checkpoint["model"])
         if "optimizer" in checkpoint:
             load_optimizer_state(optimizer, checkpoint["optimizer"])

@@ -1,4 +1,4 @@
-"""Generate a small synthetic detection dataset in PASCAL VOC layout.
+"""Generate a small synthetic detection dataset in PASCAL VOC, COCO or YOLO layout.
 
 It exists so the whole pipeline (training, evaluation, benchmark) can be shown working on a CPU in
 minutes. Each class is a distinct shape AND a distinct colour on a desaturated noisy background, objects
@@ -8,19 +8,26 @@ its own generator seeded by (seed, split, index), so `--train 16` is a prefix of
 
     python data/make_synthetic.py --out data/synthetic --train 800 --val 200 --seed 0   (the defaults)
 
-writes Annotations/*.xml, JPEGImages/*.jpg, ImageSets/Main/{train,val}.txt and classes.txt. With
-`--layout imagefolder` it writes a classification set instead (pretrain.py's input): {train,val}/<class>/*.jpg,
-square crops of one shape each.
+writes Annotations/*.xml, JPEGImages/*.jpg, ImageSets/Main/{train,val}.txt and classes.txt. `--layout coco`
+and `--layout yolo` write the same images and boxes in those layouts (yolo/formats.py describes all three; YOLO
+has no difficult flag, so difficult objects are ordinary there). With `--layout imagefolder` it writes a
+classification set instead (pretrain.py's input): {train,val}/<class>/*.jpg, square crops of one shape each.
 Crosses carry a `<part>` (their hub), like VOC person parts, which readers must not take for objects.
 """
 import argparse
+import json
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the yolo package
+from yolo.box_formats import voc_to_coco, voc_to_yolo  # noqa: E402
 
 # (class name, RGB colour): hues far apart and saturated, unlike the grey background.
 CLASSES = (
@@ -201,10 +208,14 @@ def _add_bndbox(parent, box):
         ET.SubElement(bndbox, tag).text = str(value)
 
 
+def save_jpeg(pixels, path):
+    Image.fromarray(pixels).save(path, quality=JPEG_QUALITY)
+
+
 def write_voc_item(root, image_id, pixels, objects):
     """Write one JPEG and its annotation under a VOC-layout root."""
     height, width = pixels.shape[:2]
-    Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.jpg", quality=JPEG_QUALITY)
+    save_jpeg(pixels, root / "JPEGImages" / f"{image_id}.jpg")
     xml = annotation_xml(f"{image_id}.jpg", width, height, objects)
     (root / "Annotations" / f"{image_id}.xml").write_text(xml)
 
@@ -216,9 +227,88 @@ def make_voc_dirs(root):
     return root
 
 
-def generate(out, train=800, val=200, seed=0, difficulty="standard"):
-    """Write the dataset under `out` (created if needed); return {split: [image ids]}."""
-    root = make_voc_dirs(out)
+class VOCWriter:
+    """Annotations/<id>.xml, JPEGImages/<id>.jpg, ImageSets/Main/<split>.txt and classes.txt."""
+
+    def __init__(self, root):
+        self.root = make_voc_dirs(root)
+
+    def add(self, split, image_id, pixels, objects):
+        write_voc_item(self.root, image_id, pixels, objects)
+
+    def end_split(self, split, image_ids):
+        (self.root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in image_ids))
+
+    def end(self):
+        (self.root / "classes.txt").write_text("".join(f"{name}\n" for name in CLASS_NAMES))
+
+
+class COCOWriter:
+    """images/<split>/<id>.jpg and annotations/instances_<split>.json; category ids 1..N as in COCO's files,
+    difficult objects as iscrowd=1."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.images, self.annotations = [], []
+
+    def add(self, split, image_id, pixels, objects):
+        folder = self.root / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        save_jpeg(pixels, folder / f"{image_id}.jpg")
+        height, width = pixels.shape[:2]
+        self.images.append({"id": len(self.images) + 1, "file_name": f"{image_id}.jpg", "width": width,
+                            "height": height})
+        for obj in objects:
+            x, y, w, h = voc_to_coco(np.array([obj["bndbox"]]))[0].tolist()
+            self.annotations.append({"id": len(self.annotations) + 1, "image_id": self.images[-1]["id"],
+                                     "category_id": CLASS_NAMES.index(obj["name"]) + 1, "bbox": [x, y, w, h],
+                                     "area": w * h, "iscrowd": int(obj["difficult"])})
+
+    def end_split(self, split, image_ids):
+        (self.root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (self.root / "annotations").mkdir(exist_ok=True)
+        categories = [{"id": index + 1, "name": name, "supercategory": "shape"}
+                      for index, name in enumerate(CLASS_NAMES)]
+        (self.root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": self.images, "annotations": self.annotations, "categories": categories}))
+        self.images, self.annotations = [], []
+
+    def end(self):
+        pass
+
+
+class YOLOWriter:
+    """images/<split>/<id>.jpg, labels/<split>/<id>.txt (coordinates written in full, so they read back to the
+    same boxes) and data.yaml."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    def add(self, split, image_id, pixels, objects):
+        for folder in ("images", "labels"):
+            (self.root / folder / split).mkdir(parents=True, exist_ok=True)
+        save_jpeg(pixels, self.root / "images" / split / f"{image_id}.jpg")
+        height, width = pixels.shape[:2]
+        rows = voc_to_yolo(np.array([obj["bndbox"] for obj in objects]).reshape(-1, 4), width, height)
+        lines = [f"{CLASS_NAMES.index(obj['name'])} {' '.join(repr(float(value)) for value in row)}\n"
+                 for obj, row in zip(objects, rows)]
+        (self.root / "labels" / split / f"{image_id}.txt").write_text("".join(lines))
+
+    def end_split(self, split, image_ids):
+        (self.root / "images" / split).mkdir(parents=True, exist_ok=True)
+
+    def end(self):
+        (self.root / "data.yaml").write_text(yaml.safe_dump(
+            {"train": "images/train", "val": "images/val", "names": dict(enumerate(CLASS_NAMES))}, sort_keys=False))
+
+
+WRITERS = {"voc": VOCWriter, "coco": COCOWriter, "yolo": YOLOWriter}
+
+
+def generate(out, train=800, val=200, seed=0, difficulty="standard", layout="voc"):
+    """Write the dataset under `out` (created if needed) in `layout` (voc, coco or yolo: the same images and
+    boxes); return {split: [image ids]}."""
+    writer = WRITERS[layout](out)
     splits = {}
     for split, count in (("train", train), ("val", val)):
         ids = []
@@ -227,11 +317,11 @@ def generate(out, train=800, val=200, seed=0, difficulty="standard"):
             width, height = (int(v) for v in rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2))
             pixels, objects = render_image(rng, width, height, DIFFICULTIES[difficulty])
             image_id = f"{split}_{index:06d}"
-            write_voc_item(root, image_id, pixels, objects)
+            writer.add(split, image_id, pixels, objects)
             ids.append(image_id)
-        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        writer.end_split(split, ids)
         splits[split] = ids
-    (root / "classes.txt").write_text("".join(f"{name}\n" for name in CLASS_NAMES))
+    writer.end()
     return splits
 
 
@@ -253,29 +343,29 @@ def generate_classification(out, train=200, val=50, seed=0, size=64):
             w, h = min(w, size), min(h, size)
             x1, y1 = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
             paint_shape(rng, pixels, class_index, (x1, y1, x1 + w - 1, y1 + h - 1))
-            Image.fromarray(pixels).save(out / split / CLASS_NAMES[class_index] / f"{split}_{index:06d}.jpg",
-                                         quality=JPEG_QUALITY)
+            save_jpeg(pixels, out / split / CLASS_NAMES[class_index] / f"{split}_{index:06d}.jpg")
     return {"train": train, "val": val}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="data/synthetic", help="output folder (VOC layout)")
+    parser.add_argument("--out", default="data/synthetic", help="output folder")
     parser.add_argument("--train", type=int, default=800, help="number of training images")
     parser.add_argument("--val", type=int, default=200, help="number of validation images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--difficulty", choices=tuple(DIFFICULTIES), default="standard",
                         help="standard: 1-6 objects, some tiny and difficult; easy: 1-3 larger objects")
-    parser.add_argument("--layout", choices=("voc", "imagefolder"), default="voc",
-                        help="voc: detection set; imagefolder: classification crops of one shape each "
-                             "(train/ and val/, one folder per class), for pretrain.py")
+    parser.add_argument("--layout", choices=(*WRITERS, "imagefolder"), default="voc",
+                        help="voc, coco, yolo: the detection set in that layout (the same images and boxes); "
+                             "imagefolder: classification crops of one shape each (train/ and val/, one folder per "
+                             "class), for pretrain.py")
     parser.add_argument("--size", type=int, default=64, help="side of the imagefolder crops in pixels")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.layout == "imagefolder":
         generate_classification(args.out, args.train, args.val, args.seed, args.size)
     else:
-        generate(args.out, args.train, args.val, args.seed, args.difficulty)
+        generate(args.out, args.train, args.val, args.seed, args.difficulty, args.layout)
     print(f"wrote {args.train} train + {args.val} val images to {args.out} in {time.perf_counter() - start:.1f} s")
 
 

@@ -15,7 +15,7 @@ import pytest
 import download_voc
 import make_synthetic
 from download_voc import DownloadError, download_voc as download
-from yolo.data import VOCDetection
+from yolo.formats import read_splits
 
 SILENCE_S = 5.0
 TRICKLED_BYTES = 100  # at most, so a trickling handler ends soon after the client gave up
@@ -110,8 +110,8 @@ def serve(server):
 
 def assert_extracted(data_dir):
     assert (data_dir / "archives" / f"{NAME}.extracted").is_file()
-    dataset = VOCDetection([(data_dir / "VOCdevkit" / "VOC2007", "train")], make_synthetic.CLASS_NAMES)
-    assert len(dataset) == 3
+    _, samples = read_splits("voc", [(data_dir / "VOCdevkit" / "VOC2007", "train")], make_synthetic.CLASS_NAMES)
+    assert len(samples) == 3
 
 
 def test_download_extract_then_second_run_is_a_noop(tmp_path, server, serve, voc_tar, capsys):

@@ -147,14 +147,15 @@ def test_evaluate_refuses_bad_settings_and_an_empty_split_before_evaluating(over
     blocker.write_text("")
     empty = tmp_path / "empty"
     (empty / "ImageSets/Main").mkdir(parents=True)
-    (empty / "ImageSets/Main/val.txt").write_text("")
+    (empty / "ImageSets/Main/holdout.txt").write_text("")
     (empty / "JPEGImages").mkdir()
     (empty / "classes.txt").write_text((data_dir / "classes.txt").read_text())
     for overrides, message in [
         ([f"--out_dir={blocker}"], "a file is in the way"),
         (["--batch_size=0"], "--batch_size=0: must be at least 1"),
         (["--dtype=fp64"], "--dtype='fp64': must be one of auto, fp32, bf16, fp16"),
-        ([f"--data_dir={empty}", f"--out_dir={tmp_path / 'out'}"], "val.txt list(s) no images"),
+        ([f"--data_dir={empty}", "--val_split=holdout", f"--out_dir={tmp_path / 'out'}"],
+         "holdout.txt lists no images"),
     ]:
         result = run("evaluate.py", checkpoint, *overrides, expect_success=False)
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr

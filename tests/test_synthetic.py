@@ -7,7 +7,8 @@ from pathlib import Path
 from PIL import Image
 
 import make_synthetic
-from yolo.data import build_dataset, read_class_names, read_voc_annotation
+from yolo.data import build_dataset
+from yolo.formats import read_class_names, read_voc_annotation
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "make_synthetic.py"
 

@@ -377,8 +377,8 @@ def test_an_unreadable_image_stops_the_run_before_training_naming_the_file(tmp_p
 
 def test_an_image_that_fails_during_training_is_skipped_and_counted_or_stops_the_run(tmp_path):
     data = tmp_path / "data"
-    make_synthetic.generate(data, train=16, val=2, seed=6)
-    damaged = data / "JPEGImages" / "train_000003.jpg"
+    make_synthetic.generate(data, train=16, val=2, seed=6, layout="yolo")  # the policy holds for every layout
+    damaged = data / "images" / "train" / "train_000003.jpg"
     damaged.write_bytes(damaged.read_bytes()[:2000])  # the header reads, the pixels do not
     settings = [*TINY, "--batch_size=8", "--micro_batch_size=8", "--epochs=1"]
     result = run_train(data, tmp_path / "skip", *settings)
@@ -392,17 +392,20 @@ def test_an_image_that_fails_during_training_is_skipped_and_counted_or_stops_the
 
 def test_an_unreadable_validation_image_costs_no_trained_epoch(tmp_path):
     data = tmp_path / "data"
-    make_synthetic.generate(data, train=8, val=2, seed=7)
-    damaged = data / "JPEGImages" / "val_000001.jpg"
+    make_synthetic.generate(data, train=8, val=2, seed=7, layout="coco")  # with a split of another name
+    (data / "images" / "val").rename(data / "images" / "holdout")
+    (data / "annotations" / "instances_val.json").rename(data / "annotations" / "instances_holdout.json")
+    damaged = data / "images" / "holdout" / "val_000001.jpg"
     damaged.write_bytes(damaged.read_bytes()[:2000])  # the header reads, the pixels do not
     # skipped: alone in its validation batch, the batch is left out
-    result = run_train(data, tmp_path / "skip", *TINY, "--batch_size=8", "--micro_batch_size=1", "--epochs=1")
+    result = run_train(data, tmp_path / "skip", *TINY, "--batch_size=8", "--micro_batch_size=1", "--epochs=1",
+                       "--val_split=holdout")
     assert f"warning: skipped {damaged}" in result.stderr and "Traceback" not in result.stderr
     assert pd.read_csv(tmp_path / "skip" / "log.csv")["val_voc12_map"].notna().all()
 
     out_dir = tmp_path / "error"
     result = run_train(data, out_dir, *TINY, "--batch_size=8", "--micro_batch_size=8", "--epochs=1",
-                       "--bad_images=error", expect_success=False)
+                       "--val_split=holdout", "--bad_images=error", expect_success=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert f"error: validating epoch 1: {damaged}" in result.stderr and "last.pt holds epoch 1" in result.stderr
     assert torch.load(out_dir / "last.pt", weights_only=True)["epoch"] == 1

@@ -1,14 +1,15 @@
-"""PASCAL VOC (and VOC-layout) detection data: annotation parsing, the dataset, and the split protocols.
+"""Detection data: image decoding, the dataset every layout is served by, and the split protocols.
 
-Boxes stay in VOC's own convention here (1-based inclusive pixels, as written in the XML); the
-transforms in `yolo.transforms` convert them to normalised coordinates.
+The annotations come from the readers of `yolo.formats` (VOC, COCO or YOLO layout), all in VOC's box
+convention (1-based inclusive pixels); the transforms in `yolo.transforms` convert them to normalised
+coordinates.
 """
 import io
 import os
 import re
 import sys
 import warnings
-import xml.etree.ElementTree as ET
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,13 +20,15 @@ from PIL import Image
 from torchvision.io import ImageReadMode
 from torchvision.transforms.v2.functional import to_dtype
 
+from yolo.formats import DATA_FORMATS, detect_format, read_splits
+
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
 
 # protocol -> {"train" | "test": [(VOC year folder, split list)]}, as in SPEC section 4.
-PROTOCOLS = {
+VOC_PROTOCOLS = {
     "voc2012val": {
         "train": [("VOC2007", "trainval"), ("VOC2007", "test"), ("VOC2012", "train")],
         "test": [("VOC2012", "val")],
@@ -34,18 +37,11 @@ PROTOCOLS = {
         "train": [("VOC2007", "trainval"), ("VOC2012", "trainval")],
         "test": [("VOC2007", "test")],
     },
-    "synthetic": {"train": [(".", "train")], "test": [(".", "val")]},
 }
-
-MISSING_DATA_HINT = ("run `make download` for VOC (or `python data/make_synthetic.py --out DIR` for a synthetic "
-                     "set, `make demo` for the whole demo), or check data_dir")
-
-# What a folder scan picks up as images; decode_image reads them by content, whatever the extension says.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
-
-
-class AnnotationError(ValueError):
-    """An annotation file that cannot be used; the message names the file and what to do."""
+# Your own data_dir in any layout of yolo.formats; `synthetic` is the name make_synthetic.py's sets were first
+# trained under, kept so their configs and checkpoints still read.
+CUSTOM_PROTOCOLS = ("custom", "synthetic")
+PROTOCOLS = (*VOC_PROTOCOLS, *CUSTOM_PROTOCOLS)
 
 
 class ImageDecodeError(RuntimeError):
@@ -56,58 +52,6 @@ class ImageDecodeError(RuntimeError):
         """The message alone, also when a DataLoader worker raised it (the loader then adds the worker's
         traceback to the message, whose last line is the original)."""
         return str(self).strip().splitlines()[-1].removeprefix(f"{__name__}.ImageDecodeError: ")
-
-
-def _number(element, path, xml_path):
-    text = element.findtext(path)
-    if text is None:
-        raise AnnotationError(f"{xml_path}: missing <{path}>; fix or remove this annotation")
-    try:
-        return float(text)
-    except ValueError:
-        raise AnnotationError(f"{xml_path}: <{path}> is {text!r}, not a number") from None
-
-
-def read_voc_annotation(xml_path, class_names):
-    """Parse one VOC XML file.
-
-    Returns {"boxes": float32 (M, 4) x1, y1, x2, y2 in VOC 1-based inclusive pixels, "labels": int64 (M,),
-    "difficult": bool (M,), "width": int, "height": int}. Only direct `<object>/<bndbox>` elements are
-    objects (`<part>` boxes inside a person are not). Boxes are clipped to [1, width] x [1, height]; a box
-    left with no area is dropped with a warning. Raises AnnotationError for malformed XML, a missing field
-    or a class not in `class_names`.
-    """
-    try:
-        root = ET.parse(xml_path).getroot()
-    except (ET.ParseError, OSError) as error:
-        raise AnnotationError(f"{xml_path}: cannot parse annotation XML ({error}); re-extract or fix it") from None
-    width = int(_number(root, "size/width", xml_path))
-    height = int(_number(root, "size/height", xml_path))
-    if width <= 0 or height <= 0:
-        raise AnnotationError(f"{xml_path}: image size {width} x {height} is not positive")
-
-    class_index = {name: index for index, name in enumerate(class_names)}
-    boxes, labels, difficult = [], [], []
-    for obj in root.findall("object"):
-        name = (obj.findtext("name") or "").strip()
-        if name not in class_index:
-            raise AnnotationError(
-                f"{xml_path}: class {name!r} is not one of the dataset's classes {list(class_names)}; "
-                "fix the annotation or pass the right class_names (classes.txt for a custom set)"
-            )
-        boxes.append([_number(obj, f"bndbox/{tag}", xml_path) for tag in ("xmin", "ymin", "xmax", "ymax")])
-        labels.append(class_index[name])
-        # Some VOC2012 objects have no <difficult> tag; the devkit reads that as not difficult.
-        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
-
-    annotation = {
-        "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-        "labels": np.asarray(labels, dtype=np.int64),
-        "difficult": np.asarray(difficult, dtype=bool),
-        "width": width,
-        "height": height,
-    }
-    return clip_to_image(annotation, width, height, xml_path)
 
 
 def clip_to_image(annotation, width, height, source):
@@ -179,16 +123,18 @@ def _decode_with_pil(data, path, torchvision_reason):
     raise ImageDecodeError(f"{path}: cannot decode image ({reason}); re-extract or replace the file")
 
 
-class VOCDetection(torch.utils.data.Dataset):
-    """Images and annotations listed by one or more VOC-layout (voc_root, split) pairs.
+class DetectionDataset(torch.utils.data.Dataset):
+    """The images and annotations of one or more splits, as the readers of `yolo.formats` give them
+    (`samples`, in any of the layouts), served as (uint8 image, annotation dict) or through `transforms`.
 
-    All annotations are parsed at construction, so a bad or missing file fails now, named, rather than
-    hours into training. Difficult objects are kept (as the seed did): evaluation needs them to ignore
-    matches, and `TrainTransform(use_difficult=False)` drops them from training targets.
+    All annotations are read at construction, so a bad or missing file fails now, named, rather than hours
+    into training. Boxes are clipped to the image; one left without area is dropped with a warning naming its
+    file. Difficult objects are kept (as the seed did): evaluation needs them to ignore matches, and
+    `TrainTransform(use_difficult=False)` drops them from training targets.
 
-    An image whose decoded size disagrees with its XML <size>: the decoded pixels are trusted (they are
+    An image whose decoded size disagrees with its annotation's: the decoded pixels are trusted (they are
     what the model sees), the boxes are clipped to them and a warning names the file. `annotations`
-    keeps the XML's view, since checking every image's size at construction would decode them all.
+    keeps the annotation's view, since checking every image's size at construction would decode them all.
 
     `cache_images()` decodes every image once into RAM; loader workers forked afterwards share those
     pages with the training process (copy-on-write) instead of decoding each image again every epoch.
@@ -198,34 +144,19 @@ class VOCDetection(torch.utils.data.Dataset):
     epoch.
     """
 
-    def __init__(self, sources, class_names=VOC_CLASSES, transforms=None, skip_unreadable=False):
+    def __init__(self, class_names, samples, transforms=None, skip_unreadable=False):
         self.class_names = tuple(class_names)
         self.transforms = transforms
         self.skip_unreadable = skip_unreadable
-        self.image_ids, self.annotations, self._image_paths = [], [], []
+        self.image_ids = [sample.image_id for sample in samples]
+        self.annotations = [clip_to_image(sample.annotation, sample.annotation["width"], sample.annotation["height"],
+                                          sample.source) for sample in samples]
+        self._image_paths = [sample.image_path for sample in samples]
         self._decoded = None
-        for voc_root, split in sources:
-            voc_root = Path(voc_root)
-            split_file = voc_root / "ImageSets" / "Main" / f"{split}.txt"
-            if not split_file.is_file():
-                raise FileNotFoundError(f"split list {split_file} not found; {MISSING_DATA_HINT}")
-            available_images = _list_dir(voc_root / "JPEGImages")
-            for image_id in split_file.read_text().split():
-                xml_path = voc_root / "Annotations" / f"{image_id}.xml"
-                if not xml_path.is_file():
-                    raise FileNotFoundError(f"annotation {xml_path} (listed in {split_file}) not found; "
-                                            f"{MISSING_DATA_HINT}")
-                if f"{image_id}.jpg" not in available_images:
-                    raise FileNotFoundError(f"image {voc_root / 'JPEGImages' / image_id}.jpg (listed in "
-                                            f"{split_file}) not found; {MISSING_DATA_HINT}")
-                self.image_ids.append(image_id)
-                self.annotations.append(read_voc_annotation(xml_path, self.class_names))
-                self._image_paths.append(voc_root / "JPEGImages" / f"{image_id}.jpg")
-        if not self.image_ids:
-            split_files = [str(Path(root) / "ImageSets" / "Main" / f"{split}.txt") for root, split in sources]
-            raise ValueError(f"{', '.join(split_files)} list(s) no images: add images to the split or fix data_dir")
-        if len(set(self.image_ids)) != len(self.image_ids):
-            raise ValueError(f"image ids repeat across {list(sources)}; each image may be listed only once")
+        repeated = sorted(image_id for image_id, count in Counter(self.image_ids).items() if count > 1)
+        if repeated:
+            raise ValueError(f"{len(repeated)} image id(s) listed more than once ({', '.join(repeated[:5])}"
+                             f"{' ...' if len(repeated) > 5 else ''}); each image may be listed only once")
 
     def __len__(self):
         return len(self.image_ids)
@@ -279,36 +210,25 @@ class VOCDetection(torch.utils.data.Dataset):
         return image, annotation
 
 
-def _list_dir(folder):
-    # One directory listing instead of one stat per image: VOC2012 has 17k images.
-    try:
-        return {entry.name for entry in Path(folder).iterdir()}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image folder {folder} not found; {MISSING_DATA_HINT}") from None
+def build_dataset(protocol, data_dir, train, transforms=None, class_names=None, data_format="auto", split=None):
+    """The train or test set of a protocol (PROTOCOLS).
 
-
-def read_class_names(path):
-    """Class names from a text file, one per line (blank lines ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class list {path} not found; {MISSING_DATA_HINT}")
-    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
-
-
-def build_dataset(protocol, data_dir, train, transforms=None, class_names=None):
-    """The train or test set of a protocol (see PROTOCOLS).
-
-    VOC protocols read data_dir/VOCdevkit/VOC2007 and VOC2012 with the 20 VOC classes; `synthetic`
-    reads the VOC-layout folder data_dir itself (splits train / val) with classes from data_dir/classes.txt.
+    The VOC protocols read data_dir/VOCdevkit/VOC2007 and VOC2012 (VOC_PROTOCOLS) with the 20 VOC classes.
+    `custom` (or `synthetic`) reads data_dir itself in `data_format` (auto: the layout it holds; see
+    yolo.formats), split `split` (default: train or val). `class_names` (a checkpoint's, or the training set's
+    for its validation set) maps the labels by name; default: the dataset's own class list.
     """
-    if protocol not in PROTOCOLS:
+    if protocol in VOC_PROTOCOLS:
+        if data_format not in ("auto", "voc"):
+            raise ValueError(f"data_format={data_format} is for protocol=custom (your own data); the VOC "
+                             f"protocols read data_dir/VOCdevkit")
+        sources = [(Path(data_dir) / "VOCdevkit" / folder, voc_split)
+                   for folder, voc_split in VOC_PROTOCOLS[protocol]["train" if train else "test"]]
+        return DetectionDataset(*read_splits("voc", sources, class_names or VOC_CLASSES), transforms=transforms)
+    if protocol not in CUSTOM_PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOLS)}")
-    data_dir = Path(data_dir)
-    if protocol == "synthetic":
-        base = data_dir
-        class_names = class_names or read_class_names(data_dir / "classes.txt")
-    else:
-        base = data_dir / "VOCdevkit"
-        class_names = class_names or VOC_CLASSES
-    sources = [(base / folder, split) for folder, split in PROTOCOLS[protocol]["train" if train else "test"]]
-    return VOCDetection(sources, class_names=class_names, transforms=transforms)
+    if data_format not in ("auto", *DATA_FORMATS):
+        raise ValueError(f"unknown data_format {data_format!r}; known: auto, {', '.join(DATA_FORMATS)}")
+    data_format = detect_format(data_dir) if data_format == "auto" else data_format
+    split = split or ("train" if train else "val")
+    return DetectionDataset(*read_splits(data_format, [(data_dir, split)], class_names), transforms=transforms)

@@ -13,12 +13,17 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+# What a folder scan picks up as images; yolo.data.decode_image reads them by content, whatever the extension says.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 CACHE_NAME = ".checked_images.json"
 THREADS = 16  # header reads wait on the disk, not the CPU
+LEAVE_OUT_OF_SPLIT = ("leave them out of the split (VOC: its ImageSets/Main list; COCO: the JSON's images; YOLO: the "
+                      "split's image folder or list)")
 
 
-def header_problem(path: Path) -> str | None:
-    """None when `path` opens as an image with a positive size, else what is wrong with it."""
+def header_size(path: Path) -> tuple[int, int] | str:
+    """(width, height) read from the header of `path` (EXIF orientation not applied, as the decoder does not
+    apply it either), or what is wrong with the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -30,7 +35,13 @@ def header_problem(path: Path) -> str | None:
         return f"not a readable image ({error})"
     if width <= 0 or height <= 0:
         return f"image size {width} x {height}"
-    return None
+    return width, height
+
+
+def header_problem(path: Path) -> str | None:
+    """None when `path` opens as an image with a positive size, else what is wrong with it."""
+    size = header_size(path)
+    return size if isinstance(size, str) else None
 
 
 def _signature(path: Path) -> list[int] | None:
@@ -88,5 +99,4 @@ def require_readable_images(paths: list[Path], shown: int = 5) -> None:
         listing = "; ".join(f"{path}: {problem}" for path, problem in unreadable[:shown])
         more = f" and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
         raise ValueError(f"{len(unreadable)} image(s) cannot be read ({listing}{more}). Replace them (for VOC, "
-                         f"`make download` verifies and re-extracts the archives) or remove their ids from the "
-                         f"split lists in ImageSets/Main.")
+                         f"`make download` verifies and re-extracts the archives) or {LEAVE_OUT_OF_SPLIT}.")

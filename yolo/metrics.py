@@ -21,6 +21,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from yolo.box_formats import voc_to_coco
+
 VOC_IOU_THRESHOLD = 0.5
 # Exactly these floats, as in the devkit's Python ports: 0.3 here is 0.30000000000000004.
 VOC07_RECALL_THRESHOLDS = np.arange(0, 1.1, 0.1)
@@ -255,7 +257,7 @@ def _mean_over_classes_with_ground_truth(ap: np.ndarray) -> float:
 
 def _coco_precision(dets: _Detections, gts: _GroundTruths, pairs: _Pairs, num_classes: int) -> np.ndarray:
     """COCOeval.accumulate's precision (T, R, K); -1 for a class without a counted (non-ignored) GT."""
-    det_xywh, gt_xywh = _to_coco_xywh(dets.boxes), _to_coco_xywh(gts.boxes)
+    det_xywh, gt_xywh = voc_to_coco(dets.boxes), voc_to_coco(gts.boxes)
     crowd = gts.difficult
     gt_ignored = crowd | _outside_area_range(gt_xywh)
     rank = _coco_ranks(dets, num_classes)
@@ -283,11 +285,6 @@ def _coco_precision(dets: _Detections, gts: _GroundTruths, pairs: _Pairs, num_cl
         for t in range(len(COCO_IOU_THRESHOLDS)):
             precision[t, :, c] = envelope[np.searchsorted(recall[:, t], COCO_RECALL_THRESHOLDS, side="left"), t]
     return precision
-
-
-def _to_coco_xywh(boxes: np.ndarray) -> np.ndarray:
-    x1, y1, x2, y2 = boxes.T
-    return np.stack([x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1], axis=1)
 
 
 def _outside_area_range(xywh: np.ndarray) -> np.ndarray:

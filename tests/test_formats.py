@@ -1,0 +1,244 @@
+"""Own data in the VOC, COCO and YOLO layouts: the same set reads the same in each, and each reader's edge cases."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import make_synthetic
+from yolo.data import build_dataset
+from yolo.engine import ground_truth_array
+from yolo.formats import AnnotationError, MAX_LISTED_PROBLEMS, detect_format, yolo_label_path
+from yolo.metrics import evaluate_detections
+from yolo.transforms import EvalTransform
+
+CLASSES = ("Stop Sign", "Traffic Light")  # spaces and capitals, as a user's own classes have them
+
+
+def save_image(path, width, height):
+    """Random pixels in the format the file's extension names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+
+
+def fixed_detections(ground_truths):
+    """Detections near every ground truth (shifted by a pixel or two, scores falling) and one of the wrong class."""
+    detections = []
+    for index, truth in enumerate(ground_truths):
+        boxes = truth[:, :4] + [1.5, -1.0, -2.0, 0.5]
+        scores = 0.9 - 0.1 * np.arange(len(truth)) - 0.01 * index
+        wrong = [[*truth[0, :4], 0.95, (truth[0, 4] + 1) % len(make_synthetic.CLASS_NAMES)]]
+        detections.append(np.concatenate([np.column_stack([boxes, scores, truth[:, 4]]), wrong]))
+    return detections
+
+
+def test_the_same_set_in_the_three_layouts_gives_the_same_targets_and_metrics(tmp_path):
+    for layout in ("voc", "coco"):
+        make_synthetic.generate(tmp_path / layout, train=6, val=0, seed=0, layout=layout)
+    make_synthetic.main(["--out", str(tmp_path / "yolo"), "--train", "6", "--val", "0", "--layout", "yolo"])
+    num_classes = len(make_synthetic.CLASS_NAMES)
+    datasets = {}
+    for layout in ("voc", "coco", "yolo"):
+        assert detect_format(tmp_path / layout) == layout
+        datasets[layout] = build_dataset("custom", tmp_path / layout, train=True,
+                                         transforms=EvalTransform(64, 4, num_classes))
+        assert datasets[layout].class_names == make_synthetic.CLASS_NAMES
+        assert datasets[layout].image_ids == [f"train_{index:06d}" for index in range(6)]
+    truths = {layout: [ground_truth_array(annotation) for annotation in dataset.annotations]
+              for layout, dataset in datasets.items()}
+    assert any(truth[:, 5].any() for truth in truths["voc"])  # difficult objects: COCO's iscrowd carries them
+    for voc, coco, yolo in zip(*truths.values()):
+        np.testing.assert_array_equal(coco, voc)
+        # YOLO has no difficult flag: the same objects, all ordinary.
+        np.testing.assert_array_equal(yolo, np.column_stack([voc[:, :5], np.zeros(len(voc))]))
+    for index in range(6):
+        (voc_image, voc_target), *others = (datasets[layout][index] for layout in ("voc", "coco", "yolo"))
+        for image, target in others:
+            assert torch.equal(image, voc_image)
+            for key in ("grid", "boxes", "labels", "orig_size"):
+                assert torch.equal(target[key], voc_target[key]), key
+
+    detections = fixed_detections(truths["voc"])
+    voc_metrics = evaluate_detections(detections, truths["voc"], num_classes)
+    assert 0 < voc_metrics["coco_map"] < voc_metrics["voc12_map"] < 1
+    np.testing.assert_equal(evaluate_detections(detections, truths["coco"], num_classes), voc_metrics)
+    without_difficult = [np.column_stack([truth[:, :5], np.zeros(len(truth))]) for truth in truths["voc"]]
+    np.testing.assert_equal(evaluate_detections(detections, truths["yolo"], num_classes),
+                            evaluate_detections(detections, without_difficult, num_classes))
+
+
+def write_voc(root, items, split="train"):
+    """items: (image id, image file name, [(class, VOC box)]), each image 40 x 30."""
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in CLASSES))
+    for image_id, file_name, objects in items:
+        save_image(root / "JPEGImages" / file_name, 40, 30)
+        xml = make_synthetic.annotation_xml(file_name, 40, 30, [
+            {"name": name, "bndbox": box, "difficult": False} for name, box in objects])
+        (root / "Annotations" / f"{image_id}.xml").write_text(xml)
+    # Windows line ends and a blank line: only each line's ends are stripped.
+    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\r\n" for i, _, _ in items) + "\n")
+
+
+def test_voc_png_image_id_with_a_space_and_a_custom_split(tmp_path):
+    write_voc(tmp_path, [("road sign 1", "road sign 1.png", [("Traffic Light", (3, 4, 20, 25))]),
+                         ("b", "b.JPEG", [("Stop Sign", (1, 1, 40, 30))])], split="fold A")
+    dataset = build_dataset("custom", tmp_path, train=True, split="fold A")
+    assert dataset.class_names == CLASSES
+    assert dataset.image_ids == ["road sign 1", "b"]
+    assert [dataset.image_path(index).name for index in range(2)] == ["road sign 1.png", "b.JPEG"]
+    image, annotation = dataset[0]
+    assert image.shape == (3, 30, 40) and annotation["labels"].tolist() == [1]
+    np.testing.assert_array_equal(annotation["boxes"], [[3, 4, 20, 25]])
+
+
+def write_coco(root, split, images, annotations, categories):
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": categories}, indent=1))
+
+
+def test_coco_bridge_category_ids_iscrowd_and_cocos_own_image_folder(tmp_path):
+    # COCO's own layout: images in data_dir/<split>/ (here with a sub-folder), category ids neither 1..N nor sorted.
+    save_image(tmp_path / "val2017" / "a.jpg", 40, 30)
+    save_image(tmp_path / "val2017" / "more" / "b.png", 50, 20)
+    categories = [{"id": 17, "name": "Traffic Light"}, {"id": 3, "name": "Stop Sign"}]
+    write_coco(tmp_path, "val2017", [{"id": 5, "file_name": "a.jpg", "width": 40, "height": 30},
+                                     {"id": 9, "file_name": "more/b.png", "width": 50, "height": 20}], [
+        {"id": 1, "image_id": 5, "category_id": 3, "bbox": [10, 20, 5, 4], "iscrowd": 0},
+        {"id": 2, "image_id": 5, "category_id": 17, "bbox": [0.5, 1.25, 30, 8.5], "iscrowd": 1},
+        {"id": 3, "image_id": 5, "category_id": 17, "bbox": [0, 0, 40, 30]},
+    ], categories)
+    dataset = build_dataset("custom", tmp_path, train=False, split="val2017")
+    assert dataset.class_names == ("Traffic Light", "Stop Sign")  # the file's order
+    assert dataset.image_ids == ["a", "more/b"]
+    annotation = dataset.annotations[0]
+    # x1 = x + 1, y1 = y + 1, x2 = x + w, y2 = y + h.
+    np.testing.assert_array_equal(annotation["boxes"], [[11, 21, 15, 24], [1.5, 2.25, 30.5, 9.75], [1, 1, 40, 30]])
+    assert annotation["labels"].tolist() == [1, 0, 0]
+    assert annotation["difficult"].tolist() == [False, True, False]
+    assert len(dataset.annotations[1]["labels"]) == 0 and dataset[1][0].shape == (3, 20, 50)
+    # A checkpoint's class order: the labels follow the names.
+    reordered = build_dataset("custom", tmp_path, train=False, split="val2017", class_names=CLASSES)
+    assert reordered.annotations[0]["labels"].tolist() == [0, 1, 1]
+
+
+def test_yolo_names_mapping_label_rule_list_split_and_image_without_labels(tmp_path):
+    (tmp_path / "data.yaml").write_text("path: set\ntrain: images/train\nval: [val.txt]\n"
+                                        "names:\n  1: Traffic Light\n  0: Stop Sign\n")
+    root = tmp_path / "set"
+    save_image(root / "images" / "train" / "wide.jpg", 40, 30)
+    save_image(root / "images" / "train" / "sub" / "unlabelled.png", 16, 16)
+    (root / "labels" / "train").mkdir(parents=True)
+    # cx 0.5, w 0.25 of 40 px: x in [15, 25]; cy 0.5, h 0.5 of 30 px: y in [7.5, 22.5].
+    (root / "labels" / "train" / "wide.txt").write_text("1 0.5 0.5 0.25 0.5\n\n0 0.125 0.25 0.25 0.5\n")
+    dataset = build_dataset("custom", tmp_path, train=True)
+    assert dataset.class_names == CLASSES
+    assert dataset.image_ids == ["sub/unlabelled", "wide"]
+    assert len(dataset.annotations[0]["labels"]) == 0
+    np.testing.assert_allclose(dataset.annotations[1]["boxes"], [[16, 8.5, 25, 22.5], [1, 1, 10, 15]])
+    assert dataset.annotations[1]["labels"].tolist() == [1, 0]
+
+    (root / "val.txt").write_text("./images/train/wide.jpg\n")  # as ultralytics' autosplit writes them
+    validation = build_dataset("custom", tmp_path, train=False)
+    assert validation.image_ids == ["images/train/wide"]
+    np.testing.assert_array_equal(validation.annotations[0]["boxes"], dataset.annotations[1]["boxes"])
+    assert yolo_label_path(Path("/d/images/set/images/train/a.b.jpg")) == Path("/d/images/set/labels/train/a.b.txt")
+    assert yolo_label_path(Path("/d/train/a.jpg")) == Path("/d/train/a.txt")
+
+
+def object_lines(xml_path):
+    return [number for number, line in enumerate(xml_path.read_text().splitlines(), start=1) if "<object>" in line]
+
+
+def test_every_voc_problem_in_every_file_is_reported_in_one_error(tmp_path):
+    write_voc(tmp_path, [("a", "a.jpg", [("Stop Sign", (1, 1, 5, 5)), ("unicorn", (1, 1, 5, 5))]),
+                         ("b", "b.jpg", [("dragon", (1, 1, 5, 5)), ("Stop Sign", (9, 2, 8, 6))]),
+                         ("c", "c.jpg", [])])
+    (tmp_path / "JPEGImages" / "c.jpg").unlink()
+    save_image(tmp_path / "JPEGImages" / "b.png", 4, 4)
+    with pytest.raises(AnnotationError) as raised:
+        build_dataset("custom", tmp_path, train=True)
+    a_lines, b_lines = object_lines(tmp_path / "Annotations/a.xml"), object_lines(tmp_path / "Annotations/b.xml")
+    split_file = tmp_path / "ImageSets/Main/train.txt"
+    assert raised.value.problems == [
+        f"{tmp_path}/Annotations/a.xml:{a_lines[1]}: class 'unicorn' is not one of the dataset's classes",
+        f"{split_file}:2: 2 images for this id in {tmp_path}/JPEGImages (b.jpg, b.png); keep one",
+        f"{split_file}:3: image {tmp_path}/JPEGImages/c.* not found",
+    ]
+    (tmp_path / "JPEGImages" / "b.png").unlink()
+    with pytest.raises(AnnotationError) as raised:
+        build_dataset("custom", tmp_path, train=True)
+    assert raised.value.problems[1:3] == [
+        f"{tmp_path}/Annotations/b.xml:{b_lines[0]}: class 'dragon' is not one of the dataset's classes",
+        f"{tmp_path}/Annotations/b.xml:{b_lines[1]}: degenerate box xmin 9 ymin 2 xmax 8 ymax 6: VOC boxes are "
+        f"1-based inclusive, xmax >= xmin and ymax >= ymin",
+    ]
+    assert str(raised.value).startswith("4 problem(s) in the dataset's files (its classes: Stop Sign, Traffic Light)")
+
+
+def test_every_coco_problem_is_reported_with_its_annotation_id(tmp_path):
+    save_image(tmp_path / "images" / "train" / "a.jpg", 40, 30)
+    write_coco(tmp_path, "train", [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
+                                   {"id": 2, "file_name": "gone.jpg", "width": 40, "height": 30}], [
+        {"id": 10, "image_id": 1, "category_id": 4, "bbox": [1, 2, 3, 4]},
+        {"id": 11, "image_id": 1, "category_id": 1, "bbox": [1, 2, 0, 4]},
+        {"id": 12, "image_id": 3, "category_id": 1, "bbox": [1, 2, 3, 4]},
+        {"id": 13, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]},
+    ], [{"id": 1, "name": "Stop Sign"}, {"id": 2, "name": "Traffic Light"}])
+    with pytest.raises(AnnotationError) as raised:
+        build_dataset("custom", tmp_path, train=True)
+    json_path = tmp_path / "annotations" / "instances_train.json"
+    assert raised.value.problems == [
+        f"{json_path}: images[1] (id 2): image {tmp_path}/images/train/gone.jpg not found",
+        f"{json_path}: annotation id 10 (annotations[0]): category_id 4 is not among the categories",
+        f"{json_path}: annotation id 11 (annotations[1]): degenerate bbox [1, 2, 0, 4]: width and height must be "
+        f"positive",
+        f"{json_path}: annotation id 12 (annotations[2]): image_id 3 is not among the images",
+        f"{json_path}: annotation id 13 (annotations[3]): bbox [1, 2, 3] is not four numbers [x, y, w, h]",
+    ]
+    # Categories outside a checkpoint's classes are unknown classes.
+    write_coco(tmp_path, "train", [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+               [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4]}], [{"id": 1, "name": "Stop Sign"}])
+    with pytest.raises(AnnotationError, match=r"annotation id 10 \(annotations\[0\]\): class 'Stop Sign' "
+                                              r"\(category_id 1\) is not one of the dataset's classes"):
+        build_dataset("custom", tmp_path, train=True, class_names=("Yield",))
+
+
+def test_every_yolo_problem_is_reported_with_file_and_line_and_long_lists_are_cut(tmp_path):
+    (tmp_path / "data.yaml").write_text("train: images\nval: images\nnames: [Stop Sign, Traffic Light]\n")
+    for name in ("a", "b"):
+        save_image(tmp_path / "images" / f"{name}.jpg", 40, 30)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.txt").write_text("0 0.5 0.5 0.2\n2 0.5 0.5 0.2 0.2\n1 0.5 0.5 0.2 1.5\n")
+    (tmp_path / "labels" / "b.txt").write_text("0 0.5 0.5 0 0.2\n" + "x 1 1 1 1\n" * 30)
+    with pytest.raises(AnnotationError) as raised:
+        build_dataset("custom", tmp_path, train=True)
+    a, b = tmp_path / "labels" / "a.txt", tmp_path / "labels" / "b.txt"
+    assert raised.value.problems[:4] == [
+        f"{a}:1: '0 0.5 0.5 0.2' is not 'class cx cy w h' (a class id and four numbers)",
+        f"{a}:2: class id 2 is not in data.yaml's names (ids 0, 1)",
+        f"{a}:3: cx cy w h must be normalised to [0, 1] by the image's width and height",
+        f"{b}:1: degenerate box: w and h must be positive",
+    ]
+    assert len(raised.value.problems) == 34
+    message = str(raised.value)
+    assert len(re.findall(r"^  /", message, re.MULTILINE)) == MAX_LISTED_PROBLEMS
+    assert f"\n  and {34 - MAX_LISTED_PROBLEMS} more\n" in message and "data.yaml's names" in message
+
+
+def test_the_layout_is_found_or_the_setting_asked_for(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no data\.yaml \(YOLO\).*protocol=custom"):
+        build_dataset("custom", tmp_path, train=True)
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "data.yaml").write_text("names: [a]\n")
+    with pytest.raises(ValueError, match="holds the yolo and voc layouts: set data_format"):
+        build_dataset("custom", tmp_path, train=True)
+    with pytest.raises(FileNotFoundError, match=r"ImageSets/Main/train\.txt not found"):
+        build_dataset("custom", tmp_path, train=True, data_format="voc", class_names=CLASSES)
+    with pytest.raises(ValueError, match="data_format=coco is for protocol=custom"):
+        build_dataset("voc2012val", tmp_path, train=True, data_format="coco")
