@@ -27,20 +27,27 @@ def run(script, *overrides, expect_success=True):
 
 @pytest.fixture(scope="module")
 def evaluated(overfit_run, tmp_path_factory):
+    """(the trained run, evaluate.py's output folder, its standard output) for a copy of the run's checkpoint
+    evaluated without --out_dir."""
     _, run_dir = overfit_run
-    out_dir = tmp_path_factory.mktemp("results")
-    run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--out_dir={out_dir}", "--model_name=tiny",
-        "--num_workers=0", "--submission=true", "--num_examples=2")
-    return run_dir, out_dir
+    own_run = tmp_path_factory.mktemp("own_run")
+    shutil.copy(run_dir / "last.pt", own_run)
+    result = run("evaluate.py", f"--checkpoint={own_run / 'last.pt'}", "--model_name=tiny", "--num_workers=0",
+                 "--submission=true", "--num_examples=2")
+    return run_dir, own_run / "evaluate", result.stdout
 
 
-def test_evaluate_writes_the_metrics_row_and_figures(evaluated):
-    run_dir, out_dir = evaluated
+def test_evaluate_writes_the_metrics_row_and_figures_beside_the_checkpoint(evaluated):
+    run_dir, out_dir, stdout = evaluated
     metrics = pd.read_csv(out_dir / "metrics.csv")
     assert len(metrics) == 1
     row = metrics.iloc[0]
     assert row["model"] == "tiny" and row["backbone"] == "resnet18" and row["protocol"] == "synthetic"
     assert row["n_images"] == 8 and row["epoch"] == 40
+    checkpoint = out_dir.parent / "last.pt"
+    assert row["checkpoint"] == str(checkpoint)
+    assert row["made_by"] == (f"python evaluate.py --checkpoint={checkpoint} --model_name=tiny --num_workers=0 "
+                              "--submission=true --num_examples=2")
     # The training log's last validation used the same images and the same decoding.
     final = pd.read_csv(run_dir / "log.csv").iloc[-1]
     assert row["voc12_map"] == pytest.approx(final["val_voc12_map"], abs=1e-4)
@@ -49,10 +56,16 @@ def test_evaluate_writes_the_metrics_row_and_figures(evaluated):
     assert list(per_class["class"]) == ["circle", "square", "triangle", "cross", "diamond"]
     for figure in ("tiny_pr.png", "tiny_ap.png", "tiny_examples.png"):
         assert (out_dir / figure).stat().st_size > 1000
+    # The per-class table (VOC2012-style AP in %) and every file written, by its path.
+    ap = dict(zip(per_class["class"], per_class["voc12_ap"]))
+    assert "| class | tiny |" in stdout and f"| diamond | {100 * ap['diamond']:.2f} |" in stdout
+    written = stdout[stdout.index("wrote:\n"):].splitlines()[1:]
+    assert written == [f"  {out_dir / name}" for name in ("metrics.csv", "per_class_ap.csv", "tiny_pr.png",
+                                                          "tiny_ap.png", "tiny_examples.png", "submission/tiny.tar.gz")]
 
 
 def test_rerunning_replaces_the_models_row(evaluated):
-    run_dir, out_dir = evaluated
+    run_dir, out_dir, _ = evaluated
     run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--out_dir={out_dir}", "--model_name=tiny",
         "--num_workers=0", "--num_examples=0")
     run("evaluate.py", f"--checkpoint={run_dir / 'best.pt'}", f"--out_dir={out_dir}", "--model_name=tiny_best",
@@ -63,7 +76,7 @@ def test_rerunning_replaces_the_models_row(evaluated):
 
 
 def test_submission_files_follow_the_test_servers_format(evaluated):
-    _, out_dir = evaluated
+    _, out_dir, _ = evaluated
     main = out_dir / "submission/tiny/results/VOC2012/Main"
     lines = (main / "comp4_det_test_circle.txt").read_text().splitlines()
     assert lines
