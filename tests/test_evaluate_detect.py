@@ -139,10 +139,14 @@ def test_detect_on_a_video(overfit_run, tmp_path):
             picture = av.VideoFrame.from_ndarray(frame.permute(1, 2, 0).contiguous().numpy(), format="rgb24")
             container.mux(stream.encode(picture))
         container.mux(stream.encode())
-    out_dir = tmp_path / "out"
-    run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={video}", f"--out_dir={out_dir}")
-    assert (out_dir / "clip.mp4").stat().st_size > 0
-    assert set(pd.read_csv(out_dir / "detections.csv")["frame"]) <= {0, 1, 2}
+    own_run = tmp_path / "own_run"
+    own_run.mkdir()
+    shutil.copy(run_dir / "last.pt", own_run)
+    run("detect.py", f"--checkpoint={own_run / 'last.pt'}", f"--source={video}", "--batch_size=2")
+    out_dir = own_run / "detect"
+    with av.open(str(out_dir / "clip.mp4")) as container:
+        assert [frame.time for frame in container.decode(video=0)] == [0, 0.2, 0.4]
+    assert set(pd.read_csv(out_dir / "detections.csv")["frame"]) == {0, 1, 2}
 
 
 def test_detect_rejects_an_unknown_source(overfit_run, tmp_path):
