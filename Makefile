@@ -140,7 +140,7 @@ train-darknet: check-gpu | $(PRETRAIN_DARKNET)/done ## train the paper's Darknet
 		--protocol=$(PROTOCOL) --data_dir=$(call quote,$(VOC_DATA)) --out_dir=$(RUNS)/darknet_$(PROTOCOL)
 
 $(STAMPS)/eval-%_$(PROTOCOL): $(RUNS)/%_$(PROTOCOL)/done evaluate.py $(PACKAGE)
-	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --out_dir=$(RESULTS)
+	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --out_dir=$(RESULTS) --made_by='make reproduce'
 	cp $(<D)/log.csv $(RESULTS)/$*_$(PROTOCOL)_log.csv
 	mkdir -p $(@D) && touch $@
 
@@ -191,7 +191,7 @@ $(DEMO_RUNS)/%/done: train.py $(PACKAGE) $(DEMO_MODEL) $(DEMO_CONFIG) $(DEMO_DAT
 
 $(DEMO_STAMPS)/eval-%: $(DEMO_RUNS)/%/done evaluate.py $(PACKAGE)
 	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --model_name=$* --out_dir=$(DEMO_RESULTS) --device=cpu \
-		--num_workers=1
+		--num_workers=1 --made_by='make demo'
 	cp $(<D)/log.csv $(DEMO_RESULTS)/$*_log.csv
 	mkdir -p $(@D) && touch $@
 

@@ -5,17 +5,23 @@
 Writes (rerunning replaces the model's rows and files): a row of out_dir/metrics.csv, its rows of
 out_dir/per_class_ap.csv, out_dir/<model>_pr.png, out_dir/<model>_ap.png and out_dir/<model>_examples.png;
 with --submission=true also the VOC test-server files under out_dir/submission/<model>/ and their .tar.gz.
+out_dir defaults to evaluate/ in the checkpoint's folder, so an evaluation of one's own model stays with its
+run: the repository's results/ hold only what the Makefile writes there. Prints the per-class AP table and the
+paths written; `python table.py --results=<out_dir>` prints the folder's tables again.
 """
 import datetime
+import shlex
 import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from table import per_class_table
 from yolo.checkpoint import CheckpointError, load_model
-from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
+from yolo.config import at_least, between, format_config, one_of, resolve_config, resolve_out_dir
 from yolo.data import ImageDecodeError, build_dataset, decode_image
 from yolo.device import DTYPES, device_name, inference_dtype, resolve_device
 from yolo.engine import evaluate
@@ -43,20 +49,21 @@ dtype = "fp32"                 # fp32 | bf16 | fp16 | auto (fastest the device c
 score_threshold = EVAL_SCORE_THRESHOLD  # keep (box, class) pairs scoring above this (0..1); mAP wants nearly all
 nms_iou = NMS_IOU              # class-wise NMS IoU (0..1)
 max_detections = MAX_DETECTIONS  # detections kept per image
-out_dir = "results"            # where the CSVs and figures go
+out_dir = ""                   # where the CSVs and figures go; empty: evaluate/ in the checkpoint's folder
+made_by = ""                   # the rows' record of what made them (the Makefile: its target); empty: the command line
 num_examples = 6               # test images drawn with detections beside ground truth; 0: none
 submission = False             # also write the VOC test-server files (comp4_det_test_<class>.txt) and a .tar.gz
 
 RULES = {"device": resolve_device, "batch_size": at_least(1), "num_workers": check_num_workers,
          "dtype": one_of("auto", *DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
-         "max_detections": at_least(1), "num_examples": at_least(0), "data_format": one_of("", "auto", *DATA_FORMATS),
-         "out_dir": writable_folder}
+         "max_detections": at_least(1), "num_examples": at_least(0),
+         "data_format": one_of("", "auto", *DATA_FORMATS)}
 METRIC_COLUMNS = ("voc07_map", "voc12_map", "coco_map", "coco_ap50", "coco_ap75")
 TEST_SPLITS = {"voc2012val": "VOC2012 val", "voc2007test": "VOC2007 test"}  # custom: "<protocol> <val_split>"
 # The CSVs written in out_dir, by their columns; rerunning a model replaces its rows (the key), others stay.
 RESULT_CSVS = {
     "metrics.csv": ("model", "backbone", "protocol", "split", "n_images", *METRIC_COLUMNS, "image_size", "dtype",
-                    "checkpoint", "epoch", "git_commit", "torch_version", "device", "date"),
+                    "checkpoint", "epoch", "git_commit", "torch_version", "device", "date", "made_by"),
     "per_class_ap.csv": ("model", "class", "voc07_ap", "voc12_ap"),
 }
 CSV_KEY = ("model",)
@@ -109,7 +116,7 @@ def main(config: dict) -> None:
     val_split = config["val_split"] or saved.get("val_split", "val")
     model_name = config["model_name"] or checkpoint_path.parent.name
     class_names = state["class_names"]
-    out_dir = Path(config["out_dir"])
+    out_dir = resolve_out_dir(config, checkpoint_path.parent / "evaluate")
     try:
         for name, columns in RESULT_CSVS.items():
             check_writable(out_dir / name, CSV_KEY, columns)
@@ -144,27 +151,31 @@ def main(config: dict) -> None:
            "image_size": model.image_size, "dtype": str(detector.dtype).removeprefix("torch."),
            "checkpoint": str(checkpoint_path), "epoch": state.get("epoch"),
            "git_commit": state.get("git_commit", "unknown"), "torch_version": torch.__version__,
-           "device": device_name(device), "date": datetime.date.today().isoformat()}
+           "device": device_name(device), "date": datetime.date.today().isoformat(),
+           "made_by": config["made_by"] or shlex.join(["python", *sys.argv])}
     per_class = [{"model": model_name, "class": name, **{column: round(float(metrics[column][i]), 6)
                                                          for column in ("voc07_ap", "voc12_ap")}}
                  for i, name in enumerate(class_names)]
     write_keyed(out_dir / "metrics.csv", [row], CSV_KEY, RESULT_CSVS["metrics.csv"])
     write_keyed(out_dir / "per_class_ap.csv", per_class, CSV_KEY, RESULT_CSVS["per_class_ap.csv"])
+    pr_figure, ap_figure, examples_figure = (out_dir / f"{model_name}_{kind}.png" for kind in ("pr", "ap", "examples"))
+    written = [*(out_dir / name for name in RESULT_CSVS), pr_figure, ap_figure]
 
     curves = voc_precision_recall(result["detections"], result["ground_truths"], len(class_names))
     plot_precision_recall({name: (curve.recall, curve.precision) for name, curve in zip(class_names, curves)
-                           if curve is not None}, out_dir / f"{model_name}_pr.png",
-                          f"{model_name}: precision-recall at IoU 0.5")
+                           if curve is not None}, pr_figure, f"{model_name}: precision-recall at IoU 0.5")
     plot_per_class_ap({name: float(np.nan_to_num(ap)) for name, ap in zip(class_names, metrics["voc12_ap"])},
-                      out_dir / f"{model_name}_ap.png", f"{model_name}: VOC2012-style AP per class")
+                      ap_figure, f"{model_name}: VOC2012-style AP per class")
     if config["num_examples"] > 0:
-        draw_examples(dataset, result["indices"], result["detections"], out_dir / f"{model_name}_examples.png",
-                      config["num_examples"])
+        draw_examples(dataset, result["indices"], result["detections"], examples_figure, config["num_examples"])
+        written.append(examples_figure)
     if config["submission"]:
         image_ids = [dataset.image_ids[index] for index in result["indices"]]
-        archive = write_submission(out_dir / "submission" / model_name, image_ids, result["detections"], class_names)
-        print(f"wrote {archive}")
+        written.append(write_submission(out_dir / "submission" / model_name, image_ids, result["detections"],
+                                        class_names))
+    print("\n".join(per_class_table(pd.DataFrame(per_class))))
     print(" | ".join(f"{name} {metrics[name]:.4f}" for name in METRIC_COLUMNS) + f" | {len(dataset)} images")
+    print("wrote:\n" + "\n".join(f"  {path}" for path in written))
 
 
 if __name__ == "__main__":

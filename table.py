@@ -1,11 +1,15 @@
-"""Regenerate the README's results tables, the per-class AP tables and the training curves from results/.
+"""Markdown results tables: one results folder's, printed, or the README's, regenerated from the project's folders.
 
-    python table.py
+    python table.py --results=runs/mine/evaluate                  # print that folder's tables (--out=FILE: write them)
+    python table.py --readme=README.md --results=results ...      # what `make table` runs
 
-Everything comes from the CSV files that evaluate.py, benchmark.py and the training logs wrote (a column an
-older file lacks shows "-"); the reference rows are other works' figures as their authors reported them.
-Speed has one table for all CPUs and one per GPU name. It runs nothing else, and running it twice changes
-nothing.
+With --readme, regenerates the README's results section, the per-class AP tables (per_class_ap.md) and the
+training curves of results/, results/demo/ and results/gpu/; the reference rows are other works' figures as
+their authors reported them. Without it, prints the accuracy, per-class AP and speed tables of one folder and
+writes nothing there. Everything comes from the CSV files that evaluate.py, benchmark.py and the training logs
+wrote (a column an older file lacks shows "-"); a row says what made it where evaluate.py recorded that, else
+what makes its folder's rows. Speed has one table for all CPUs and one per GPU name. It runs nothing else, and
+running it twice changes nothing.
 """
 import math
 import re
@@ -16,7 +20,8 @@ import pandas as pd
 from yolo.config import resolve_config
 from yolo.plots import plot_training_curve
 
-readme = "README.md"           # the file holding the table markers
+readme = ""                    # the file holding the table markers (make table: README.md); empty: print --results
+out = ""                       # without --readme: the Markdown file the tables go to; empty: standard output
 results = "results"            # metrics.csv, per_class_ap.csv, benchmark.csv and <model>_log.csv of the VOC runs
 demo_results = "results/demo"  # the same files of `make demo`
 gpu_results = "results/gpu"    # benchmark.csv of `make gpu-check` (speed rows only: it trains nothing to report)
@@ -79,6 +84,12 @@ def percent_of(name: str):
     return lambda row: percent(row.get(name))
 
 
+def how_it_was_obtained(row: dict) -> str:
+    """What made the row, where known, then the checkpoint's epoch, the device and the dtype."""
+    details = text("epoch {epoch}, {device}, {dtype}")(row)
+    return details if row["source"] == MISSING else f"{row['source']}: {details}"
+
+
 # The tables' columns, in order: (header, the cell's text from a row of the CSV, with "source" added).
 ACCURACY_COLUMNS = (
     ("model", text("{model}")),
@@ -90,7 +101,7 @@ ACCURACY_COLUMNS = (
     ("COCO AP50", percent_of("coco_ap50")),
     ("COCO AP75", percent_of("coco_ap75")),
     ("FPS, batch 1, end to end", text("{fps_batch1}")),
-    ("how it was obtained", text("{source}: epoch {epoch}, {device}, {dtype}")),
+    ("how it was obtained", how_it_was_obtained),
 )
 SPEED_COLUMNS = (
     ("backbone", text("{backbone}")),
@@ -138,10 +149,18 @@ def fastest_batch1(benchmark: pd.DataFrame, backbone: str, image_size) -> str:
     return f"{best['throughput_img_s']:.1f} ({best['dtype']}, {best['device_name']})"
 
 
+def made_by(row: dict, folder_source: str) -> str:
+    """What made an accuracy row: its own record (evaluate.py's made_by column), else what makes its folder's
+    rows (a file written before the column existed)."""
+    if is_missing(row.get("made_by")):
+        return folder_source
+    return "`" + str(row["made_by"]).replace("|", "\\|") + "`"
+
+
 def accuracy_rows(folder: Path, source: str) -> list[dict]:
     benchmark = read_csv(folder / "benchmark.csv")
-    return [{**row, "source": source, "fps_batch1": fastest_batch1(benchmark, row.get("backbone"),
-                                                                   row.get("image_size"))}
+    return [{**row, "source": made_by(row, source),
+             "fps_batch1": fastest_batch1(benchmark, row.get("backbone"), row.get("image_size"))}
             for row in read_csv(folder / "metrics.csv").to_dict("records")]
 
 
@@ -156,37 +175,68 @@ def device_kind(row: dict) -> str:
     return "CPU" if row.get("device") == "cpu" else Fields(row)["device_name"]
 
 
+ACCURACY_TITLE = ("Accuracy (mAP at IoU 0.5 in %, VOC devkit rules; COCO AP@[.5:.95] by pycocotools' rules) and\n"
+                  "end-to-end speed at batch 1.")
+SPEED_TITLE = ("Speed (latency per batch in ms, median and 90th percentile; end to end = resize + forward + decoding "
+               "+ NMS),\none table per kind of device:")
+
+
+def speed_tables(speed: list[dict]) -> list[str]:
+    """One table per kind of device (CPUs first), each under its name."""
+    lines = []
+    for kind in sorted({device_kind(row) for row in speed}, key=lambda kind: (kind != "CPU", kind)):
+        lines += ["", f"{kind}:", "", *markdown_table(SPEED_COLUMNS, [row for row in speed
+                                                                     if device_kind(row) == kind])]
+    return lines
+
+
 def results_section(folders: list[tuple[Path, str, str]]) -> str:
     accuracy = [row for folder, source, _ in folders for row in accuracy_rows(folder, source)]
     speed = [row for folder, _, source in folders for row in speed_rows(folder, source)]
-    speed_tables = []
-    for kind in sorted({device_kind(row) for row in speed}, key=lambda kind: (kind != "CPU", kind)):
-        speed_tables += ["", f"{kind}:", "", *markdown_table(SPEED_COLUMNS, [row for row in speed
-                                                                           if device_kind(row) == kind])]
     return "\n".join([
-        "Accuracy (mAP at IoU 0.5 in %, VOC devkit rules; COCO AP@[.5:.95] by pycocotools' rules) and",
-        "end-to-end speed at batch 1. Rows without a reference are measured by this repository's code.",
+        ACCURACY_TITLE + " Rows without a reference are measured by this repository's code.",
         "",
         *markdown_table(ACCURACY_COLUMNS, accuracy, REFERENCE_ROWS,
                         empty="(no results yet: run `make demo` or `make reproduce`)"),
         "",
-        "Speed (latency per batch in ms, median and 90th percentile; end to end = resize + forward + decoding + NMS),",
-        "one table per kind of device:",
-        *(speed_tables or ["", "(no benchmark yet: run `make benchmark` or `make demo`)"]),
+        SPEED_TITLE,
+        *(speed_tables(speed) or ["", "(no benchmark yet: run `make benchmark` or `make demo`)"]),
     ])
+
+
+def per_class_table(per_class: pd.DataFrame) -> list[str]:
+    """VOC2012-style AP (%) of each class (rows, in the file's order) by model (columns), as Markdown lines."""
+    table = per_class.pivot(index="class", columns="model", values="voc12_ap")
+    table = table.reindex(per_class["class"].drop_duplicates())
+    lines = ["| class | " + " | ".join(table.columns) + " |", "|---|" + "---|" * len(table.columns)]
+    return lines + [f"| {name} | " + " | ".join(percent(value) for value in values) + " |"
+                    for name, values in table.iterrows()]
 
 
 def write_per_class_table(folder: Path) -> None:
     per_class = read_csv(folder / "per_class_ap.csv")
     if per_class.empty:
         return
-    table = per_class.pivot(index="class", columns="model", values="voc12_ap")
-    table = table.reindex(per_class["class"].drop_duplicates())
     lines = ["VOC2012-style AP (%) per class, from per_class_ap.csv (generated by table.py).", "",
-             "| class | " + " | ".join(table.columns) + " |", "|---|" + "---|" * len(table.columns)]
-    lines += [f"| {name} | " + " | ".join(percent(value) for value in values) + " |"
-              for name, values in table.iterrows()]
+             *per_class_table(per_class)]
     (folder / "per_class_ap.md").write_text("\n".join(lines) + "\n")
+
+
+def folder_tables(folder: Path) -> str:
+    """The accuracy, per-class AP and speed tables of one results folder, each present where its CSV is."""
+    accuracy, speed = accuracy_rows(folder, MISSING), speed_rows(folder, MISSING)
+    per_class = read_csv(folder / "per_class_ap.csv")
+    if not accuracy and not speed:
+        raise SystemExit(f"error: --results: {folder} holds no metrics.csv or benchmark.csv with rows "
+                         "(evaluate.py and benchmark.py write them).")
+    lines = [f"Results in {folder}.", ""]
+    if accuracy:
+        lines += [ACCURACY_TITLE, "", *markdown_table(ACCURACY_COLUMNS, accuracy), ""]
+    if not per_class.empty:
+        lines += ["VOC2012-style AP (%) per class:", "", *per_class_table(per_class), ""]
+    if speed:
+        lines += [SPEED_TITLE, *speed_tables(speed), ""]
+    return "\n".join(lines)
 
 
 def plot_training_curves(folder: Path) -> None:
@@ -195,7 +245,23 @@ def plot_training_curves(folder: Path) -> None:
         plot_training_curve(log, folder / f"{model}_training_curve.png", title=model)
 
 
+def print_folder_tables(config: dict) -> None:
+    tables = folder_tables(Path(config["results"]))
+    if not config["out"]:
+        print(tables, end="")
+        return
+    out = Path(config["out"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(tables)
+    print(f"wrote {out}")
+
+
 def main(config: dict) -> None:
+    if not config["readme"]:
+        print_folder_tables(config)
+        return
+    if config["out"]:
+        raise SystemExit("error: --out writes one folder's tables and --readme regenerates a README: give one.")
     path = Path(config["readme"])
     if not path.is_file():
         raise SystemExit(f"error: --readme: {path} does not exist.")

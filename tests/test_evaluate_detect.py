@@ -1,5 +1,7 @@
 """evaluate.py and detect.py on a checkpoint trained until it detects its (synthetic) images."""
+import json
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -12,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+import detect
 from yolo.data import decode_image
+from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,20 +31,27 @@ def run(script, *overrides, expect_success=True):
 
 @pytest.fixture(scope="module")
 def evaluated(overfit_run, tmp_path_factory):
+    """(the trained run, evaluate.py's output folder, its standard output) for a copy of the run's checkpoint
+    evaluated without --out_dir."""
     _, run_dir = overfit_run
-    out_dir = tmp_path_factory.mktemp("results")
-    run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--out_dir={out_dir}", "--model_name=tiny",
-        "--num_workers=0", "--submission=true", "--num_examples=2")
-    return run_dir, out_dir
+    own_run = tmp_path_factory.mktemp("own_run")
+    shutil.copy(run_dir / "last.pt", own_run)
+    result = run("evaluate.py", f"--checkpoint={own_run / 'last.pt'}", "--model_name=tiny", "--num_workers=0",
+                 "--submission=true", "--num_examples=2")
+    return run_dir, own_run / "evaluate", result.stdout
 
 
-def test_evaluate_writes_the_metrics_row_and_figures(evaluated):
-    run_dir, out_dir = evaluated
+def test_evaluate_writes_the_metrics_row_and_figures_beside_the_checkpoint(evaluated):
+    run_dir, out_dir, stdout = evaluated
     metrics = pd.read_csv(out_dir / "metrics.csv")
     assert len(metrics) == 1
     row = metrics.iloc[0]
     assert row["model"] == "tiny" and row["backbone"] == "resnet18" and row["protocol"] == "synthetic"
     assert row["n_images"] == 8 and row["epoch"] == 40
+    checkpoint = out_dir.parent / "last.pt"
+    assert row["checkpoint"] == str(checkpoint)
+    assert row["made_by"] == (f"python evaluate.py --checkpoint={checkpoint} --model_name=tiny --num_workers=0 "
+                              "--submission=true --num_examples=2")
     # The training log's last validation used the same images and the same decoding.
     final = pd.read_csv(run_dir / "log.csv").iloc[-1]
     assert row["voc12_map"] == pytest.approx(final["val_voc12_map"], abs=1e-4)
@@ -49,10 +60,16 @@ def test_evaluate_writes_the_metrics_row_and_figures(evaluated):
     assert list(per_class["class"]) == ["circle", "square", "triangle", "cross", "diamond"]
     for figure in ("tiny_pr.png", "tiny_ap.png", "tiny_examples.png"):
         assert (out_dir / figure).stat().st_size > 1000
+    # The per-class table (VOC2012-style AP in %) and every file written, by its path.
+    ap = dict(zip(per_class["class"], per_class["voc12_ap"]))
+    assert "| class | tiny |" in stdout and f"| diamond | {100 * ap['diamond']:.2f} |" in stdout
+    written = stdout[stdout.index("wrote:\n"):].splitlines()[1:]
+    assert written == [f"  {out_dir / name}" for name in ("metrics.csv", "per_class_ap.csv", "tiny_pr.png",
+                                                          "tiny_ap.png", "tiny_examples.png", "submission/tiny.tar.gz")]
 
 
 def test_rerunning_replaces_the_models_row(evaluated):
-    run_dir, out_dir = evaluated
+    run_dir, out_dir, _ = evaluated
     run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--out_dir={out_dir}", "--model_name=tiny",
         "--num_workers=0", "--num_examples=0")
     run("evaluate.py", f"--checkpoint={run_dir / 'best.pt'}", f"--out_dir={out_dir}", "--model_name=tiny_best",
@@ -63,7 +80,7 @@ def test_rerunning_replaces_the_models_row(evaluated):
 
 
 def test_submission_files_follow_the_test_servers_format(evaluated):
-    _, out_dir = evaluated
+    _, out_dir, _ = evaluated
     main = out_dir / "submission/tiny/results/VOC2012/Main"
     lines = (main / "comp4_det_test_circle.txt").read_text().splitlines()
     assert lines
@@ -115,21 +132,101 @@ def test_detect_on_a_folder_of_images(overfit_run, tmp_path):
     assert drawn.shape == decode_image(images[0]).shape
 
 
-def test_detect_on_a_video(overfit_run, tmp_path):
-    data_dir, run_dir = overfit_run
-    video = tmp_path / "clip.mp4"
-    frame = decode_image(sorted((data_dir / "JPEGImages").glob("*.jpg"))[0])[:, :160, :160]
-    with av.open(str(video), "w") as container:
-        stream = container.add_stream("mpeg4", rate=5)
+def write_clip(path: Path, frames: list[torch.Tensor], rate: int) -> None:
+    """An MPEG-4 video of uint8 (3, 160, 160) frames."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
         stream.height, stream.width, stream.pix_fmt = 160, 160, "yuv420p"
-        for _ in range(3):
+        for frame in frames:
             picture = av.VideoFrame.from_ndarray(frame.permute(1, 2, 0).contiguous().numpy(), format="rgb24")
             container.mux(stream.encode(picture))
         container.mux(stream.encode())
+
+
+def test_detect_on_a_video(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    video = tmp_path / "clip.mp4"
+    write_clip(video, [decode_image(sorted((data_dir / "JPEGImages").glob("*.jpg"))[0])[:, :160, :160]] * 3, rate=5)
+    own_run = tmp_path / "own_run"
+    own_run.mkdir()
+    shutil.copy(run_dir / "last.pt", own_run)
+    run("detect.py", f"--checkpoint={own_run / 'last.pt'}", f"--source={video}", "--batch_size=2")
+    out_dir = own_run / "detect"
+    with av.open(str(out_dir / "clip.mp4")) as container:
+        assert [frame.time for frame in container.decode(video=0)] == [0, 0.2, 0.4]
+    assert set(pd.read_csv(out_dir / "detections.csv")["frame"]) == {0, 1, 2}
+
+
+def live_clip(data_dir: Path, path: Path) -> list[torch.Tensor]:
+    """Four different synthetic images as the frames of a clip at `path`, returned as its decoded frames."""
+    images = sorted((data_dir / "JPEGImages").glob("*.jpg"))[:4]
+    write_clip(path, [decode_image(image)[:, :160, :160] for image in images], rate=10)
+    with av.open(str(path)) as container:
+        return [detect.rgb_image(frame) for frame in container.decode(video=0)]
+
+
+def start_live(run_dir: Path, source: str, out_dir: Path) -> subprocess.Popen:
+    """detect.py on an FFmpeg filter graph (lavfi) as its live source, as a camera or stream would be read."""
+    return subprocess.Popen([sys.executable, "detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={source}",
+                             "--source_format=lavfi", f"--out_dir={out_dir}", "--dtype=fp32"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_live_source_is_detected_as_it_comes_until_ctrl_c(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    frames = live_clip(data_dir, tmp_path / "clip.mp4")
+    # The clip looped without end at 10 frames per second of real time, as a camera sends them.
+    source = f"movie={tmp_path / 'clip.mp4'},loop=loop=-1:size=4,setpts=N/10/TB,realtime"
     out_dir = tmp_path / "out"
-    run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={video}", f"--out_dir={out_dir}")
-    assert (out_dir / "clip.mp4").stat().st_size > 0
-    assert set(pd.read_csv(out_dir / "detections.csv")["frame"]) <= {0, 1, 2}
+    process = start_live(run_dir, source, out_dir)
+    try:
+        next(line for line in process.stdout if " FPS at frame " in line)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "stopped" in stdout
+
+    # Every frame of the clip has detections, so the frames in the rows are the frames processed.
+    rows = pd.read_csv(out_dir / "detections.csv")
+    processed = sorted(set(rows["frame"]))
+    with av.open(str(out_dir / "live.mp4")) as container:
+        assert len(list(container.decode(video=0))) == len(processed) >= 1
+    # The same frames detected as still images give the same rows.
+    settings = {"device": "cpu", "dtype": "fp32", "score_threshold": DISPLAY_SCORE_THRESHOLD, "nms_iou": NMS_IOU,
+                "max_detections": MAX_DETECTIONS}
+    detector, class_names = detect.load_detector(run_dir / "last.pt", settings)
+    stills = [detect.detect(detector, [frame])[0] for frame in frames]
+    assert all(len(found) > 0 for found in stills)
+    expected = [row for index in processed
+                for row in detect.detection_rows(source, index, stills[index % len(frames)], class_names)]
+    assert rows.to_dict("records") == expected
+    assert json.loads((out_dir / "detections.json").read_text()) == expected
+
+
+def test_a_live_source_faster_than_the_model_drops_frames_and_its_end_ends_the_run(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    live_clip(data_dir, tmp_path / "clip.mp4")
+    # 40 frames as fast as FFmpeg makes them: far faster than the model.
+    source = f"movie={tmp_path / 'clip.mp4'},loop=loop=9:size=4,setpts=N/10/TB"
+    process = start_live(run_dir, source, tmp_path / "out")
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "the source ended" in stdout
+    processed = set(pd.read_csv(tmp_path / "out/detections.csv")["frame"])
+    assert len(processed) < 40 and max(processed) == 39
+
+
+def test_live_sources_are_told_from_files(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert detect.live_input("0", "") == ("/dev/video0", "v4l2")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert detect.live_input("0", "") == ("0", "avfoundation")
+    assert detect.live_input("/dev/video2", "") == ("/dev/video2", "v4l2")
+    assert detect.live_input("rtsp://127.0.0.1:8554/cam", "") == ("rtsp://127.0.0.1:8554/cam", None)
+    assert detect.live_input("testsrc=rate=10", "lavfi") == ("testsrc=rate=10", "lavfi")
+    assert detect.live_input("photos/2024", "") is None and detect.live_input("clip.mp4", "") is None
 
 
 def test_detect_rejects_an_unknown_source(overfit_run, tmp_path):
@@ -138,6 +235,11 @@ def test_detect_rejects_an_unknown_source(overfit_run, tmp_path):
     result = run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", f"--source={tmp_path / 'notes.txt'}",
                  expect_success=False)
     assert result.returncode != 0 and "is not an image" in result.stderr
+    result = run("detect.py", f"--checkpoint={run_dir / 'last.pt'}", "--source=/dev/video63",
+                 f"--out_dir={tmp_path / 'out'}", expect_success=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --source=/dev/video63: cannot read /dev/video63 as v4l2 (")
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_refuses_bad_settings_and_an_empty_split_before_evaluating(overfit_run, tmp_path):

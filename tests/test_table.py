@@ -125,3 +125,42 @@ def test_reference_rows_name_only_the_tables_columns():
     headers = {header for header, _ in table.ACCURACY_COLUMNS}
     for row in table.REFERENCE_ROWS:
         assert set(row) <= headers, set(row) - headers
+
+
+def test_a_row_says_what_made_it_and_an_older_row_its_folders_maker(tmp_path):
+    (tmp_path / "README.md").write_text(README)
+    write_results(tmp_path / "voc", voc12_map=0.4)
+    metrics = pd.read_csv(tmp_path / "voc/metrics.csv")
+    own = "python evaluate.py --checkpoint=runs/mine/last.pt --out_dir=results"
+    pd.concat([metrics, metrics.assign(model="mine", made_by=own)]).to_csv(tmp_path / "voc/metrics.csv", index=False)
+    readme = make_table(tmp_path)
+    assert "| `make reproduce`: epoch 3, CPU (x86_64, 2 threads), float32 |" in readme
+    assert f"| `{own}`: epoch 3, CPU (x86_64, 2 threads), float32 |" in readme
+    assert readme.count("`make reproduce`") == 1
+
+
+def test_one_folders_tables_stand_alone(tmp_path):
+    write_results(tmp_path / "mine", voc12_map=0.4567)
+    metrics = pd.read_csv(tmp_path / "mine/metrics.csv")
+    metrics.assign(made_by="python evaluate.py --checkpoint=x/last.pt").to_csv(tmp_path / "mine/metrics.csv",
+                                                                                index=False)
+    command = [sys.executable, "table.py", f"--results={tmp_path / 'mine'}"]
+    printed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.splitlines()
+    assert ("| resnet18 | resnet18 | synthetic val (128 images) | 50.00 | 45.67 | 20.00 | 50.00 | 10.00 | 50.0 (fp32, "
+            "AMD EPYC) | `python evaluate.py --checkpoint=x/last.pt`: epoch 3, CPU (x86_64, 2 threads), float32 |"
+            in lines)
+    assert lines[lines.index("| class | resnet18 |"):][2:4] == ["| circle | 0.00 |", "| square | 25.00 |"]
+    assert speed_table(printed.stdout, "CPU")[0].startswith("| resnet18 | 128 | end_to_end | fp32 | 1 | False |")
+    assert "seed" not in printed.stdout  # another work's figures belong to the README's table only
+
+    written = subprocess.run([*command, f"--out={tmp_path / 'tables/mine.md'}"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert written.returncode == 0 and (tmp_path / "tables/mine.md").read_text() == printed.stdout
+    assert sorted(path.name for path in (tmp_path / "mine").iterdir()) == [
+        "benchmark.csv", "metrics.csv", "per_class_ap.csv", "resnet18_log.csv"]
+
+    empty = subprocess.run([sys.executable, "table.py", f"--results={tmp_path / 'tables'}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 1 and "holds no metrics.csv or benchmark.csv" in empty.stderr

@@ -57,6 +57,17 @@ def writable_folder(value) -> None:
         raise ValueError(f"cannot write there ({error.strerror or error}): give a writable folder") from None
 
 
+def resolve_out_dir(config: dict, default: Path) -> Path:
+    """The script's out_dir, or `default` where it is empty, checked by `writable_folder` (a bad one exits with
+    an `error:` line)."""
+    out_dir = config["out_dir"] or str(default)
+    try:
+        writable_folder(out_dir)
+    except ValueError as error:
+        sys.exit(f"error: --out_dir={out_dir!r}: {error}")
+    return Path(out_dir)
+
+
 def convert(name: str, text: str, default):
     """Convert `text` to the type of `default` (tuples: comma-separated elements of the default's type)."""
     if isinstance(default, tuple):
