@@ -79,11 +79,14 @@ PYTHON_VERSION_CHECK := import sys; sys.exit(None if sys.version_info >= (3, 11)
 	+ ' is Python ' + '.'.join(map(str, sys.version_info[:3])) + '; the pinned packages need 3.11 or newer: pass \
 	PYTHON=python3.11 (or VENV= an environment that has it).')
 
-# The stamp is newer than requirements.txt only after a complete install of exactly those pins.
-$(INSTALLED): requirements.txt
+# The stamp is newer than requirements.txt and pyproject.toml only after a complete install of exactly those
+# pins and of the `yolo` package, editable (so `import yolo` works from any folder and follows this checkout).
+# The package builds with the pinned setuptools just installed, without fetching a build environment.
+$(INSTALLED): requirements.txt pyproject.toml
 	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -c "$(PYTHON_VERSION_CHECK)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 test: $(INSTALLED) ## install the pinned environment (once) and run the test suite

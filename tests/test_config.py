@@ -1,12 +1,15 @@
+import re
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from yolo.checkpoint import ARCHITECTURE_KEYS
-from yolo.config import (ConfigError, apply_overrides, at_least, check_rules, constants, one_of, read_preset,
-                         resolve_config)
+from yolo.config import (ConfigError, apply_overrides, at_least, check_rules, commented_settings, constants, one_of,
+                         read_preset, resolve_config)
 from yolo.model import YOLOv1
 from yolo.optim import build_optimizer
 from yolo.sampling import GlobalBatchSampler
@@ -40,6 +43,83 @@ def test_a_float_setting_accepts_an_integer():
 def test_bad_overrides_are_clear_errors(argument, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(DEFAULTS, [argument])
+
+
+@pytest.mark.parametrize("spaced, joined", [
+    (["--lr", "0.01"], ["--lr=0.01"]),
+    (["--epochs", "3", "--milestones", "2,3", "--backbone", "darknet"], ["--epochs=3", "--milestones=2,3",
+                                                                         "--backbone=darknet"]),
+    (["--lr", "-1", "--pretrained", "false"], ["--lr=-1", "--pretrained=false"]),
+    (["--pretrained"], ["--pretrained=true"]),
+    (["--pretrained", "--epochs", "3"], ["--pretrained=true", "--epochs=3"]),
+])
+def test_an_override_may_give_its_value_as_the_next_argument(spaced, joined):
+    assert apply_overrides(DEFAULTS, spaced) == apply_overrides(DEFAULTS, joined)
+    assert apply_overrides(DEFAULTS, ["--pretrained=false", *spaced]) == apply_overrides(
+        DEFAULTS, ["--pretrained=false", *joined])
+
+
+def test_a_bool_flag_alone_before_a_preset_leaves_the_preset_positional(tmp_path):
+    preset = tmp_path / "preset.py"
+    preset.write_text("epochs = 3\n")
+    assert apply_overrides(DEFAULTS, ["--pretrained=false", "--pretrained", str(preset)]) == {
+        **DEFAULTS, "pretrained": True, "epochs": 3}
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--epochs"], "--epochs: no value given; overrides are written --name=value or --name value"),
+    (["--epochs", "--lr=1"], "--epochs: no value given"),
+    (["--epoch", "3"], "--epoch: unknown setting"),
+    (["--pretrained", "maybe"], "expected true or false"),
+    (["--epochs", "3", "4"], "'4': overrides are written --name=value"),
+])
+def test_spaced_overrides_keep_the_errors_clear(arguments, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(DEFAULTS, arguments)
+
+
+SCRIPTS = sorted(path.name for path in ROOT.glob("*.py") if "resolve_config(globals()" in path.read_text())
+
+
+def script_help(script, capsys):
+    """(settings, source, --help output) of a script."""
+    namespace = runpy.run_path(str(ROOT / script), run_name="not_main")
+    with pytest.raises(SystemExit, match="^0$"):
+        resolve_config(namespace, ["--epochs=3", "--help"])
+    return constants(namespace), (ROOT / script).read_text(), capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_setting_with_its_default_and_comment(script, capsys):
+    settings, source, output = script_help(script, capsys)
+    assert output.startswith(f"usage: python {script} [PRESET.py ...] [--name=value ...]\n")
+    commented = re.findall(r"^([a-z_]+) = .*?  # (.+)$", source, re.MULTILINE)
+    assert [name for name, _ in commented] == list(settings)
+    for name, comment in commented:
+        # A long default puts the comment on the next line.
+        assert re.search(rf"^  --{name}=\S*\s+{re.escape(comment)}$", output, re.MULTILINE), name
+    assert "--name value" in output and "configs/demo.py" in output
+
+
+def test_help_reads_headings_and_comments_of_top_level_settings_only():
+    source = ('"""Doc."""\n# --- model\nsize = 3  # side\nnames = ("a",\n         "b")  # the classes\n'
+              'plain = 1\n\n\ndef main():\n    # --- not a heading\n    local = 2  # not a setting\n')
+    assert commented_settings(source) == [(None, "model"), ("size", "side"), ("names", "the classes"), ("plain", "")]
+
+
+def test_help_shows_the_usage_the_defaults_and_the_headings(capsys):
+    _, source, output = script_help("train.py", capsys)
+    assert output.startswith("usage: python train.py [PRESET.py ...] [--name=value ...]\n\n"
+                             "Train YOLOv1 with the paper's recipe, on one device or many.\n")
+    assert "  --lr=0.01 " in output and "  --pretrained=true " in output and "--lr_milestones=85.0,115.0 " in output
+    headings = re.findall(r"^# --- (.+)$", source, re.MULTILINE)
+    assert headings and [line[:-1] for line in output.splitlines() if line.endswith(":")][1:-1] == headings
+
+
+def test_help_exits_0_from_the_command_line():
+    result = subprocess.run([sys.executable, "table.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr
+    assert result.stdout.startswith("usage: python table.py") and "--readme=README.md" in result.stdout
 
 
 def test_constants_reads_only_lower_case_public_settings():

@@ -1,19 +1,30 @@
 """Settings: the constants at the top of each script, presets from configs/, and strict `--name=value` overrides.
 
-A script lists its settings as plain module-level names with defaults; `resolve_config` turns them into a
-dict, applies the command line in order (preset files such as `configs/demo.py`, then or between them
-`--name=value` overrides), checks each value's type and the script's rules, and rejects anything it does
-not know. A preset is a small Python file of `name = literal` lines, read without executing it.
+A script lists its settings as plain module-level names with defaults, each with a comment saying what it
+does; `resolve_config` turns them into a dict, applies the command line in order (preset files such as
+`configs/demo.py`, then or between them `--name=value` or `--name value` overrides), checks each value's
+type and the script's rules, and rejects anything it does not know. A bool setting given alone, `--name`,
+is true. A preset is a small Python file of `name = literal` lines, read without executing it. `--help`
+(or `-h`) prints the settings with their defaults and comments, read from the script's source.
 """
 import ast
+import io
+import shlex
 import sys
 import tempfile
+import tokenize
 from pathlib import Path
 from typing import Callable
 
 SCALAR_TYPES = (bool, int, float, str)
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
+OVERRIDES_HELP = """The arguments apply in order, a later one winning:
+  PRESET.py     a preset (a path ending in .py, such as configs/demo.py) sets the names it assigns
+  --name=value  sets one setting; so does --name value
+  --name        a true/false setting given alone is true
+  --name=1,2    list settings take comma-separated values
+An unknown name, or a value of the wrong type or outside what the setting allows, is an error."""
 
 
 class ConfigError(ValueError):
@@ -138,19 +149,37 @@ def checked_type(name: str, value, default, where: str):
     return value
 
 
+def is_preset(argument: str) -> bool:
+    return not argument.startswith("-") and argument.endswith(".py")
+
+
 def apply_overrides(defaults: dict, argv: list[str]) -> dict:
-    """A copy of `defaults` with argv applied in order: preset files (`*.py`) and `--name=value` overrides."""
+    """A copy of `defaults` with argv applied in order: preset files (`*.py`) and `--name=value` or
+    `--name value` overrides; a bool setting followed by no value (the end, an option or a preset) is true."""
     config = dict(defaults)
-    for argument in argv:
-        if not argument.startswith("-") and argument.endswith(".py"):
+    position = 0
+    while position < len(argv):
+        argument = argv[position]
+        position += 1
+        if is_preset(argument):
             config.update(read_preset(argument, defaults))
             continue
+        if not argument.startswith("--"):
+            raise ConfigError(f"{argument!r}: overrides are written --name=value or --name value "
+                              f"(presets: a configs/*.py path).")
         name, equals, text = argument.removeprefix("--").partition("=")
-        if not argument.startswith("--") or not equals:
-            raise ConfigError(f"{argument!r}: overrides are written --name=value (presets: a configs/*.py path).")
         name = name.replace("-", "_")
         if name not in defaults:
             raise unknown_setting(f"--{name}", defaults)
+        if not equals:
+            following = argv[position] if position < len(argv) else "--"
+            if not (following.startswith("--") or is_preset(following)):
+                text = following
+                position += 1
+            elif isinstance(defaults[name], bool):
+                text = "true"
+            else:
+                raise ConfigError(f"--{name}: no value given; overrides are written --name=value or --name value.")
         config[name] = convert(name, text, defaults[name])
     return config
 
@@ -169,10 +198,15 @@ def check_rules(config: dict, rules: dict[str, Rule]) -> None:
 def resolve_config(namespace: dict, argv: list[str] | None = None, rules: dict[str, Rule] | None = None) -> dict:
     """The script's constants with the command line's presets and overrides, checked against `rules`.
 
-    A bad setting exits with one `error:` line naming it and what is allowed.
+    A bad setting exits with one `error:` line naming it and what is allowed; `--help` or `-h` prints
+    `settings_help(namespace)` and exits.
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(settings_help(namespace))
+        sys.exit(0)
     try:
-        config = apply_overrides(constants(namespace), sys.argv[1:] if argv is None else argv)
+        config = apply_overrides(constants(namespace), argv)
         check_rules(config, rules or {})
     except ConfigError as error:
         sys.exit(f"error: {error}")
@@ -182,3 +216,54 @@ def resolve_config(namespace: dict, argv: list[str] | None = None, rules: dict[s
 def format_config(config: dict) -> str:
     width = max(map(len, config))
     return "\n".join(f"  {name:<{width}} = {value!r}" for name, value in config.items())
+
+
+def as_argument(value) -> str:
+    """A setting's value as it is written on a command line (`--name=<this>`)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(as_argument, value))
+    return shlex.quote(value) if isinstance(value, str) else repr(value)
+
+
+def commented_settings(source: str) -> list[tuple[str | None, str]]:
+    """The script's settings block as it reads: (None, heading) for each `# --- heading` line and
+    (name, comment) for each top-level `name = value  # comment` assignment, in source order."""
+    comments = {token.start[0]: token for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    entries = {line: (None, token.string.removeprefix("# ---").strip())
+               for line, token in comments.items() if token.start[1] == 0 and token.string.startswith("# ---")}
+    for statement in ast.parse(source).body:
+        if (isinstance(statement, ast.Assign) and len(statement.targets) == 1
+                and isinstance(statement.targets[0], ast.Name)):
+            token = comments.get(statement.end_lineno)
+            comment = token.string.removeprefix("#").strip() if token else ""
+            entries[statement.lineno] = (statement.targets[0].id, comment)
+    return [entries[line] for line in sorted(entries)]
+
+
+def settings_help(namespace: dict) -> str:
+    """`--help`: the script's usage (its docstring's first paragraph), then each setting with its default and
+    comment under its heading, as the settings block at the top of the script lists them."""
+    defaults = constants(namespace)
+    path = Path(namespace.get("__file__", ""))
+    entries, listed = [], set()
+    for name, text in commented_settings(path.read_text() if path.is_file() else ""):
+        if name is None or (name in defaults and name not in listed):
+            entries.append((name, text))
+            listed.add(name)
+    entries += [(name, "") for name in defaults if name not in listed]
+    arguments = {name: f"--{name}={as_argument(value)}" for name, value in defaults.items()}
+    width = max((len(argument) for argument in arguments.values() if len(argument) <= 40), default=0)
+    summary = (namespace.get("__doc__") or "").strip().split("\n\n")[0]
+    lines = [f"usage: python {path.name} [PRESET.py ...] [--name=value ...]", "", summary, "",
+             "settings (default, then what it does):"]
+    for name, text in entries:
+        if name is None:
+            lines.append(f"{text}:")
+        elif len(arguments[name]) > width:
+            lines += [f"  {arguments[name]}", f"  {'':<{width}}  {text}"]
+        else:
+            lines.append(f"  {arguments[name]:<{width}}  {text}")
+    return "\n".join(line.rstrip() for line in [*lines, "", OVERRIDES_HELP])

@@ -1,0 +1,130 @@
+"""yolo.load_detector and its predict, the fp16 weights file and torch.hub, on the overfitted test checkpoint."""
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import yolo
+from yolo.checkpoint import load_checkpoint, load_model
+from yolo.data import decode_image
+from yolo.postprocess import EVAL_SCORE_THRESHOLD
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def detector(overfit_run):
+    _, run_dir = overfit_run
+    return yolo.load_detector(run_dir / "best.pt", device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def image_paths(overfit_run):
+    data_dir, _ = overfit_run
+    return sorted((data_dir / "JPEGImages").glob("*.jpg"))
+
+
+def assert_same_detections(actual, expected, what="", box_atol=1e-4, score_atol=1e-4):
+    assert actual.names == expected.names and torch.equal(actual.labels, expected.labels), what
+    torch.testing.assert_close(actual.boxes, expected.boxes, atol=box_atol, rtol=0, msg=what)
+    torch.testing.assert_close(actual.scores, expected.scores, atol=score_atol, rtol=0, msg=what)
+
+
+def test_every_form_of_an_image_gives_the_same_detections(detector, image_paths):
+    path = image_paths[0]
+    pixels = np.array(Image.open(path).convert("RGB"))
+    chw = torch.from_numpy(pixels).permute(2, 0, 1)
+    forms = {"str": str(path), "Path": path, "PIL": Image.open(path), "NumPy HWC uint8": pixels,
+             "NumPy HWC float64": pixels / 255, "NumPy, negative strides": pixels[..., ::-1].copy()[..., ::-1],
+             "CHW uint8": chw, "HWC uint8": chw.permute(1, 2, 0), "CHW float32": chw / 255,
+             "HWC float16": (chw.permute(1, 2, 0) / 255).half()}
+    expected = detector.predict(str(path))[0]
+    assert len(expected) > 0 and expected.names == [detector.class_names[i] for i in expected.labels.tolist()]
+    for form, image in forms.items():
+        assert_same_detections(detector.predict(image)[0], expected, form)
+    for result in detector.predict(list(forms.values())) + detector.predict(torch.stack([chw, chw])):
+        assert_same_detections(result, expected)
+
+
+def test_boxes_are_in_the_original_images_pixels(detector, image_paths):
+    image = decode_image(image_paths[1])
+    height, width = image.shape[1:]
+    found = detector.predict(image)[0]
+    assert len(found) > 0 and found.boxes.dtype == torch.float32
+    assert found.boxes.min() >= 0 and found.boxes[:, [0, 2]].max() <= width and found.boxes[:, [1, 3]].max() <= height
+    # Twice as wide: x doubles and y does not move (the network sees nearly the same 128 x 128 input).
+    wide = detector.predict(image.repeat_interleave(2, dim=2))[0]
+    assert torch.equal(wide.labels, found.labels)
+    torch.testing.assert_close(wide.boxes, found.boxes * torch.tensor([2.0, 1.0, 2.0, 1.0]), atol=1.0, rtol=0)
+    doubled = detector.predict(image.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2))[0]
+    torch.testing.assert_close(doubled.boxes, found.boxes * 2, atol=1.0, rtol=0)
+
+
+def test_the_display_threshold_keeps_far_fewer_boxes_than_the_evaluation_one(detector):
+    blank = np.full((300, 400, 3), 127, dtype=np.uint8)
+    shown = detector.predict(blank)[0]
+    kept_for_map = detector.predict(blank, score_threshold=EVAL_SCORE_THRESHOLD)[0]
+    assert len(kept_for_map) >= 10 and len(shown) * 5 <= len(kept_for_map)
+    assert len(detector.predict(blank, max_detections=3)[0]) <= 3
+
+
+@pytest.mark.parametrize("image, error, message", [
+    (np.zeros((60, 80), dtype=np.uint8), ValueError, r"shape \(60, 80\).*grayscale.*Accepted: a path"),
+    (np.zeros((60, 80, 4), dtype=np.uint8), ValueError, r"shape \(60, 80, 4\).*RGBA: drop the alpha"),
+    (np.zeros((3, 60, 80), dtype=np.uint8), ValueError, r"expected \(H, W, 3\) for a NumPy array"),
+    (torch.zeros(60, 80, 4), ValueError, r"expected \(3, H, W\) or \(H, W, 3\) for a tensor"),
+    (np.zeros((60, 80, 3), dtype=np.int32), TypeError, r"dtype int32: expected uint8, or floats in \[0, 1\]"),
+    (torch.full((3, 60, 80), 255.0), ValueError, r"values from 255 to 255: floats must be in \[0, 1\]"),
+    (b"\xff\xd8", TypeError, r"cannot read an image from a bytes"),
+])
+def test_a_wrong_image_is_a_clear_error(detector, image, error, message):
+    with pytest.raises(error, match=message):
+        detector.predict(image)
+
+
+def test_a_weights_file_is_half_the_checkpoint_named_by_its_hash_and_detects_alike(detector, overfit_run,
+                                                                                    image_paths, tmp_path):
+    _, run_dir = overfit_run
+    path = yolo.export_weights(run_dir / "best.pt", tmp_path)
+    assert path.stat().st_size < 0.6 * (run_dir / "best.pt").stat().st_size
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert re.fullmatch(r"run_best-[0-9a-f]{8}\.pth", path.name)
+    assert torch.hub.HASH_REGEX.search(path.name).group(1) == digest[:8]  # what check_hash=True compares
+    saved = load_checkpoint(path)
+    assert {"model_args", "class_names", "config"} <= set(saved) and "optimizer" not in saved
+    model = load_model(path)[0]
+    assert {saved["model"][name].dtype for name, _ in model.named_parameters()} == {torch.float16}
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
+    from_weights = yolo.load_detector(path, device="cpu", dtype="fp32")
+    for actual, expected in zip(from_weights.predict(image_paths), detector.predict(image_paths)):
+        assert_same_detections(actual, expected, box_atol=1.0, score_atol=5e-3)
+
+
+def test_torch_hub_loads_the_detector(overfit_run, image_paths):
+    _, run_dir = overfit_run
+    hub_detector = torch.hub.load(str(ROOT), "yolov1", source="local", checkpoint=str(run_dir / "best.pt"),
+                                  device="cpu", dtype="fp32")
+    assert isinstance(hub_detector, yolo.ImageDetector) and len(hub_detector.predict(image_paths[0])[0]) > 0
+
+
+def test_the_readmes_example_runs_outside_the_repository(overfit_run, image_paths, tmp_path):
+    _, run_dir = overfit_run
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"## Detection from Python\n.*?```python\n(.*?)```", readme, re.DOTALL).group(1)
+    example = (example.replace("runs/resnet18_voc2012val/last.pt", str(run_dir / "best.pt"))
+               .replace("street.jpg", str(image_paths[0])).replace("kitchen.png", str(image_paths[1])))
+    # The repository on PYTHONPATH stands in for the editable install that `make` does.
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=environment, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    line = re.compile(r" *(circle|square|triangle|cross|diamond) [01]\.\d\d \(\d+, \d+\) - \(\d+, \d+\)")
+    lines = result.stdout.splitlines()
+    assert lines and all(line.fullmatch(text) for text in lines), result.stdout
