@@ -29,7 +29,7 @@ from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, evaluate
 from yolo.formats import CLASS_LIST_ADVICE, DATA_FORMATS
 from yolo.imagecheck import LEAVE_OUT_OF_SPLIT, require_readable_images
 from yolo.inference import Detector
-from yolo.model import BACKBONES, YOLOv1
+from yolo.model import BACKBONES, PretrainedWeightsError, YOLOv1
 from yolo.optim import OPTIMIZERS, load_optimizer_state
 from yolo.plots import plot_training_curve
 from yolo.run import (StopRequest, append_log, exit_for_stop, find_checkpoint, finished_already, load_scaler_state,
@@ -303,5 +303,5 @@ def main(config: dict) -> None:
 if __name__ == "__main__":
     try:
         main(resolve_config(globals(), rules=RULES))
-    except (ValueError, FileNotFoundError, CheckpointError) as error:  # bad settings, data or disk
+    except (ValueError, FileNotFoundError, CheckpointError, PretrainedWeightsError) as error:  # settings, data, disk
         sys.exit(f"error: {error}")

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from yolo.model import YOLOv1
+from yolo.model import PretrainedWeightsError, YOLOv1
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "darknet"])
@@ -140,7 +140,7 @@ def test_pretrained_weights_offline_error_says_what_to_do(tmp_path, monkeypatch)
         raise urllib.error.URLError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(PretrainedWeightsError) as error:
         YOLOv1("resnet50", pretrained=True)
     message = str(error.value)
     assert "pretrained=False" in message and str(tmp_path / "hub" / "checkpoints") in message

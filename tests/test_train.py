@@ -267,8 +267,20 @@ def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path
 def test_bad_settings_are_clear_errors(data_dir, tmp_path, overrides, message):
     result = run_train(data_dir, tmp_path / "run", *TINY, "--batch_size=8", "--micro_batch_size=8", *overrides,
                        expect_success=False)
-    assert result.returncode != 0
+    assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "error: " in result.stderr and message in result.stderr, result.stderr
+
+
+def test_imagenet_weights_out_of_reach_are_one_error_line(data_dir, tmp_path):
+    """No network (a proxy that refuses every connection) and an empty hub cache: what to do, no traceback."""
+    offline = {**ONE_THREAD, "TORCH_HOME": str(tmp_path / "hub"), "https_proxy": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9"}
+    command = train_command(data_dir, tmp_path / "run", *TINY, "--batch_size=8", "--micro_batch_size=8",
+                            "--pretrained=true")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=offline)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: Could not load the ImageNet weights of resnet18")
+    assert "--pretrained=false" in result.stderr and str(tmp_path / "hub" / "hub" / "checkpoints") in result.stderr
 
 
 def test_a_non_finite_loss_stops_the_run_and_names_the_step(data_dir, tmp_path):

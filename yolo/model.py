@@ -81,6 +81,10 @@ def fast_head(in_channels: int, head_stride: int, grid_size: int, outputs_per_ce
     )
 
 
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights that cannot be had (offline, or a damaged cache file); the message says what to do."""
+
+
 def load_imagenet_weights(name: str) -> dict:
     """torchvision's ImageNet state dict for `name`, from the torch hub cache or the network."""
     weights = RESNET_WEIGHTS[name]
@@ -88,7 +92,7 @@ def load_imagenet_weights(name: str) -> dict:
         return weights.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         cache = torch.hub.get_dir() + "/checkpoints/" + weights.url.rsplit("/", 1)[-1]
-        raise RuntimeError(
+        raise PretrainedWeightsError(
             f"Could not load the ImageNet weights of {name} ({weights.url}): {error}. "
             f"Either train from scratch with pretrained=False (--pretrained=false), or download that file "
             f"on a machine with internet access and place it at {cache} (the torch hub cache; set TORCH_HOME "
