@@ -24,16 +24,16 @@ from torch.utils.data import Subset, default_collate
 from yolo.checkpoint import (RESUMABLE_CHANGES, CheckpointError, CheckpointWriter, config_differences, git_commit,
                              load_checkpoint)
 from yolo.classification import BackboneClassifier, classification_loss, evaluate_classifier, image_folders
-from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
+from yolo.config import at_least, between, constants, format_config, one_of, resolve_config, writable_folder
 from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import NonFiniteLossError, train_one_epoch
 from yolo.model import BACKBONES
 from yolo.optim import load_optimizer_state
 from yolo.plots import plot_classification_curve
-from yolo.run import (StopRequest, exit_for_stop, find_checkpoint, finished_already, load_scaler_state,
-                      mark_finished, save_epoch, say, start_run_folder, stop_if_requested, training_parts,
-                      training_wrapper)
+from yolo.run import (StopRequest, announce_epochs, exit_for_stop, find_checkpoint, finished_already,
+                      load_scaler_state, mark_finished, save_epoch, say, start_run_folder, stop_if_requested,
+                      training_parts, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, SeededSamples
 from yolo.transforms import build_loader, check_num_workers, num_loader_workers
 
@@ -118,7 +118,8 @@ def main(config: dict) -> None:
             sys.exit(f"error: {error}")
         # The cosine schedule is laid out over `epochs`, so there a longer run is another run.
         may_change = [key for key in RESUMABLE_CHANGES if key != "epochs" or config["schedule"] == "step"]
-        differences = config_differences(checkpoint["config"], run_config, may_change)
+        differences = config_differences(checkpoint["config"], run_config, may_change,
+                                         defaults=constants(globals()))
         if differences:
             sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
                      f"Rerun with the saved settings, or choose another out_dir to start a new run.")
@@ -143,8 +144,7 @@ def main(config: dict) -> None:
     writer = CheckpointWriter()
     forward_loss = partial(classification_loss, label_smoothing=config["label_smoothing"], device=device,
                            dtype=dtype)
-    say(f"training epochs {start_epoch + 1}-{config['epochs']}: {sampler.steps_per_epoch} steps of "
-        f"{config['batch_size']} images each ({sampler.accumulation} accumulated micro-batches per process)")
+    announce_epochs(start_epoch, config["epochs"], sampler)
     for epoch in range(start_epoch, config["epochs"]):
         sampler.set_epoch(epoch, start_step)
         started = time.perf_counter()

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, CheckpointWriter, config_differences, git_commit,
-                             load_backbone_weights, load_checkpoint)
-from yolo.config import at_least, between, format_config, one_of, resolve_config, writable_folder
+from yolo.checkpoint import (ARCHITECTURE_KEYS, RESUMABLE_CHANGES, CheckpointError, CheckpointWriter,
+                             config_differences, git_commit, load_backbone_weights, load_checkpoint)
+from yolo.config import at_least, between, constants, format_config, one_of, resolve_config, writable_folder
 from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset
 from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import backend, barrier, cleanup, init_distributed, is_main_process
@@ -32,9 +32,9 @@ from yolo.inference import Detector
 from yolo.model import BACKBONES, PretrainedWeightsError, YOLOv1
 from yolo.optim import OPTIMIZERS, load_optimizer_state
 from yolo.plots import plot_training_curve
-from yolo.run import (StopRequest, append_log, exit_for_stop, find_checkpoint, finished_already, load_scaler_state,
-                      mark_finished, save_epoch, say, start_run_folder, stop_if_requested, training_parts,
-                      training_wrapper)
+from yolo.run import (StopRequest, announce_epochs, append_log, exit_for_stop, find_checkpoint, finished_already,
+                      load_scaler_state, mark_finished, save_epoch, say, start_run_folder, stop_if_requested,
+                      training_parts, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
 from yolo.transforms import EvalTransform, TrainTransform, build_loader, check_num_workers, num_loader_workers
 
@@ -69,6 +69,7 @@ lr = 1e-2                      # learning rate after warm-up
 warmup_lr = 1e-3               # learning rate at the start of the linear warm-up
 warmup_epochs = 10.0           # epochs of linear warm-up (fractional epochs allowed)
 lr_milestones = (85.0, 115.0)  # epochs at which the learning rate is multiplied by lr_gamma (fractions allowed)
+lr_milestones_unit = "epochs"  # epochs | fraction: lr_milestones as fractions of `epochs` (0.6,0.8 follow its length)
 lr_gamma = 0.1                 # step factor at each milestone
 momentum = 0.9                 # SGD momentum (AdamW: beta1)
 weight_decay = 5e-4            # L2 weight decay on convolution and linear weights
@@ -92,19 +93,26 @@ RULES = {"device": resolve_device, "backbone": one_of(*BACKBONES), "image_size":
          "data_format": one_of("auto", *DATA_FORMATS),
          "epochs": at_least(1), "batch_size": at_least(1), "micro_batch_size": at_least(1),
          "optimizer": one_of(*OPTIMIZERS), "lr": at_least(0.0), "warmup_lr": at_least(0.0),
-         "warmup_epochs": at_least(0.0), "lr_milestones": at_least(0.0), "lr_gamma": at_least(0.0),
+         "warmup_epochs": at_least(0.0), "lr_milestones": at_least(0.0),
+         "lr_milestones_unit": one_of("epochs", "fraction"), "lr_gamma": at_least(0.0),
          "momentum": between(0.0, 1.0), "weight_decay": at_least(0.0), "lambda_coord": at_least(0.0),
          "lambda_noobj": at_least(0.0), "seed": at_least(0), "dtype": one_of("auto", *DTYPES),
          "eval_every": at_least(0), "bad_images": one_of("skip", "error"), "log_every": at_least(1),
          "out_dir": writable_folder}
 
 
+def milestone_epochs(config: dict) -> list[float]:
+    """The epochs at which the learning rate drops: lr_milestones, or those fractions of the run's epochs."""
+    scale = config["epochs"] if config["lr_milestones_unit"] == "fraction" else 1
+    return sorted(milestone * scale for milestone in config["lr_milestones"])
+
+
 def learning_rate(epoch: float, config: dict) -> float:
     """The schedule at a fractional epoch: linear warm-up from warmup_lr to lr, then lr x lr_gamma at each
-    of lr_milestones. Defined for every epoch >= 0, past the last milestone and the planned end too."""
+    milestone. Defined for every epoch >= 0, past the last milestone and the planned end too."""
     if epoch < config["warmup_epochs"]:
         return config["warmup_lr"] + (config["lr"] - config["warmup_lr"]) * epoch / config["warmup_epochs"]
-    return config["lr"] * config["lr_gamma"] ** bisect.bisect_right(sorted(config["lr_milestones"]), epoch)
+    return config["lr"] * config["lr_gamma"] ** bisect.bisect_right(milestone_epochs(config), epoch)
 
 
 LOG_COLUMNS = ("epoch", "lr", *LOSS_TERMS, "train_loss", "val_loss", "val_voc07_map", "val_voc12_map",
@@ -129,6 +137,11 @@ def main(config: dict) -> None:
     say(f"train.py on {world_size} process(es){process_group}, device {device}, "
         f"dtype {str(dtype).removeprefix('torch.')}\n{format_config(config)}")
 
+    unreached = [milestone for milestone in milestone_epochs(config) if milestone >= config["epochs"]]
+    if unreached:
+        say(f"warning: the learning rate would drop at epochs {', '.join(f'{m:g}' for m in unreached)}, which a "
+            f"run of {config['epochs']} epochs never reaches: set --lr_milestones (or lr_milestones_unit=fraction "
+            f"with fractions of the run, as configs/small_data.py does)")
     random.seed(config["seed"])
     torch.manual_seed(config["seed"])
     train_set = build_dataset(config["protocol"], config["data_dir"], train=True, data_format=config["data_format"],
@@ -186,7 +199,11 @@ def main(config: dict) -> None:
             checkpoint = load_checkpoint(checkpoint_path, map_location=device)
         except CheckpointError as error:
             sys.exit(f"error: {error}")
-        differences = config_differences(checkpoint["config"], run_config)
+        # Milestones laid out as fractions of `epochs` move with it, so there a longer run is another run.
+        may_change = [key for key in RESUMABLE_CHANGES
+                      if key != "epochs" or config["lr_milestones_unit"] == "epochs"]
+        differences = config_differences(checkpoint["config"], run_config, may_change,
+                                         defaults=constants(globals()))
         if differences:
             sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
                      f"Rerun with the saved settings, or choose another out_dir to start a new run.")
@@ -227,8 +244,7 @@ def main(config: dict) -> None:
     stop = StopRequest()
     writer = CheckpointWriter()
     read_every = config["log_every"] if device.type == "cuda" else 1
-    say(f"training epochs {start_epoch + 1}-{config['epochs']}: {sampler.steps_per_epoch} steps of "
-        f"{config['batch_size']} images each ({sampler.accumulation} accumulated micro-batches per process)")
+    announce_epochs(start_epoch, config["epochs"], sampler)
     for epoch in range(start_epoch, config["epochs"]):
         sampler.set_epoch(epoch, start_step)
         started = time.perf_counter()

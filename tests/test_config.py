@@ -164,11 +164,11 @@ def check_preset(preset: Path) -> None:
     """The preset, after its model preset as the Makefile and the tests give them, keeps every rule of each
     script it names, and builds that script's model, optimizer and batch sampler."""
     scripts = ["train.py", "benchmark.py"] if preset.name.endswith("_model.py") else ["train.py"]
-    model_preset = CONFIGS / f"{preset.stem.removesuffix('_model')}_model.py"
+    model_presets = [path for path in [CONFIGS / f"{preset.stem.removesuffix('_model')}_model.py"] if path.exists()]
     for script in scripts:
         namespace = runpy.run_path(str(ROOT / script), run_name="not_main")
         assert read_preset(preset, constants(namespace)), script
-        config = apply_overrides(constants(namespace), [str(model_preset), str(preset)])
+        config = apply_overrides(constants(namespace), [*map(str, model_presets), str(preset)])
         check_rules(config, {name: rule for name, rule in namespace["RULES"].items() if name != "out_dir"})
         model = YOLOv1(**{key: config[key] for key in ARCHITECTURE_KEYS if key in config}, num_classes=5,
                        pretrained=False)

@@ -291,7 +291,8 @@ def test_a_non_finite_loss_stops_the_run_and_names_the_step(data_dir, tmp_path):
 
 
 def test_the_schedule_warms_up_then_steps_at_each_milestone():
-    config = {"lr": 1e-2, "warmup_lr": 1e-3, "warmup_epochs": 10.0, "lr_milestones": (85, 115), "lr_gamma": 0.1}
+    config = {"lr": 1e-2, "warmup_lr": 1e-3, "warmup_epochs": 10.0, "lr_milestones": (85, 115),
+              "lr_milestones_unit": "epochs", "lr_gamma": 0.1}
     assert train.learning_rate(0.0, config) == pytest.approx(1e-3)
     assert train.learning_rate(5.0, config) == pytest.approx(5.5e-3)
     assert [train.learning_rate(epoch, config) for epoch in (10, 84.9, 85, 114.9, 115, 1000)] == \
@@ -314,8 +315,35 @@ def test_a_resume_may_change_only_the_listed_settings():
     assert config_differences(saved, current) == []
     assert config_differences(saved, {**current, "lr_milestones": (90, 115)}) == \
         ["lr_milestones: [85, 115] -> (90, 115)"]
-    # a setting the saved run did not have (added since) is a difference too
-    assert config_differences(saved, {**current, "label_smoothing": 0.1}) == ["label_smoothing: None -> 0.1"]
+    # A setting the saved run did not have (added since) counts as its default: the value the run used.
+    defaults = {"label_smoothing": 0.0}
+    assert config_differences(saved, {**current, "label_smoothing": 0.0}, defaults=defaults) == []
+    assert config_differences(saved, {**current, "label_smoothing": 0.1}, defaults=defaults) == \
+        ["label_smoothing: 0.0 -> 0.1"]
+    assert config_differences(saved, {**current, "label_smoothing": 0.0}) == ["label_smoothing: None -> 0.0"]
+
+
+def test_milestones_as_fractions_follow_the_runs_length_which_a_resume_then_keeps(data_dir, tmp_path):
+    fractions = ["--lr_milestones=0.5,0.75", "--lr_milestones_unit=fraction", "--warmup_epochs=0", "--lr_gamma=0.1"]
+    for epochs, dropped_at in ((40, (20, 30)), (8, (4, 6))):
+        config = resolve_config(vars(train), [*fractions, f"--epochs={epochs}"], rules=train.RULES)
+        first, second = dropped_at
+        assert [train.learning_rate(epoch, config) for epoch in (first - 0.01, first, second - 0.01, second)] == \
+            pytest.approx([1e-2, 1e-3, 1e-3, 1e-4])
+    out_dir = tmp_path / "run"
+    result = run_train(data_dir, out_dir, *TINY, "--batch_size=8", "--micro_batch_size=8", "--epochs=1", *fractions)
+    assert "warning" not in result.stdout
+    longer = run_train(data_dir, out_dir, *TINY, "--batch_size=8", "--micro_batch_size=8", "--epochs=2", *fractions,
+                       expect_success=False)
+    assert longer.returncode != 0 and "epochs: 1 -> 2" in longer.stderr
+
+
+def test_milestones_past_the_end_of_the_run_are_a_warning_and_sitting_out_images_are_said(data_dir, tmp_path):
+    result = run_train(data_dir, tmp_path / "run", *TINY, "--batch_size=12", "--micro_batch_size=4", "--epochs=1",
+                       "--lr_milestones=0.5,3")
+    assert "warning: the learning rate would drop at epochs 3, which a run of 1 epochs never reaches" in result.stdout
+    assert "1 steps of 12 images each (3 accumulated micro-batches per process); 4 of the 16 images sit out each " \
+           "epoch" in result.stdout
 
 
 def test_autocast_dtype_on_a_cpu():

@@ -123,11 +123,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
             from error
 
 
-def config_differences(saved: dict, current: dict, may_change=RESUMABLE_CHANGES) -> list[str]:
+def config_differences(saved: dict, current: dict, may_change=RESUMABLE_CHANGES,
+                       defaults: dict | None = None) -> list[str]:
     """'name: saved -> current' for each setting, in either config, that differs and may not change.
 
-    Values are compared as JSON would store them (a tuple equals the list it was saved as).
+    Values are compared as JSON would store them (a tuple equals the list it was saved as). A setting that the
+    saved config lacks (added to the script since) counts as its value in `defaults`: the run used what the
+    setting now names by default.
     """
+    saved = {**(defaults or {}), **saved}
+
     def normal(value):
         return list(value) if isinstance(value, tuple) else value
     return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in dict.fromkeys([*saved, *current])

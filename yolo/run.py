@@ -113,6 +113,17 @@ def start_run_folder(out_dir: Path, run_config: dict, start_epoch: int, log_colu
     write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch), log_columns)
 
 
+def announce_epochs(start_epoch: int, epochs: int, sampler) -> None:
+    """The line that opens training (the tests wait for its first words): the epochs to run, their steps,
+    and the images that sit out each epoch when the last batch is incomplete (dropped, so that every step
+    has the same size; a different set each epoch, since the order is reshuffled)."""
+    left_out = sampler.dataset_size - sampler.steps_per_epoch * sampler.batch_size
+    sitting_out = (f"; {left_out} of the {sampler.dataset_size} images sit out each epoch (a different "
+                   f"{left_out} each time)" if left_out else "")
+    say(f"training epochs {start_epoch + 1}-{epochs}: {sampler.steps_per_epoch} steps of {sampler.batch_size} "
+        f"images each ({sampler.accumulation} accumulated micro-batches per process){sitting_out}")
+
+
 def training_parts(model: torch.nn.Module, optimizer_name: str, config: dict, device: torch.device,
                    dtype: torch.dtype) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
     """The optimizer and gradient scaler of a training run on `device`, which is also made ready for it.
