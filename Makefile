@@ -12,7 +12,7 @@ MAKEFLAGS += --warn-undefined-variables --no-builtin-rules
 
 PYTHON ?= python3## interpreter that creates the virtual environment
 VENV ?= .venv## Python environment; one given here is used as it is (nothing installed) by every target but test
-PROTOCOL ?= voc2012val## voc2012val (the seed's) or voc2007test (the paper's)
+PROTOCOL ?= voc2012val## voc2012val (the seed's), voc2007test (the paper's) or voc2012test (make submission)
 NPROC ?= 1## GPUs to train on (torchrun when more than 1)
 FORCE_CPU ?= 0## 1: let `make reproduce` train on a CPU (months)
 VOC_MIRROR ?=## base URL of a mirror serving the VOC .tar files
@@ -21,6 +21,7 @@ VOC_STALL_TIMEOUT ?= 60## seconds without a byte before the VOC download gives u
 VOC_DEADLINE ?= 14400## seconds one VOC archive may take to download before giving up (0: no limit)
 VOC_CHECKSUMS ?=## file of "md5  archive" lines (md5sum's format) that replace the official VOC checksums
 VOC_DATA ?= data## folder of the VOC archives/ and VOCdevkit/
+VOC2012_TEST_ARCHIVE ?=## the VOC2012 test .tar from the evaluation server (after registration), for make submission
 VOC_MODEL ?=## model preset of the VOC runs and of make benchmark (empty: the paper's 448 px model)
 VOC_CONFIG ?=## recipe presets of the VOC runs, read before the protocol (empty: the paper's recipe)
 BENCHMARK_SETTINGS ?=## benchmark.py settings added to make benchmark's (e.g. --iters=3)
@@ -66,7 +67,7 @@ DEMO_STAMPS := $(DEMO_RUNS)/stamps
 DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_STAMPS)/eval-$(m))
 
 .PHONY: help test download train-resnet18 train-resnet50 pretrain-darknet train-darknet eval benchmark table \
-	reproduce demo clean check-gpu gpu-check
+	reproduce submission demo clean check-gpu gpu-check
 
 help: ## list the targets and the variables they read
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -169,6 +170,19 @@ $(STAMPS)/benchmark-cpu: benchmark.py $(PACKAGE) $(VOC_MODEL) | $(ENV_READY)
 # Reads the CSVs whatever their times, and runs nothing that writes them.
 table: | $(ENV_READY) ## regenerate the README results table and figures from the committed CSV files
 	$(PY) table.py --readme=$(README) --results=$(RESULTS) --demo_results=$(DEMO_RESULTS) --gpu_results=$(GPU_RESULTS)
+
+NO_TEST_ARCHIVE_MESSAGE := error: set VOC2012_TEST_ARCHIVE to the VOC2012 test .tar, which the evaluation server \
+	(http://host.robots.ox.ac.uk:8080) gives after registration, e.g. make submission \
+	VOC2012_TEST_ARCHIVE=~/Downloads/VOC2012test.tar
+
+# The test server's protocol (comp4): both models trained on every annotated image, then their files for the
+# VOC2012 test images, packed as the server takes them, under results/submission/.
+submission: check-gpu ## train both models on VOC07 trainval+test and VOC12 trainval; write the VOC2012 test server's files (CUDA)
+	@test -n "$(VOC2012_TEST_ARCHIVE)" || { echo "$(NO_TEST_ARCHIVE_MESSAGE)" >&2; exit 2; }
+	$(MAKE) --no-print-directory download
+	$(PY) data/download_voc.py --data-dir $(call quote,$(VOC_DATA)) \
+		--test-archive $(call quote,$(VOC2012_TEST_ARCHIVE))
+	$(MAKE) eval PROTOCOL=voc2012test
 
 reproduce: check-gpu ## download, train both models, evaluate, benchmark, table (CUDA)
 	$(MAKE) eval

@@ -5,6 +5,7 @@
 Writes (rerunning replaces the model's rows and files): a row of out_dir/metrics.csv, its rows of
 out_dir/per_class_ap.csv, out_dir/<model>_pr.png, out_dir/<model>_ap.png and out_dir/<model>_examples.png;
 with --submission=true also the VOC test-server files under out_dir/submission/<model>/ and their .tar.gz.
+protocol=voc2012test (the test server's: its annotations stay there) writes those files alone.
 out_dir defaults to evaluate/ in the checkpoint's folder, so an evaluation of one's own model stays with its
 run: the repository's results/ hold only what the Makefile writes there. Prints the per-class AP table and the
 paths written; `python table.py --results=<out_dir>` prints the folder's tables again.
@@ -22,7 +23,7 @@ import torch
 from table import per_class_table
 from yolo.checkpoint import CheckpointError, load_model
 from yolo.config import at_least, between, format_config, one_of, resolve_config, resolve_out_dir
-from yolo.data import ImageDecodeError, build_dataset, decode_image
+from yolo.data import ImageDecodeError, build_dataset, decode_image, has_test_annotations
 from yolo.device import DTYPES, device_name, inference_dtype, resolve_device
 from yolo.engine import evaluate
 from yolo.formats import DATA_FORMATS
@@ -38,7 +39,7 @@ from yolo.visualize import draw_boxes, save_image
 
 checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint (last.pt is the reported one)
 model_name = ""                # row key in the CSVs; empty: the checkpoint's folder name
-protocol = ""                  # voc2012val | voc2007test | custom (synthetic: the same); empty: the checkpoint's
+protocol = ""                  # voc2012val | voc2007test | voc2012test | custom; empty: the checkpoint's
 data_dir = ""                  # dataset folder; empty: the checkpoint's
 data_format = ""               # custom: auto | voc | coco | yolo (yolo/formats.py); empty: the checkpoint's
 val_split = ""                 # custom: the split evaluated; empty: the checkpoint's val_split
@@ -69,9 +70,22 @@ RESULT_CSVS = {
 CSV_KEY = ("model",)
 
 
-def write_submission(folder: Path, image_ids: list[str], detections: list[np.ndarray],
-                     class_names: list[str]) -> Path:
-    """The VOC test server's comp4 files, one per class ('<image_id> <score> <x1> <y1> <x2> <y2>'), and a tar.gz."""
+def write_submission(folder: Path, image_ids: list[str], detections: list[np.ndarray], class_names: list[str],
+                     server_ids: list[str] | None = None) -> Path:
+    """The VOC test server's comp4 files, one per class ('<image_id> <score> <x1> <y1> <x2> <y2>', 1-based
+    pixels), under folder/results/VOC2012/Main/, and folder's .tar.gz of them, as the server takes it.
+
+    With `server_ids` (the test set's ImageSets/Main/test.txt) the files must cover exactly those images: an
+    id the server does not list, or a listed one without its detections, is a ValueError naming them.
+    """
+    if server_ids is not None:
+        unlisted = sorted(set(image_ids) - set(server_ids))
+        missing = sorted(set(server_ids) - set(image_ids))
+        if unlisted or missing:
+            raise ValueError(f"the test server scores exactly the {len(server_ids)} images of its test.txt: "
+                             + "; ".join(f"{what} {len(ids)} ({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
+                                         for what, ids in (("not listed there:", unlisted),
+                                                           ("listed but not evaluated:", missing)) if ids))
     main = folder / "results" / "VOC2012" / "Main"
     main.mkdir(parents=True, exist_ok=True)
     for class_id, name in enumerate(class_names):
@@ -142,9 +156,18 @@ def main(config: dict) -> None:
         result = evaluate(detector, loader, dataset, loss_weights={}, desc=f"evaluate {model_name}")
     except ImageDecodeError as error:  # its header read, its pixels do not
         sys.exit(f"error: {error.reason}. An evaluation needs every image of the split: replace the file.")
-    metrics = result["metrics"]
-
+    image_ids = [dataset.image_ids[index] for index in result["indices"]]
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not has_test_annotations(protocol_name):  # the server scores it: its files are all there is to write
+        try:
+            archive = write_submission(out_dir / "submission" / model_name, image_ids, result["detections"],
+                                       class_names, server_ids=list(dataset.image_ids))
+        except ValueError as error:
+            sys.exit(f"error: {error}")
+        print(f"{len(image_ids)} test images detected; upload {archive} to the VOC evaluation server "
+              f"(comp4: trained on VOC07 trainval + test and VOC12 trainval)\nwrote:\n  {archive}")
+        return
+    metrics = result["metrics"]
     row = {"model": model_name, "backbone": state["model_args"]["backbone"], "protocol": protocol_name,
            "split": TEST_SPLITS.get(protocol_name, f"{protocol_name} {val_split}"), "n_images": len(dataset),
            **{name: round(float(metrics[name]), 6) for name in METRIC_COLUMNS},
@@ -170,7 +193,6 @@ def main(config: dict) -> None:
         draw_examples(dataset, result["indices"], result["detections"], examples_figure, config["num_examples"])
         written.append(examples_figure)
     if config["submission"]:
-        image_ids = [dataset.image_ids[index] for index in result["indices"]]
         written.append(write_submission(out_dir / "submission" / model_name, image_ids, result["detections"],
                                         class_names))
     print("\n".join(per_class_table(pd.DataFrame(per_class))))

@@ -22,7 +22,7 @@ import torch
 from yolo.checkpoint import (ARCHITECTURE_KEYS, RESUMABLE_CHANGES, CheckpointError, CheckpointWriter,
                              config_differences, git_commit, load_backbone_weights, load_checkpoint)
 from yolo.config import at_least, between, constants, format_config, one_of, resolve_config, writable_folder
-from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset
+from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset, has_test_annotations
 from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import backend, barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, evaluate, train_one_epoch
@@ -49,7 +49,7 @@ head_channels = 1024           # width of the head's convolutions (paper: 1024)
 fc_dim = 4096                  # width of the hidden fully connected layer (paper: 4096)
 zero_init_residual = False     # from scratch: each ResNet block starts as the identity (its last BatchNorm at 0)
 # --- data
-protocol = "voc2012val"        # voc2012val | voc2007test | custom: your own data_dir (synthetic: the same)
+protocol = "voc2012val"        # voc2012val | voc2007test | voc2012test (the server's) | custom: your own data_dir
 data_dir = "data"              # folder holding VOCdevkit/, or (custom) the dataset's folder
 data_format = "auto"           # custom: auto (the layout data_dir holds) | voc | coco | yolo, see yolo/formats.py
 train_split = "train"          # custom: the split trained on
@@ -153,22 +153,27 @@ def main(config: dict) -> None:
                                               use_difficult=config["use_difficult"])
     else:
         train_set.transforms = EvalTransform(config["image_size"], config["grid_size"], len(class_names))
-    val_set = build_dataset(config["protocol"], config["data_dir"], train=False,
-                            transforms=EvalTransform(config["image_size"], config["grid_size"], len(class_names)),
-                            class_names=class_names, data_format=config["data_format"], split=config["val_split"])
-    val_set.skip_unreadable = config["bad_images"] == "skip"
-    require_readable_images([dataset.image_path(index) for dataset in (train_set, val_set)
-                             for index in range(len(dataset))])
+    val_set = None
+    if has_test_annotations(config["protocol"]):
+        val_set = build_dataset(config["protocol"], config["data_dir"], train=False,
+                                transforms=EvalTransform(config["image_size"], config["grid_size"], len(class_names)),
+                                class_names=class_names, data_format=config["data_format"], split=config["val_split"])
+        val_set.skip_unreadable = config["bad_images"] == "skip"
+    else:
+        say(f"protocol {config['protocol']}: no validation (the test set's annotations stay on the evaluation "
+            f"server); evaluate.py writes the files it scores")
+    datasets = [dataset for dataset in (train_set, val_set) if dataset is not None]
+    require_readable_images([dataset.image_path(index) for dataset in datasets for index in range(len(dataset))])
     model_args = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
     model_args["num_classes"] = len(class_names)
     run_config = {**config, "num_classes": len(class_names)}
 
     if config["cache_images"]:
-        say(f"decoding {len(train_set) + len(val_set)} images into RAM "
-            f"({(train_set.cached_bytes() + val_set.cached_bytes()) / 1e9:.1f} GB)")
+        say(f"decoding {sum(map(len, datasets))} images into RAM "
+            f"({sum(dataset.cached_bytes() for dataset in datasets) / 1e9:.1f} GB)")
         try:
-            train_set.cache_images()
-            val_set.cache_images()
+            for dataset in datasets:
+                dataset.cache_images()
         except ImageDecodeError as error:
             sys.exit(f"error: {error}")
 
@@ -178,8 +183,9 @@ def main(config: dict) -> None:
                "pin_memory": config["pin_memory"] and device.type == "cuda"}
     train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False, sampler=sampler,
                                 **loading)
-    val_loader = build_loader(IndexedSamples(val_set, range(rank, len(val_set), world_size)),
-                              config["micro_batch_size"], shuffle=False, **loading)
+    val_loader = None if val_set is None else build_loader(
+        IndexedSamples(val_set, range(rank, len(val_set), world_size)), config["micro_batch_size"], shuffle=False,
+        **loading)
 
     model = YOLOv1(**model_args, pretrained=config["pretrained"], zero_init_residual=config["zero_init_residual"])
     model = model.to(device, memory_format=torch.channels_last)
@@ -282,7 +288,8 @@ def main(config: dict) -> None:
                "skipped_images": round(stats["steps"] * config["batch_size"] - stats["images"]),
                "val_loss": "", "val_voc07_map": "", "val_voc12_map": ""}
         last_epoch = epoch + 1 == config["epochs"]
-        if last_epoch or (config["eval_every"] > 0 and (epoch + 1) % config["eval_every"] == 0):
+        if val_set is not None and (last_epoch or (config["eval_every"] > 0
+                                                   and (epoch + 1) % config["eval_every"] == 0)):
             try:
                 # fp32 weights: bf16 scores take 128 values in [0.5, 1), and their ties would rank by image order.
                 validation = evaluate(Detector(model, torch.float32, device), val_loader, val_set,

@@ -1,7 +1,7 @@
 """Download, verify and extract PASCAL VOC2007 trainval, VOC2007 test and VOC2012 trainval.
 
     python data/download_voc.py --data-dir data [--mirror URL] [--archives-dir DIR] [--checksums FILE]
-                                [--stall-timeout SECONDS] [--deadline SECONDS]
+                                [--test-archive FILE] [--stall-timeout SECONDS] [--deadline SECONDS]
 
 Archives go to <data-dir>/archives/ and are extracted into <data-dir>/ (VOCdevkit/VOC2007, VOCdevkit/VOC2012).
 Every archive is checked against its MD5 before extraction. An interrupted download resumes from its
@@ -55,6 +55,10 @@ VOC_ARCHIVES = (
     Archive("VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd",
             "https://thor.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"),
 )
+
+
+# The list of images the VOC2012 test server scores, inside its test archive.
+TEST_LIST = "VOCdevkit/VOC2012/ImageSets/Main/test.txt"
 
 
 class DownloadError(RuntimeError):
@@ -220,6 +224,27 @@ def download_voc(data_dir, archives, mirror=None, archives_dir=None, stall_timeo
     print(f"VOC data ready in {data_dir}")
 
 
+def extract_test_archive(data_dir, path):
+    """The VOC2012 test archive (from the evaluation server, after registration: it has no public URL or MD5),
+    extracted into data_dir beside VOC2012 trainval, once."""
+    data_dir, path = Path(data_dir).expanduser(), Path(path).expanduser()
+    marker = data_dir / "archives" / f"{path.name}.extracted"
+    if is_extracted(marker, data_dir):
+        print(f"{path.name}: already extracted in {data_dir}, nothing to do")
+        return
+    try:
+        with tarfile.open(path) as tar:
+            tar.getmember(TEST_LIST)
+    except (OSError, tarfile.TarError) as error:
+        raise DownloadError(f"cannot read --test-archive {path} ({error}): give the VOC2012 test .tar from the "
+                            f"evaluation server") from None
+    except KeyError:
+        raise DownloadError(f"{path} is not the VOC2012 test archive: it holds no {TEST_LIST}") from None
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    print(f"extracting {path} into {data_dir}")
+    extract(path, data_dir, marker)
+
+
 def with_checksums(archives, path):
     """`archives` with the MD5s that the file at `path` gives (md5sum's "<md5>  <name>" lines) instead of theirs;
     a file that leaves one out, or names another archive, is a DownloadError."""
@@ -267,6 +292,8 @@ def main(argv=None):
     parser.add_argument("--archives-dir", help="folder holding the .tar files already; no download")
     parser.add_argument("--checksums", metavar="FILE",
                         help="md5sum-format file of the archives' MD5s, replacing the official ones")
+    parser.add_argument("--test-archive", metavar="FILE",
+                        help="the VOC2012 test .tar from the evaluation server, extracted after the others")
     parser.add_argument("--stall-timeout", type=seconds(allow_zero=False), default=STALL_TIMEOUT_S,
                         metavar="SECONDS",
                         help=f"give up on a host that sends nothing for this long (default: {STALL_TIMEOUT_S})")
@@ -277,6 +304,8 @@ def main(argv=None):
         archives = with_checksums(VOC_ARCHIVES, args.checksums) if args.checksums else VOC_ARCHIVES
         download_voc(args.data_dir, archives, mirror=args.mirror, archives_dir=args.archives_dir,
                      stall_timeout=args.stall_timeout, deadline=args.deadline)
+        if args.test_archive:
+            extract_test_archive(args.data_dir, args.test_archive)
     except DownloadError as error:
         sys.exit(f"error: {error}")
 

@@ -287,3 +287,23 @@ def test_archive_list_matches_torchvision():
     expected = [(DATASET_YEAR_DICT[key]["filename"], DATASET_YEAR_DICT[key]["md5"], DATASET_YEAR_DICT[key]["url"])
                 for key in ("2007", "2007-test", "2012")]
     assert [tuple(archive) for archive in download_voc.VOC_ARCHIVES] == expected
+
+
+def test_the_voc2012_test_archive_is_checked_then_extracted_once(tmp_path, capsys):
+    from download_voc import TEST_LIST, extract_test_archive
+    source = tmp_path / "source"
+    (source / Path(TEST_LIST).parent).mkdir(parents=True)
+    (source / TEST_LIST).write_text("2008_000001\n")
+    archive, wrong = tmp_path / "VOC2012test.tar", tmp_path / "other.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(source / "VOCdevkit", arcname="VOCdevkit")
+    with tarfile.open(wrong, "w") as tar:
+        tar.add(source / "VOCdevkit" / "VOC2012" / "ImageSets", arcname="ImageSets")
+    data_dir = tmp_path / "data"
+    with pytest.raises(DownloadError, match="is not the VOC2012 test archive: it holds no VOCdevkit/VOC2012/"):
+        extract_test_archive(data_dir, wrong)
+    extract_test_archive(data_dir, archive)
+    assert (data_dir / TEST_LIST).read_text() == "2008_000001\n"
+    assert (data_dir / "archives" / "VOC2012test.tar.extracted").is_file()
+    extract_test_archive(data_dir, archive)
+    assert "already extracted" in capsys.readouterr().out

@@ -90,6 +90,44 @@ def test_submission_files_follow_the_test_servers_format(evaluated):
         assert "results/VOC2012/Main/comp4_det_test_diamond.txt" in tar.getnames()
 
 
+def test_the_voc2012_test_protocol_writes_exactly_the_servers_files(overfit_run, tmp_path):
+    """protocol=voc2012test: the images of VOC2012's ImageSets/Main/test.txt, with no annotations (the server
+    keeps them), become one comp4 file per class with 1-based pixel boxes, packed as results/VOC2012/Main/...
+    in a .tar.gz; no metrics are written, since there is nothing here to score them against."""
+    data_dir, run_dir = overfit_run
+    voc2012 = tmp_path / "VOCdevkit" / "VOC2012"
+    (voc2012 / "ImageSets" / "Main").mkdir(parents=True)
+    shutil.copytree(data_dir / "JPEGImages", voc2012 / "JPEGImages")
+    test_ids = sorted(path.stem for path in (voc2012 / "JPEGImages").glob("*.jpg"))[:5]
+    (voc2012 / "ImageSets" / "Main" / "test.txt").write_text("".join(f"{image_id}\n" for image_id in test_ids))
+    out_dir = tmp_path / "out"
+    result = run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", "--protocol=voc2012test",
+                 f"--data_dir={tmp_path}", f"--out_dir={out_dir}", "--model_name=tiny", "--num_workers=0")
+    assert "upload" in result.stdout and not (out_dir / "metrics.csv").exists()
+    classes = ["circle", "square", "triangle", "cross", "diamond"]
+    names = [f"results/VOC2012/Main/comp4_det_test_{name}.txt" for name in classes]
+    with tarfile.open(out_dir / "submission/tiny.tar.gz") as tar:
+        assert sorted(member.name for member in tar.getmembers() if member.isfile()) == sorted(names)
+        files = {name: tar.extractfile(name).read().decode() for name in names}
+    detected = set()
+    for text in files.values():
+        for line in text.splitlines():
+            image_id, score, *box = line.split()
+            x1, y1, x2, y2 = map(float, box)
+            width, height = Image.open(voc2012 / "JPEGImages" / f"{image_id}.jpg").size
+            assert 0 < float(score) <= 1 and 1 <= x1 <= x2 <= width and 1 <= y1 <= y2 <= height, line
+            detected.add(image_id)
+    assert detected <= set(test_ids) and len(detected) >= 3  # the model detects its training images
+
+
+def test_submission_files_cover_exactly_the_servers_list(tmp_path):
+    from evaluate import write_submission
+    detections = [np.array([[1.0, 1.0, 5.0, 5.0, 0.9, 0]])] * 2
+    write_submission(tmp_path / "ok", ["a", "b"], detections, ["thing"], server_ids=["b", "a"])
+    with pytest.raises(ValueError, match=r"not listed there: 1 \(c\); listed but not evaluated: 1 \(b\)"):
+        write_submission(tmp_path / "bad", ["a", "c"], detections, ["thing"], server_ids=["a", "b"])
+
+
 def test_evaluate_errors_name_the_problem(overfit_run, tmp_path):
     data_dir, run_dir = overfit_run
     result = run("evaluate.py", f"--checkpoint={tmp_path / 'missing.pt'}", expect_success=False)

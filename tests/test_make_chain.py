@@ -209,3 +209,17 @@ def test_pretraining_without_imagenet_dir_is_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "error: set IMAGENET_DIR to a folder holding train/ and val/" in result.stderr
     assert "pretrain.py" not in result.stdout
+
+
+def test_submission_needs_the_test_archive_and_then_evaluates_the_servers_protocol(tmp_path):
+    result = subprocess.run(["make", "submission", THIS_ENV, "FORCE_CPU=1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and "error: set VOC2012_TEST_ARCHIVE to the VOC2012 test .tar" in result.stderr
+    commands = dry_run("submission", THIS_ENV, "FORCE_CPU=1", f"RUNS={tmp_path}",
+                       f"VOC2012_TEST_ARCHIVE={tmp_path}/VOC2012test.tar")
+    extraction = next(index for index, line in enumerate(commands) if "--test-archive" in line)
+    evaluations = [index for index, line in enumerate(commands) if " evaluate.py " in line]
+    assert f"--test-archive '{tmp_path}/VOC2012test.tar'" in commands[extraction]
+    assert len(evaluations) == 2 and extraction < min(evaluations)
+    assert all(f"{tmp_path}/{model}_voc2012test/last.pt" in commands[index]
+               for model, index in zip(("resnet18", "resnet50"), evaluations))

@@ -37,6 +37,13 @@ VOC_PROTOCOLS = {
         "train": [("VOC2007", "trainval"), ("VOC2012", "trainval")],
         "test": [("VOC2007", "test")],
     },
+    # The test server's (comp4): everything annotated trains; the VOC2012 test images' annotations stay on the
+    # server, so the test set is images alone and evaluate.py writes the files the server scores.
+    "voc2012test": {
+        "train": [("VOC2007", "trainval"), ("VOC2007", "test"), ("VOC2012", "trainval")],
+        "test": [("VOC2012", "test")],
+        "test_annotated": False,
+    },
 }
 # Your own data_dir in any layout of yolo.formats; `synthetic` is the name make_synthetic.py's sets were first
 # trained under, kept so their configs and checkpoints still read.
@@ -210,6 +217,11 @@ class DetectionDataset(torch.utils.data.Dataset):
         return image, annotation
 
 
+def has_test_annotations(protocol):
+    """Whether a protocol's test set comes with its annotations (all but voc2012test's, which the server keeps)."""
+    return VOC_PROTOCOLS.get(protocol, {}).get("test_annotated", True)
+
+
 def build_dataset(protocol, data_dir, train, transforms=None, class_names=None, data_format="auto", split=None):
     """The train or test set of a protocol (PROTOCOLS).
 
@@ -224,7 +236,8 @@ def build_dataset(protocol, data_dir, train, transforms=None, class_names=None, 
                              f"protocols read data_dir/VOCdevkit")
         sources = [(Path(data_dir) / "VOCdevkit" / folder, voc_split)
                    for folder, voc_split in VOC_PROTOCOLS[protocol]["train" if train else "test"]]
-        return DetectionDataset(*read_splits("voc", sources, class_names or VOC_CLASSES), transforms=transforms)
+        layout = "voc" if train or has_test_annotations(protocol) else "voc_images"
+        return DetectionDataset(*read_splits(layout, sources, class_names or VOC_CLASSES), transforms=transforms)
     if protocol not in CUSTOM_PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOLS)}")
     if data_format not in ("auto", *DATA_FORMATS):

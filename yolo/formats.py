@@ -42,6 +42,7 @@ import json
 import math
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 from xml.parsers import expat
@@ -104,13 +105,15 @@ def detect_format(data_dir) -> str:
 
 
 def read_splits(data_format, sources, class_names=None):
-    """(class names, samples) of the (root, split) pairs `sources` in `data_format` (voc, coco or yolo).
+    """(class names, samples) of the (root, split) pairs `sources` in `data_format` (voc, coco or yolo; voc_images:
+    a VOC split's images alone, without annotations).
 
     Without `class_names` the dataset's own list is used (VOC: the first root's classes.txt); with them (a
     checkpoint's, or the training set's for its validation set) labels are mapped to them by name. Raises
     AnnotationError listing every problem of every file, FileNotFoundError for a missing split.
     """
-    reader = {"voc": read_voc, "coco": read_coco, "yolo": read_yolo}[data_format]
+    reader = {"voc": read_voc, "voc_images": partial(read_voc, annotated=False), "coco": read_coco,
+              "yolo": read_yolo}[data_format]
     problems, samples = [], []
     for root, split in sources:
         class_names, split_samples = reader(Path(root), split, class_names, problems)
@@ -144,8 +147,9 @@ def _annotation(boxes, labels, difficult, width, height):
 
 # --- VOC
 
-def read_voc(root, split, class_names, problems):
-    """A VOC-layout split; boxes are VOC's own convention already."""
+def read_voc(root, split, class_names, problems, annotated=True):
+    """A VOC-layout split; boxes are VOC's own convention already. Not `annotated`: the split's images alone,
+    without objects, sized from their headers (the VOC2012 test set, whose annotations the server keeps)."""
     class_names = class_names or read_class_names(root / "classes.txt")
     split_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not split_file.is_file():
@@ -155,7 +159,7 @@ def read_voc(root, split, class_names, problems):
               enumerate(split_file.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
     if not listed:
         raise ValueError(f"{split_file} lists no images: add image ids to it, or fix data_dir or the split name")
-    for folder in (root / "Annotations", root / "JPEGImages"):
+    for folder in (root / "Annotations", root / "JPEGImages")[0 if annotated else 1:]:
         if not folder.is_dir():
             raise FileNotFoundError(f"folder {folder} not found; {MISSING_DATA_HINT}")
     images_by_id = {}
@@ -166,13 +170,20 @@ def read_voc(root, split, class_names, problems):
     for number, image_id in listed:
         where = f"{split_file}:{number}"
         images = sorted(images_by_id.get(image_id, []))
-        if f"{image_id}.xml" not in xml_files:
+        if annotated and f"{image_id}.xml" not in xml_files:
             problems.append(f"{where}: annotation {root / 'Annotations' / image_id}.xml not found")
         elif not images:
             problems.append(f"{where}: image {root / 'JPEGImages' / image_id}.* not found")
         elif len(images) > 1:
             problems.append(f"{where}: {len(images)} images for this id in {root / 'JPEGImages'} "
                             f"({', '.join(images)}); keep one")
+        elif not annotated:
+            size = header_size(root / "JPEGImages" / images[0])
+            if isinstance(size, str):
+                problems.append(f"{where}: image {root / 'JPEGImages' / images[0]}: {size}")
+                continue
+            samples.append(Sample(image_id, root / "JPEGImages" / images[0], _annotation([], [], [], *size),
+                                  str(split_file)))
         else:
             xml_path = root / "Annotations" / f"{image_id}.xml"
             try:
