@@ -7,6 +7,7 @@ quarter of the run (each drop lifts mAP at once). The Makefile sets epochs, lr_m
 per model; the README's demo section gives the measurements behind each choice.
 """
 protocol = "synthetic"
+data_dir = "data/synthetic"  # what `make demo` generates (the Makefile passes its DEMO_DATA)
 pretrained = False
 optimizer = "adamw"
 lr = 3e-4

@@ -355,7 +355,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--difficulty", choices=tuple(DIFFICULTIES), default="standard",
                         help="standard: 1-6 objects, some tiny and difficult; easy: 1-3 larger objects")
-    parser.add_argument("--layout", choices=(*WRITERS, "imagefolder"), default="voc",
+    parser.add_argument("--format", "--layout", dest="layout", choices=(*WRITERS, "imagefolder"), default="voc",
                         help="voc, coco, yolo: the detection set in that layout (the same images and boxes); "
                              "imagefolder: classification crops of one shape each (train/ and val/, one folder per "
                              "class), for pretrain.py")
