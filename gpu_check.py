@@ -36,6 +36,8 @@ from yolo.device import device_name
 from yolo.engine import LOSS_TERMS, detection_loss, train_one_epoch
 from yolo.model import YOLOv1
 from yolo.optim import build_optimizer
+from yolo.photometric import draw_colour_factors
+from yolo.transforms import DetectionBatch
 
 # --- what to run
 out_dir = "results/gpu"        # checks.csv, benchmark.csv and the evaluation's CSVs
@@ -102,7 +104,7 @@ def last_epoch_row(config: dict, run_name: str) -> dict:
     return rows[-1]
 
 
-def host_synchronisations(steps: int, model, optimizer, batch: tuple) -> int:
+def host_synchronisations(steps: int, model, optimizer, batch: DetectionBatch) -> int:
     """Synchronising CUDA calls (as torch's sync debug mode reports them) in one bf16 epoch of `steps`
     steps on `batch`, with the host reading the device's results only at the end of the epoch."""
     device = torch.device("cuda")
@@ -125,9 +127,10 @@ def check_no_host_sync(config: dict, shared: dict) -> str:
     torch.manual_seed(0)
     model = YOLOv1("resnet18", image_size=config["image_size"]).to("cuda", memory_format=torch.channels_last)
     optimizer = build_optimizer(model, "sgd", 1e-3, 0.9, 5e-4, fused=True)
-    images, targets = random_training_batch(8, {"image_size": config["image_size"], "grid_size": 7},
-                                            torch.device("cpu"))
-    batch = (images.pin_memory(), targets.pin_memory(), None)  # uint8 and pinned, as the DataLoader's
+    batch = random_training_batch(8, {"image_size": config["image_size"], "grid_size": 7}, torch.device("cpu"))
+    # uint8, with colour factors and pinned, as the DataLoader's
+    batch = batch._replace(images=batch.images.pin_memory(), grids=batch.grids.pin_memory(),
+                           colour_factors=torch.stack([draw_colour_factors() for _ in range(8)]).pin_memory())
     host_synchronisations(2, model, optimizer, batch)  # cuDNN autotuning and lazy initialisation happen once
     few, many = (host_synchronisations(steps, model, optimizer, batch) for steps in (2, 6))
     if many != few:

@@ -136,15 +136,15 @@ def test_a_train_step_lowers_the_loss_of_its_batch():
     model = YOLOv1("resnet18", grid_size=2, image_size=64, head_channels=8, fc_dim=16).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    images, targets = benchmark.random_training_batch(4, config, torch.device("cpu"))
-    assert images.dtype == torch.uint8 and targets.shape == (4, 2, 2, 25) and targets[..., 4].sum() >= 1
+    batch = benchmark.random_training_batch(4, config, torch.device("cpu"))
+    assert batch.images.dtype == torch.uint8 and batch.grids.shape == (4, 2, 2, 25) and batch.grids[..., 4].sum() >= 1
 
     def loss():
-        return sum(benchmark.yolo_loss_terms(model(images.float() / 255), targets).values()).item()
+        return sum(benchmark.yolo_loss_terms(model(batch.images.float() / 255), batch.grids).values()).item()
 
     before = loss()
     for _ in range(5):
-        benchmark.train_step(model, optimizer, scaler, images, targets, torch.float32)
+        benchmark.train_step(model, optimizer, scaler, batch, torch.float32)
     assert loss() < before
 
 

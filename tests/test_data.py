@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data._utils.pin_memory import pin_memory
 from torchvision.transforms import v2
 
 import make_synthetic
@@ -16,9 +17,9 @@ from yolo.boxes import normalized_to_voc
 from yolo.data import (MISSING_DATA_HINT, PROTOCOLS, AnnotationError, ImageDecodeError, VOCDetection,
                        build_dataset, decode_image, read_voc_annotation)
 from yolo.loader_benchmark import BaselineTrainTransform
-from yolo.photometric import MAX_COLOUR_FACTOR, draw_colour_factors, model_input, stacked_colour_factors
+from yolo.photometric import MAX_COLOUR_FACTOR, draw_colour_factors, model_input
 from yolo.sampling import SeededSamples
-from yolo.transforms import EvalTransform, TrainTransform, build_loader, num_loader_workers
+from yolo.transforms import DetectionBatch, EvalTransform, TrainTransform, build_loader, num_loader_workers
 from yolo.visualize import draw_boxes, save_image
 
 CLASSES = ("cat", "dog")
@@ -279,8 +280,9 @@ def test_synthetic_set_through_both_transforms_loader_and_drawing(synthetic_root
                                torch.from_numpy(annotation["boxes"]))
 
     loader = build_loader(dataset, batch_size=3, shuffle=False, num_workers=0)
-    images, grids, targets = next(iter(loader))
+    images, grids, factors, targets = next(iter(loader))
     assert images.shape == (3, 3, 64, 64) and grids.shape == (3, 4, 4, 5 + num_classes) and len(targets) == 3
+    assert factors is None  # the evaluation transform draws none
 
     drawn = draw_boxes(image, normalized_to_voc(boxes, 64, 64), target["labels"], dataset.class_names)
     assert drawn.shape == (3, 64, 64) and drawn.dtype == torch.uint8 and not torch.equal(drawn, image)
@@ -394,7 +396,7 @@ def test_workers_deliver_uint8_batches_equal_to_in_process_and_cached_ones(synth
             dataset.cache_images()
         loader = build_loader(SeededSamples(dataset), batch_size=4, shuffle=False, num_workers=num_workers,
                               sampler=samples, pin_memory=False, prefetch_factor=2)
-        return [(images, grids, stacked_colour_factors(targets)) for images, grids, targets in loader]
+        return [(images, grids, factors) for images, grids, factors, _ in loader]
 
     reference = batches(num_workers=0, cache=False)
     for images, grids, factors in reference:
@@ -446,3 +448,41 @@ def test_num_workers_auto_shares_the_cores_among_processes(monkeypatch):
     assert num_loader_workers("3") == 3
     with pytest.raises(ValueError, match="auto or a whole number"):
         num_loader_workers("-1")
+
+
+def _training_samples(synthetic_root, count, size=64):
+    dataset = build_dataset("synthetic", synthetic_root, train=True,
+                            transforms=TrainTransform(size, 4, len(make_synthetic.CLASS_NAMES)))
+    return [SeededSamples(dataset)[(index % len(dataset), index)] for index in range(count)]
+
+
+def test_the_collate_copies_each_image_into_a_channels_last_batch_in_shared_memory_in_a_worker(synthetic_root,
+                                                                                              monkeypatch):
+    samples = _training_samples(synthetic_root, 5)
+    samples[1] = (samples[1][0].contiguous(), samples[1][1])  # channels-first: the batch is channels-last all the same
+    expected = torch.stack([image for image, _ in samples])
+    for in_worker in (False, True):
+        monkeypatch.setattr(transforms, "get_worker_info", lambda: object() if in_worker else None)
+        images = transforms.collate_detection(samples).images
+        assert images.dtype == torch.uint8 and images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(images, expected)
+        # A worker passes its batch on through shared memory: allocated there, it is not copied there again.
+        assert images.is_shared() == in_worker
+
+
+def test_colour_factors_are_one_tensor_at_the_top_of_the_batch_where_pin_memory_pins_them(synthetic_root,
+                                                                                         monkeypatch):
+    samples = _training_samples(synthetic_root, 4)
+    batch = transforms.collate_detection(samples)
+    assert torch.equal(batch.colour_factors, torch.stack([target["colour_factors"] for _, target in samples]))
+    assert batch.colour_factors.dtype == torch.float32 and batch.colour_factors.shape == (4, 2)
+    assert not any("colour_factors" in target for target in batch.targets)
+    pinned = []
+
+    def pin(tensor, *args, **kwargs):  # the DataLoader's pin thread calls this on each tensor it finds
+        pinned.append(tensor)
+        return tensor
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    pin_memory(batch)
+    assert {id(tensor) for tensor in pinned} == {id(batch.images), id(batch.grids), id(batch.colour_factors)}

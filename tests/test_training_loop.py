@@ -9,6 +9,7 @@ from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, train_on
 from yolo.optim import build_optimizer, skips_on_device
 from yolo.run import load_scaler_state
 from yolo.targets import encode_target
+from yolo.transforms import DetectionBatch
 
 GRID, CLASSES, SIDE = 2, 3, 8
 LOSS_WEIGHTS = {"lambda_coord": 5.0, "lambda_noobj": 0.5}
@@ -34,7 +35,7 @@ def batches(count, poisoned=()):
         images = torch.rand(2, 3, SIDE, SIDE, generator=generator)
         if index in poisoned:
             images[0, 0, 0, 0] = float("nan")
-        result.append((images, torch.stack([target, target]), None))
+        result.append(DetectionBatch(images, torch.stack([target, target]), None, []))
     return result
 
 

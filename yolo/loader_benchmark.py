@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from yolo.boxes import voc_to_normalized
 from yolo.device import device_name
-from yolo.photometric import MAX_COLOUR_FACTOR, model_input, stacked_colour_factors
+from yolo.photometric import MAX_COLOUR_FACTOR, model_input
 from yolo.sampling import SeededSamples
 from yolo.targets import encode_target
 from yolo.timing import elapsed_ms, timing_rows
@@ -102,7 +102,7 @@ def time_loader(dataset, transform, collate, batch_size: int, workers: int, skip
     loader = build_loader(SeededSamples(dataset), batch_size, shuffle=False, num_workers=workers, sampler=samples,
                           pin_memory=device.type == "cuda", collate_fn=collate)
     marks = []
-    for images, _, _ in loader:
+    for images, *_ in loader:
         images.to(device, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -137,9 +137,8 @@ def benchmark_loader(dataset, config: dict, device: torch.device) -> list[dict]:
                                       for mode, parts in times.items()}, common, batch_size)
             if "loader" in modes:
                 dataset.transforms = pipelines["loader"][0]
-                images, _, target_dicts = collate_detection([SeededSamples(dataset)[(index, index)]
-                                                             for index in range(batch_size)])
-                images, factors = images.to(device), stacked_colour_factors(target_dicts)
+                batch = collate_detection([SeededSamples(dataset)[(index, index)] for index in range(batch_size)])
+                images, factors = batch.images.to(device), batch.colour_factors
                 device_ms = np.median([elapsed_ms(partial(model_input, images, device, factors), device)
                                        for _ in range(config["iters"])])
                 print(f"batch {batch_size}: float conversion and colour jitter on {device_name(device)}: "
