@@ -1,5 +1,6 @@
 import copy
 import re
+import sys
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -486,3 +487,12 @@ def test_colour_factors_are_one_tensor_at_the_top_of_the_batch_where_pin_memory_
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
     pin_memory(batch)
     assert {id(tensor) for tensor in pinned} == {id(batch.images), id(batch.grids), id(batch.colour_factors)}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the loader chooses fork on Linux only")
+def test_loader_workers_are_forked_on_linux(synthetic_root):
+    dataset = build_dataset("synthetic", synthetic_root, train=True)
+    with_workers = build_loader(dataset, batch_size=2, shuffle=False, num_workers=1)
+    assert with_workers.multiprocessing_context.get_start_method() == "fork"
+    in_process = build_loader(dataset, batch_size=2, shuffle=False, num_workers=0)
+    assert in_process.multiprocessing_context is None  # the DataLoader takes none without workers

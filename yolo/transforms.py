@@ -9,6 +9,7 @@ applies on the device. Images stay uint8 until then: a quarter of float32's byte
 between processes, pin and copy.
 """
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -242,5 +243,7 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        # Python 3.14 makes forkserver the default, which pickles the dataset and its image cache to each worker.
+        multiprocessing_context="fork" if num_workers > 0 and sys.platform == "linux" else None,
         generator=torch.Generator().manual_seed(seed),
     )
