@@ -61,7 +61,7 @@ from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.results import ResultsError, check_writable, write_keyed
 from yolo.targets import encode_target
 from yolo.timing import time_interleaved, timing_rows
-from yolo.transforms import DetectionBatch
+from yolo.transforms import DetectionBatch, SharedMemoryError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 import make_synthetic  # noqa: E402  (a plain script beside the data it makes)
@@ -331,7 +331,11 @@ def measurements(config: dict, device: torch.device, dtype_names: list[str]):
                 dataset = build_dataset(protocol, data_dir, train=True)
             except (ValueError, FileNotFoundError) as error:  # a missing or unreadable data_dir
                 sys.exit(f"error: {error}")
-            yield benchmark_loader(dataset, config, device)
+            try:
+                rows = benchmark_loader(dataset, config, device)
+            except SharedMemoryError as error:  # too little /dev/shm for the workers' batches
+                sys.exit(f"error: {error}")
+            yield rows
 
 
 def main(config: dict) -> None:

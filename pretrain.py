@@ -99,7 +99,7 @@ def main(config: dict) -> None:
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
     loading = {"num_workers": num_loader_workers(config["num_workers"]), "pin_memory": device.type == "cuda",
-               "collate_fn": default_collate}
+               "collate_fn": default_collate, "image_bytes": 3 * config["image_size"] ** 2 * torch.float32.itemsize}
     train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False, sampler=sampler,
                                 **loading)
     val_loader = build_loader(Subset(val_set, range(rank, len(val_set), world_size)), config["micro_batch_size"],

@@ -157,7 +157,8 @@ def main(config: dict) -> None:
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
     loading = {"num_workers": num_loader_workers(config["num_workers"]), "prefetch_factor": config["prefetch_factor"],
-               "pin_memory": config["pin_memory"] and device.type == "cuda"}
+               "pin_memory": config["pin_memory"] and device.type == "cuda",
+               "image_bytes": 3 * config["image_size"] ** 2}
     train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False, sampler=sampler,
                                 **loading)
     val_loader = build_loader(IndexedSamples(val_set, range(rank, len(val_set), world_size)),

@@ -2,12 +2,14 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import benchmark
+from yolo import transforms
 from yolo.config import resolve_config
 from yolo.model import YOLOv1
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_predictions, to_voc_array
@@ -169,3 +171,14 @@ def test_loader_modes_name_a_missing_data_dir(tmp_path):
                              f"--data_dir={tmp_path}", f"--out={tmp_path / 'x.csv'}"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode != 0 and "error: split list" in result.stderr and "VOC2007" in result.stderr
+
+
+def test_loader_modes_refuse_more_batches_than_dev_shm_holds_in_one_line(tmp_path, monkeypatch):
+    mb = 2 ** 20
+    monkeypatch.setattr(transforms.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * mb, used=0,
+                                                                                       free=32 * mb))
+    settings = ["--device=cpu", "--modes=loader", "--num_workers=2", "--batch_sizes=16", "--image_size=448",
+                f"--out={tmp_path / 'x.csv'}"]
+    with pytest.raises(SystemExit) as exited:  # 2 workers x 2 batches ahead + 2, of 16 images of 448 px: 55 MB
+        benchmark.main(resolve_config(vars(benchmark), settings))
+    assert str(exited.value.code).startswith("error: /dev/shm has 32 MB free, and the loader needs about 55 MB")

@@ -4,6 +4,7 @@ import sys
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -280,7 +281,7 @@ def test_synthetic_set_through_both_transforms_loader_and_drawing(synthetic_root
     torch.testing.assert_close(normalized_to_voc(boxes, annotation["width"], annotation["height"]),
                                torch.from_numpy(annotation["boxes"]))
 
-    loader = build_loader(dataset, batch_size=3, shuffle=False, num_workers=0)
+    loader = build_loader(dataset, batch_size=3, shuffle=False, num_workers=0, image_bytes=3 * 64 * 64)
     images, grids, factors, targets = next(iter(loader))
     assert images.shape == (3, 3, 64, 64) and grids.shape == (3, 4, 4, 5 + num_classes) and len(targets) == 3
     assert factors is None  # the evaluation transform draws none
@@ -396,7 +397,7 @@ def test_workers_deliver_uint8_batches_equal_to_in_process_and_cached_ones(synth
             assert dataset.cached_bytes() == sum(3 * a["width"] * a["height"] for a in dataset.annotations)
             dataset.cache_images()
         loader = build_loader(SeededSamples(dataset), batch_size=4, shuffle=False, num_workers=num_workers,
-                              sampler=samples, pin_memory=False, prefetch_factor=2)
+                              sampler=samples, pin_memory=False, prefetch_factor=2, image_bytes=3 * 64 * 64)
         return [(images, grids, factors) for images, grids, factors, _ in loader]
 
     reference = batches(num_workers=0, cache=False)
@@ -492,7 +493,32 @@ def test_colour_factors_are_one_tensor_at_the_top_of_the_batch_where_pin_memory_
 @pytest.mark.skipif(sys.platform != "linux", reason="the loader chooses fork on Linux only")
 def test_loader_workers_are_forked_on_linux(synthetic_root):
     dataset = build_dataset("synthetic", synthetic_root, train=True)
-    with_workers = build_loader(dataset, batch_size=2, shuffle=False, num_workers=1)
+    with_workers = build_loader(dataset, batch_size=2, shuffle=False, num_workers=1, image_bytes=3 * 64 * 64)
     assert with_workers.multiprocessing_context.get_start_method() == "fork"
-    in_process = build_loader(dataset, batch_size=2, shuffle=False, num_workers=0)
+    in_process = build_loader(dataset, batch_size=2, shuffle=False, num_workers=0, image_bytes=3 * 64 * 64)
     assert in_process.multiprocessing_context is None  # the DataLoader takes none without workers
+
+
+@pytest.mark.skipif(not transforms.SHARED_MEMORY.is_dir(), reason="no /dev/shm on this platform")
+def test_too_little_shared_memory_is_one_clear_error_before_any_worker_starts(synthetic_root, monkeypatch):
+    dataset = build_dataset("synthetic", synthetic_root, train=True)
+    mb = 2 ** 20
+    asked = []
+
+    def disk_usage(path):  # a Docker container's default: 64 MB
+        asked.append(path)
+        return SimpleNamespace(total=64 * mb, used=4 * mb, free=60 * mb)
+
+    monkeypatch.setattr(transforms.shutil, "disk_usage", disk_usage)
+    image_bytes = 3 * 448 * 448
+    with pytest.raises(transforms.SharedMemoryError) as raised:
+        build_loader(dataset, batch_size=16, shuffle=False, num_workers=4, prefetch_factor=4, image_bytes=image_bytes)
+    # 4 workers x 4 batches ahead + 2 batches of 16 images of 448 x 448 x 3 bytes
+    assert str(raised.value).startswith(f"/dev/shm has 60 MB free, and the loader needs about "
+                                        f"{18 * 16 * image_bytes / mb:.0f} MB there")
+    assert "docker run --shm-size=1g" in str(raised.value) and "\n" not in str(raised.value)
+    assert all(word in str(raised.value) for word in ("num_workers", "prefetch_factor", "batch size"))
+    assert asked == [Path("/dev/shm")]
+    build_loader(dataset, batch_size=16, shuffle=False, num_workers=1, prefetch_factor=1, image_bytes=image_bytes)
+    build_loader(dataset, batch_size=16, shuffle=False, num_workers=0, image_bytes=image_bytes)  # no workers: no check
+    assert len(asked) == 2

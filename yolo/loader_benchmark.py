@@ -88,7 +88,7 @@ def baseline_collate(batch):
     return torch.stack(images), torch.stack([target["grid"] for target in targets]), list(targets)
 
 
-def time_loader(dataset, transform, collate, batch_size: int, workers: int, skip: int, count: int,
+def time_loader(dataset, transform, collate, image_bytes: int, batch_size: int, workers: int, skip: int, count: int,
                 device: torch.device) -> np.ndarray:
     """Milliseconds between `count` consecutive batches delivered on `device`, after `skip` batches.
 
@@ -100,7 +100,7 @@ def time_loader(dataset, transform, collate, batch_size: int, workers: int, skip
     # (index, seed) pairs cycling through the images: a fresh augmentation for every sample.
     samples = [(position % len(dataset), position) for position in range(batches * batch_size)]
     loader = build_loader(SeededSamples(dataset), batch_size, shuffle=False, num_workers=workers, sampler=samples,
-                          pin_memory=device.type == "cuda", collate_fn=collate)
+                          pin_memory=device.type == "cuda", collate_fn=collate, image_bytes=image_bytes)
     marks = []
     for images, *_ in loader:
         images.to(device, non_blocking=True)
@@ -117,8 +117,10 @@ def benchmark_loader(dataset, config: dict, device: torch.device) -> list[dict]:
     the loader delivers it, and the worker count in its device_name (a measurement of its own)."""
     modes = [mode for mode in config["modes"] if mode in LOADER_MODES]
     transform_args = (config["image_size"], config["grid_size"], len(dataset.class_names))
-    pipelines = {"loader": (TrainTransform(*transform_args), collate_detection),
-                 "baseline_loader": (BaselineTrainTransform(*transform_args), baseline_collate)}
+    pixels = 3 * config["image_size"] ** 2
+    pipelines = {"loader": (TrainTransform(*transform_args), collate_detection, pixels),
+                 "baseline_loader": (BaselineTrainTransform(*transform_args), baseline_collate,
+                                     pixels * torch.float32.itemsize)}
     dtypes = {"loader": "uint8", "baseline_loader": "fp32"}
     rows = []
     for workers in config["num_workers"]:

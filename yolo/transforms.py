@@ -8,8 +8,11 @@ target, see `yolo.targets`), `boxes` (normalised x1, y1, x2, y2 after the transf
 applies on the device. Images stay uint8 until then: a quarter of float32's bytes to collate, pass
 between processes, pin and copy.
 """
+import math
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -218,8 +221,37 @@ def num_loader_workers(setting: str) -> int:
     return max(0, min(usable_cores() // processes - 1, MAX_AUTO_WORKERS))
 
 
+# /dev/shm holds the batches that loader workers pass to the training process (PyTorch's file_descriptor
+# sharing); besides those the workers prepare ahead, one is in use there and one being pinned.
+SHARED_MEMORY = Path("/dev/shm")
+BATCHES_BESIDES_PREFETCHED = 2
+DATALOADER_PREFETCH_FACTOR = 2  # PyTorch's default
+
+
+class SharedMemoryError(ValueError):
+    """Too little free space in /dev/shm for the batches a loader's workers pass on."""
+
+
+def check_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: int) -> None:
+    """SharedMemoryError when /dev/shm (where the platform has it) has less free space than the loader's workers
+    will hold there: a worker that runs out dies of a bus error that names nothing."""
+    if num_workers == 0 or not SHARED_MEMORY.is_dir():
+        return
+    usage = shutil.disk_usage(SHARED_MEMORY)
+    needed = (num_workers * prefetch_factor + BATCHES_BESIDES_PREFETCHED) * batch_bytes
+    if needed <= usage.free:
+        return
+    mb = 2 ** 20
+    raise SharedMemoryError(
+        f"{SHARED_MEMORY} has {usage.free / mb:.0f} MB free, and the loader needs about {needed / mb:.0f} MB there "
+        f"(num_workers {num_workers} x prefetch_factor {prefetch_factor} + {BATCHES_BESIDES_PREFETCHED} batches of "
+        f"{batch_bytes / mb:.1f} MB). In a container, give it more (docker run "
+        f"--shm-size={math.ceil((usage.used + needed) / 2 ** 30)}g ...), or lower num_workers, prefetch_factor or "
+        f"the (micro-)batch size.")
+
+
 def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_last=False, seed=0,
-                 pin_memory=None, prefetch_factor=None, collate_fn=collate_detection):
+                 pin_memory=None, prefetch_factor=None, collate_fn=collate_detection, *, image_bytes):
     """DataLoader for detection batches.
 
     Reproducible augmentation: the seeded generator fixes the shuffling order and every worker's torch
@@ -230,8 +262,10 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
 
     pin_memory (default: when CUDA is available) puts batches in page-locked memory, so the copy to the
     GPU runs asynchronously; prefetch_factor is how many batches each worker prepares ahead (PyTorch's
-    default when None; ignored without workers).
+    default when None; ignored without workers). image_bytes, the size of one image as the loader delivers
+    it, sizes the workers' batches for check_shared_memory, which runs before any worker starts.
     """
+    check_shared_memory(num_workers, prefetch_factor or DATALOADER_PREFETCH_FACTOR, batch_size * image_bytes)
     return DataLoader(
         dataset,
         batch_size=batch_size,
