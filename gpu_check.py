@@ -37,7 +37,7 @@ from yolo.engine import LOSS_TERMS, detection_loss, train_one_epoch
 from yolo.model import YOLOv1
 from yolo.optim import build_optimizer
 from yolo.photometric import draw_colour_factors
-from yolo.transforms import DetectionBatch
+from yolo.transforms import DetectionBatch, DevicePrefetcher
 
 # --- what to run
 out_dir = "results/gpu"        # checks.csv, benchmark.csv and the evaluation's CSVs
@@ -106,13 +106,15 @@ def last_epoch_row(config: dict, run_name: str) -> dict:
 
 def host_synchronisations(steps: int, model, optimizer, batch: DetectionBatch) -> int:
     """Synchronising CUDA calls (as torch's sync debug mode reports them) in one bf16 epoch of `steps`
-    steps on `batch`, with the host reading the device's results only at the end of the epoch."""
+    steps on `batch`, copied to the GPU as train.py's batches are, with the host reading the device's results
+    only at the end of the epoch."""
     device = torch.device("cuda")
+    loader = DevicePrefetcher([batch] * steps, device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            train_one_epoch(model, [batch] * steps, optimizer, torch.amp.GradScaler("cuda", enabled=False),
+            train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cuda", enabled=False),
                             forward_loss=partial(detection_loss, loss_weights=LOSS_WEIGHTS, device=device,
                                                  dtype=torch.bfloat16),
                             term_names=LOSS_TERMS, epoch=0, start_step=0, accumulation=1, lr_at=lambda step: 1e-3,

@@ -21,7 +21,8 @@ from yolo.data import (MISSING_DATA_HINT, PROTOCOLS, AnnotationError, ImageDecod
 from yolo.loader_benchmark import BaselineTrainTransform
 from yolo.photometric import MAX_COLOUR_FACTOR, draw_colour_factors, model_input
 from yolo.sampling import SeededSamples
-from yolo.transforms import DetectionBatch, EvalTransform, TrainTransform, build_loader, num_loader_workers
+from yolo.transforms import (DetectionBatch, DevicePrefetcher, EvalTransform, TrainTransform, build_loader,
+                             num_loader_workers)
 from yolo.visualize import draw_boxes, save_image
 
 CLASSES = ("cat", "dog")
@@ -522,3 +523,12 @@ def test_too_little_shared_memory_is_one_clear_error_before_any_worker_starts(sy
     build_loader(dataset, batch_size=16, shuffle=False, num_workers=1, prefetch_factor=1, image_bytes=image_bytes)
     build_loader(dataset, batch_size=16, shuffle=False, num_workers=0, image_bytes=image_bytes)  # no workers: no check
     assert len(asked) == 2
+
+
+def test_the_prefetcher_passes_batches_through_in_order_on_a_cpu_none_included():
+    batches = [DetectionBatch(torch.full((1, 3, 2, 2), index), torch.zeros(1), None, []) for index in range(3)]
+    batches.insert(1, None)  # every image of that micro-batch was skipped as unreadable
+    prefetched = DevicePrefetcher(batches, torch.device("cpu"))
+    assert len(prefetched) == 4
+    assert [id(batch) for batch in prefetched] == [id(batch) for batch in batches]
+    assert [id(batch) for batch in prefetched] == [id(batch) for batch in batches]  # and again, for the next epoch

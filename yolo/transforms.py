@@ -1,4 +1,5 @@
-"""Image + box transforms for training and evaluation, the batch collate function and the DataLoader.
+"""Image + box transforms for training and evaluation, the batch collate function, the DataLoader and the
+copy of its batches to the device.
 
 Both transforms take (uint8 (3, H, W) image, annotation dict from `yolo.data`) and return
 (uint8 (3, image_size, image_size) image, target dict) where the target dict holds `grid` (the YOLO
@@ -281,3 +282,47 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
         multiprocessing_context="fork" if num_workers > 0 and sys.platform == "linux" else None,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+_END = object()
+
+
+class DevicePrefetcher:
+    """Iterates a loader's batches with their tensors on `device`.
+
+    On CUDA it copies batch k + 1 to the GPU on a side stream while batch k computes: on the compute stream
+    the copy would wait for the step before it and hold up the one after. Elsewhere the batches pass through
+    unchanged. A batch of tensors is a tuple or list of them (and other items, passed on as they are); a None
+    batch (every image skipped) stays None.
+    """
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            yield from self.loader
+            return
+        copy_stream = torch.cuda.Stream(self.device)
+        compute_stream = torch.cuda.current_stream(self.device)
+        copies = (self._copy(batch, copy_stream) for batch in self.loader)
+        batch = next(copies, _END)
+        while batch is not _END:
+            compute_stream.wait_stream(copy_stream)  # for this batch's copy alone: the next one is queued below
+            for item in () if batch is None else batch:
+                if isinstance(item, torch.Tensor):
+                    item.record_stream(compute_stream)  # no reuse of its memory before the compute stream is done
+            following = next(copies, _END)
+            yield batch
+            batch = following
+
+    def _copy(self, batch, stream):
+        if batch is None:
+            return None
+        with torch.cuda.stream(stream):
+            moved = [item.to(self.device, non_blocking=True) if isinstance(item, torch.Tensor) else item
+                     for item in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
