@@ -40,7 +40,8 @@ class BaselineScaleTranslateResize(v2.Transform):
 
     def transform(self, inpt, params):
         if isinstance(inpt, tv_tensors.BoundingBoxes):
-            boxes = map_boxes(inpt.as_subclass(torch.Tensor), params["x"], params["y"], self.size)
+            boxes = torch.from_numpy(map_boxes(inpt.as_subclass(torch.Tensor).numpy(), params["x"], params["y"],
+                                               self.size))
             return tv_tensors.wrap(boxes, like=inpt, canvas_size=(self.size, self.size))
         (x_src1, x_src2, x_out1, x_out2), (y_src1, y_src2, y_out1, y_out2) = params["x"], params["y"]
         canvas = torch.full((inpt.shape[0], self.size, self.size), FILL, dtype=inpt.dtype)
