@@ -61,6 +61,7 @@ from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.results import ResultsError, check_writable, write_keyed
 from yolo.targets import encode_target
 from yolo.timing import time_interleaved, timing_rows
+from yolo.transforms import DetectionBatch, SharedMemoryError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 import make_synthetic  # noqa: E402  (a plain script beside the data it makes)
@@ -230,8 +231,9 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
     return rows
 
 
-def random_training_batch(batch_size: int, config: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device-resident uint8 images at the input size and YOLO targets of 1-4 random boxes per image."""
+def random_training_batch(batch_size: int, config: dict, device: torch.device) -> DetectionBatch:
+    """Device-resident uint8 images at the input size and YOLO targets of 1-4 random boxes per image, without
+    colour factors or target dicts."""
     generator = torch.Generator().manual_seed(batch_size)
     images = torch.randint(0, 256, (batch_size, 3, config["image_size"], config["image_size"]), dtype=torch.uint8,
                            generator=generator)
@@ -242,16 +244,18 @@ def random_training_batch(batch_size: int, config: dict, device: torch.device) -
         boxes = corners.flatten(1).clamp(0, 1)
         targets.append(encode_target(boxes, torch.randint(0, NUM_CLASSES, (count,), generator=generator),
                                      config["grid_size"], NUM_CLASSES))
-    return images.to(device).contiguous(memory_format=torch.channels_last), torch.stack(targets).to(device)
+    return DetectionBatch(images.to(device).contiguous(memory_format=torch.channels_last),
+                          torch.stack(targets).to(device), None, [])
 
 
-def train_step(model, optimizer, scaler, images: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> None:
+def train_step(model, optimizer, scaler, batch: DetectionBatch, dtype: torch.dtype) -> None:
     """One training step as train.py takes it, with nothing left to skip (the batch is known finite)."""
-    with autocast_context(images.device, dtype):
-        predictions = model(model_input(images, images.device))
-    loss = sum(yolo_loss_terms(predictions, targets).values())
+    device = batch.images.device
+    with autocast_context(device, dtype):
+        predictions = model(model_input(batch.images, device, batch.colour_factors))
+    loss = sum(yolo_loss_terms(predictions, batch.grids).values())
     scaler.scale(loss).backward()
-    apply_update(optimizer, scaler, skip=torch.zeros((), dtype=torch.bool, device=images.device))
+    apply_update(optimizer, scaler, skip=torch.zeros((), dtype=torch.bool, device=device))
 
 
 def benchmark_train_step(backbone: str, config: dict, device: torch.device, dtype_names: list[str],
@@ -272,8 +276,8 @@ def benchmark_train_step(backbone: str, config: dict, device: torch.device, dtyp
     torch.backends.cudnn.benchmark = True  # as train.py trains on CUDA
     for batch_size in config["batch_sizes"]:
         torch._dynamo.reset()  # one graph per training model and batch size, as for the inference modes
-        images, targets = random_training_batch(batch_size, config, device)
-        runs = {("train_step", name, config["compile"]): partial(train_step, *trainer, images, targets, DTYPES[name])
+        batch = random_training_batch(batch_size, config, device)
+        runs = {("train_step", name, config["compile"]): partial(train_step, *trainer, batch, DTYPES[name])
                 for name, trainer in trainers.items()}
         rows += timing_rows(time_interleaved(runs, config["warmup"], config["iters"], device), common, batch_size)
     torch.backends.cudnn.benchmark = autotuning
@@ -327,7 +331,11 @@ def measurements(config: dict, device: torch.device, dtype_names: list[str]):
                 dataset = build_dataset(protocol, data_dir, train=True)
             except (ValueError, FileNotFoundError) as error:  # a missing or unreadable data_dir
                 sys.exit(f"error: {error}")
-            yield benchmark_loader(dataset, config, device)
+            try:
+                rows = benchmark_loader(dataset, config, device)
+            except SharedMemoryError as error:  # too little /dev/shm for the workers' batches
+                sys.exit(f"error: {error}")
+            yield rows
 
 
 def main(config: dict) -> None:

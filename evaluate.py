@@ -34,7 +34,8 @@ from yolo.plots import plot_per_class_ap, plot_precision_recall
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.results import ResultsError, check_writable, write_keyed
 from yolo.sampling import IndexedSamples
-from yolo.transforms import EvalTransform, build_loader, check_num_workers, num_loader_workers
+from yolo.transforms import (EvalTransform, SharedMemoryError, build_loader, check_num_workers,
+                             num_loader_workers)
 from yolo.visualize import draw_boxes, save_image
 
 checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint (last.pt is the reported one)
@@ -150,8 +151,12 @@ def main(config: dict) -> None:
     detector = Detector(model.to(device), inference_dtype(config["dtype"], device), device,
                         score_threshold=config["score_threshold"], nms_iou=config["nms_iou"],
                         max_detections=config["max_detections"])
-    loader = build_loader(IndexedSamples(dataset), config["batch_size"], shuffle=False,
-                          num_workers=num_loader_workers(config["num_workers"]))
+    try:
+        loader = build_loader(IndexedSamples(dataset), config["batch_size"], shuffle=False,
+                              num_workers=num_loader_workers(config["num_workers"]),
+                              image_bytes=3 * model.image_size ** 2)
+    except SharedMemoryError as error:
+        sys.exit(f"error: {error}")
     try:
         result = evaluate(detector, loader, dataset, loss_weights={}, desc=f"evaluate {model_name}")
     except ImageDecodeError as error:  # its header read, its pixels do not

@@ -40,7 +40,7 @@ from yolo.engine import LOSS_TERMS, detection_loss, train_one_epoch
 from yolo.model import YOLOv1
 from yolo.optim import build_optimizer
 from yolo.photometric import draw_colour_factors
-from yolo.transforms import collate_detection
+from yolo.transforms import DetectionBatch, DevicePrefetcher, collate_detection
 
 # --- what to run
 out_dir = "results/gpu"        # checks.csv, benchmark.csv and the evaluation's CSVs
@@ -116,26 +116,27 @@ def last_epoch_row(config: dict, run_name: str) -> dict:
     return rows[-1]
 
 
-def loader_batch(config: dict, device: torch.device) -> tuple:
+def loader_batch(config: dict, device: torch.device) -> DetectionBatch:
     """A training micro-batch as train.py's loader delivers it for `device`: random uint8 images and their
     targets, each image with the colour factors its worker draws, put together by the loader's collate
     function and pinned for CUDA. The one place that knows the loader's batch format."""
-    images, grids = random_training_batch(config["micro_batch_size"],
-                                          {"image_size": config["image_size"], "grid_size": GRID_SIZE},
-                                          torch.device("cpu"))
+    random_batch = random_training_batch(config["micro_batch_size"],
+                                         {"image_size": config["image_size"], "grid_size": GRID_SIZE},
+                                         torch.device("cpu"))
     batch = collate_detection([(image, {"grid": grid, "colour_factors": draw_colour_factors()})
-                               for image, grid in zip(images, grids)])
+                               for image, grid in zip(random_batch.images, random_batch.grids)])
     if device.type != "cuda":
         return batch
-    return tuple(item.pin_memory() if isinstance(item, torch.Tensor) else item for item in batch)
+    return DetectionBatch(*(item.pin_memory() if isinstance(item, torch.Tensor) else item for item in batch))
 
 
 def train_epoch(model, micro_batches: list, optimizer, scaler, dtype: torch.dtype, accumulation: int,
                 stop_requested) -> dict:
-    """One epoch of train.py's loop on CUDA over `micro_batches`, the host reading the device's results only
-    at its end (where the loop first calls `stop_requested`)."""
+    """One epoch of train.py's loop on CUDA over `micro_batches`, copied to the GPU as train.py's are (a side
+    stream's prefetch), the host reading the device's results only at its end (where the loop first calls
+    `stop_requested`)."""
     device = torch.device("cuda")
-    return train_one_epoch(model, micro_batches, optimizer, scaler,
+    return train_one_epoch(model, DevicePrefetcher(micro_batches, device), optimizer, scaler,
                            forward_loss=partial(detection_loss, loss_weights=LOSS_WEIGHTS, device=device, dtype=dtype),
                            term_names=LOSS_TERMS, epoch=0, start_step=0, accumulation=accumulation,
                            lr_at=lambda step: 1e-3, device=device, stop_requested=stop_requested,

@@ -35,7 +35,7 @@ from yolo.run import (StopRequest, announce_epochs, exit_for_stop, find_checkpoi
                       load_scaler_state, mark_finished, save_epoch, say, start_run_folder, stop_if_requested,
                       training_parts, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, SeededSamples
-from yolo.transforms import build_loader, check_num_workers, num_loader_workers
+from yolo.transforms import DevicePrefetcher, build_loader, check_num_workers, num_loader_workers
 
 # --- model
 backbone = "darknet"           # darknet | fast | resnet18 | resnet50, trained from scratch
@@ -100,9 +100,9 @@ def main(config: dict) -> None:
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
     loading = {"num_workers": num_loader_workers(config["num_workers"]), "pin_memory": device.type == "cuda",
-               "collate_fn": default_collate}
-    train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False, sampler=sampler,
-                                **loading)
+               "collate_fn": default_collate, "image_bytes": 3 * config["image_size"] ** 2 * torch.float32.itemsize}
+    train_loader = DevicePrefetcher(build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
+                                                 sampler=sampler, **loading), device)
     val_loader = build_loader(Subset(val_set, range(rank, len(val_set), world_size)), config["micro_batch_size"],
                               shuffle=False, **loading)
 

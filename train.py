@@ -36,7 +36,8 @@ from yolo.run import (StopRequest, announce_epochs, append_log, exit_for_stop, f
                       load_scaler_state, mark_finished, save_epoch, say, start_run_folder, stop_if_requested,
                       training_parts, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
-from yolo.transforms import EvalTransform, TrainTransform, build_loader, check_num_workers, num_loader_workers
+from yolo.transforms import (DevicePrefetcher, EvalTransform, TrainTransform, build_loader, check_num_workers,
+                             num_loader_workers)
 
 # --- model
 backbone = "resnet18"          # resnet18 | resnet50 | darknet | fast
@@ -180,9 +181,10 @@ def main(config: dict) -> None:
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
     loading = {"num_workers": num_loader_workers(config["num_workers"]), "prefetch_factor": config["prefetch_factor"],
-               "pin_memory": config["pin_memory"] and device.type == "cuda"}
-    train_loader = build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False, sampler=sampler,
-                                **loading)
+               "pin_memory": config["pin_memory"] and device.type == "cuda",
+               "image_bytes": 3 * config["image_size"] ** 2}
+    train_loader = DevicePrefetcher(build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
+                                                 sampler=sampler, **loading), device)
     val_loader = None if val_set is None else build_loader(
         IndexedSamples(val_set, range(rank, len(val_set), world_size)), config["micro_batch_size"], shuffle=False,
         **loading)

@@ -2,12 +2,14 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import benchmark
+from yolo import transforms
 from yolo.config import resolve_config
 from yolo.model import YOLOv1
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_predictions, to_voc_array
@@ -136,15 +138,15 @@ def test_a_train_step_lowers_the_loss_of_its_batch():
     model = YOLOv1("resnet18", grid_size=2, image_size=64, head_channels=8, fc_dim=16).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    images, targets = benchmark.random_training_batch(4, config, torch.device("cpu"))
-    assert images.dtype == torch.uint8 and targets.shape == (4, 2, 2, 25) and targets[..., 4].sum() >= 1
+    batch = benchmark.random_training_batch(4, config, torch.device("cpu"))
+    assert batch.images.dtype == torch.uint8 and batch.grids.shape == (4, 2, 2, 25) and batch.grids[..., 4].sum() >= 1
 
     def loss():
-        return sum(benchmark.yolo_loss_terms(model(images.float() / 255), targets).values()).item()
+        return sum(benchmark.yolo_loss_terms(model(batch.images.float() / 255), batch.grids).values()).item()
 
     before = loss()
     for _ in range(5):
-        benchmark.train_step(model, optimizer, scaler, images, targets, torch.float32)
+        benchmark.train_step(model, optimizer, scaler, batch, torch.float32)
     assert loss() < before
 
 
@@ -169,3 +171,14 @@ def test_loader_modes_name_a_missing_data_dir(tmp_path):
                              f"--data_dir={tmp_path}", f"--out={tmp_path / 'x.csv'}"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode != 0 and "error: split list" in result.stderr and "VOC2007" in result.stderr
+
+
+def test_loader_modes_refuse_more_batches_than_dev_shm_holds_in_one_line(tmp_path, monkeypatch):
+    mb = 2 ** 20
+    monkeypatch.setattr(transforms.shutil, "disk_usage", lambda path: SimpleNamespace(total=64 * mb, used=0,
+                                                                                       free=32 * mb))
+    settings = ["--device=cpu", "--modes=loader", "--num_workers=2", "--batch_sizes=16", "--image_size=448",
+                f"--out={tmp_path / 'x.csv'}"]
+    with pytest.raises(SystemExit) as exited:  # 2 workers x 2 batches ahead + 2, of 16 images of 448 px: 55 MB
+        benchmark.main(resolve_config(vars(benchmark), settings))
+    assert str(exited.value.code).startswith("error: /dev/shm has 32 MB free, and the loader needs about 55 MB")

@@ -1,13 +1,16 @@
 import copy
 import re
+import sys
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data._utils.pin_memory import pin_memory
 from torchvision.transforms import v2
 
 import make_synthetic
@@ -16,9 +19,10 @@ from yolo.boxes import normalized_to_voc
 from yolo.data import PROTOCOLS, DetectionDataset, ImageDecodeError, build_dataset, decode_image
 from yolo.formats import MISSING_DATA_HINT, AnnotationError, read_splits, read_voc_annotation
 from yolo.loader_benchmark import BaselineTrainTransform
-from yolo.photometric import MAX_COLOUR_FACTOR, draw_colour_factors, model_input, stacked_colour_factors
+from yolo.photometric import MAX_COLOUR_FACTOR, draw_colour_factors, model_input
 from yolo.sampling import SeededSamples
-from yolo.transforms import EvalTransform, TrainTransform, build_loader, num_loader_workers
+from yolo.transforms import (DetectionBatch, DevicePrefetcher, EvalTransform, TrainTransform, build_loader,
+                             num_loader_workers)
 from yolo.visualize import draw_boxes, save_image
 
 CLASSES = ("cat", "dog")
@@ -278,9 +282,10 @@ def test_synthetic_set_through_both_transforms_loader_and_drawing(synthetic_root
     torch.testing.assert_close(normalized_to_voc(boxes, annotation["width"], annotation["height"]),
                                torch.from_numpy(annotation["boxes"]))
 
-    loader = build_loader(dataset, batch_size=3, shuffle=False, num_workers=0)
-    images, grids, targets = next(iter(loader))
+    loader = build_loader(dataset, batch_size=3, shuffle=False, num_workers=0, image_bytes=3 * 64 * 64)
+    images, grids, factors, targets = next(iter(loader))
     assert images.shape == (3, 3, 64, 64) and grids.shape == (3, 4, 4, 5 + num_classes) and len(targets) == 3
+    assert factors is None  # the evaluation transform draws none
 
     drawn = draw_boxes(image, normalized_to_voc(boxes, 64, 64), target["labels"], dataset.class_names)
     assert drawn.shape == (3, 64, 64) and drawn.dtype == torch.uint8 and not torch.equal(drawn, image)
@@ -393,8 +398,8 @@ def test_workers_deliver_uint8_batches_equal_to_in_process_and_cached_ones(synth
             assert dataset.cached_bytes() == sum(3 * a["width"] * a["height"] for a in dataset.annotations)
             dataset.cache_images()
         loader = build_loader(SeededSamples(dataset), batch_size=4, shuffle=False, num_workers=num_workers,
-                              sampler=samples, pin_memory=False, prefetch_factor=2)
-        return [(images, grids, stacked_colour_factors(targets)) for images, grids, targets in loader]
+                              sampler=samples, pin_memory=False, prefetch_factor=2, image_bytes=3 * 64 * 64)
+        return [(images, grids, factors) for images, grids, factors, _ in loader]
 
     reference = batches(num_workers=0, cache=False)
     for images, grids, factors in reference:
@@ -446,3 +451,84 @@ def test_num_workers_auto_shares_the_cores_among_processes(monkeypatch):
     assert num_loader_workers("3") == 3
     with pytest.raises(ValueError, match="auto or a whole number"):
         num_loader_workers("-1")
+
+
+def _training_samples(synthetic_root, count, size=64):
+    dataset = build_dataset("synthetic", synthetic_root, train=True,
+                            transforms=TrainTransform(size, 4, len(make_synthetic.CLASS_NAMES)))
+    return [SeededSamples(dataset)[(index % len(dataset), index)] for index in range(count)]
+
+
+def test_the_collate_copies_each_image_into_a_channels_last_batch_in_shared_memory_in_a_worker(synthetic_root,
+                                                                                              monkeypatch):
+    samples = _training_samples(synthetic_root, 5)
+    samples[1] = (samples[1][0].contiguous(), samples[1][1])  # channels-first: the batch is channels-last all the same
+    expected = torch.stack([image for image, _ in samples])
+    for in_worker in (False, True):
+        monkeypatch.setattr(transforms, "get_worker_info", lambda: object() if in_worker else None)
+        images = transforms.collate_detection(samples).images
+        assert images.dtype == torch.uint8 and images.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(images, expected)
+        # A worker passes its batch on through shared memory: allocated there, it is not copied there again.
+        assert images.is_shared() == in_worker
+
+
+def test_colour_factors_are_one_tensor_at_the_top_of_the_batch_where_pin_memory_pins_them(synthetic_root,
+                                                                                         monkeypatch):
+    samples = _training_samples(synthetic_root, 4)
+    batch = transforms.collate_detection(samples)
+    assert torch.equal(batch.colour_factors, torch.stack([target["colour_factors"] for _, target in samples]))
+    assert batch.colour_factors.dtype == torch.float32 and batch.colour_factors.shape == (4, 2)
+    assert not any("colour_factors" in target for target in batch.targets)
+    pinned = []
+
+    def pin(tensor, *args, **kwargs):  # the DataLoader's pin thread calls this on each tensor it finds
+        pinned.append(tensor)
+        return tensor
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    pin_memory(batch)
+    assert {id(tensor) for tensor in pinned} == {id(batch.images), id(batch.grids), id(batch.colour_factors)}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the loader chooses fork on Linux only")
+def test_loader_workers_are_forked_on_linux(synthetic_root):
+    dataset = build_dataset("synthetic", synthetic_root, train=True)
+    with_workers = build_loader(dataset, batch_size=2, shuffle=False, num_workers=1, image_bytes=3 * 64 * 64)
+    assert with_workers.multiprocessing_context.get_start_method() == "fork"
+    in_process = build_loader(dataset, batch_size=2, shuffle=False, num_workers=0, image_bytes=3 * 64 * 64)
+    assert in_process.multiprocessing_context is None  # the DataLoader takes none without workers
+
+
+@pytest.mark.skipif(not transforms.SHARED_MEMORY.is_dir(), reason="no /dev/shm on this platform")
+def test_too_little_shared_memory_is_one_clear_error_before_any_worker_starts(synthetic_root, monkeypatch):
+    dataset = build_dataset("synthetic", synthetic_root, train=True)
+    mb = 2 ** 20
+    asked = []
+
+    def disk_usage(path):  # a Docker container's default: 64 MB
+        asked.append(path)
+        return SimpleNamespace(total=64 * mb, used=4 * mb, free=60 * mb)
+
+    monkeypatch.setattr(transforms.shutil, "disk_usage", disk_usage)
+    image_bytes = 3 * 448 * 448
+    with pytest.raises(transforms.SharedMemoryError) as raised:
+        build_loader(dataset, batch_size=16, shuffle=False, num_workers=4, prefetch_factor=4, image_bytes=image_bytes)
+    # 4 workers x 4 batches ahead + 2 batches of 16 images of 448 x 448 x 3 bytes
+    assert str(raised.value).startswith(f"/dev/shm has 60 MB free, and the loader needs about "
+                                        f"{18 * 16 * image_bytes / mb:.0f} MB there")
+    assert "docker run --shm-size=1g" in str(raised.value) and "\n" not in str(raised.value)
+    assert all(word in str(raised.value) for word in ("num_workers", "prefetch_factor", "batch size"))
+    assert asked == [Path("/dev/shm")]
+    build_loader(dataset, batch_size=16, shuffle=False, num_workers=1, prefetch_factor=1, image_bytes=image_bytes)
+    build_loader(dataset, batch_size=16, shuffle=False, num_workers=0, image_bytes=image_bytes)  # no workers: no check
+    assert len(asked) == 2
+
+
+def test_the_prefetcher_passes_batches_through_in_order_on_a_cpu_none_included():
+    batches = [DetectionBatch(torch.full((1, 3, 2, 2), index), torch.zeros(1), None, []) for index in range(3)]
+    batches.insert(1, None)  # every image of that micro-batch was skipped as unreadable
+    prefetched = DevicePrefetcher(batches, torch.device("cpu"))
+    assert len(prefetched) == 4
+    assert [id(batch) for batch in prefetched] == [id(batch) for batch in batches]
+    assert [id(batch) for batch in prefetched] == [id(batch) for batch in batches]  # and again, for the next epoch

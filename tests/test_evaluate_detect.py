@@ -296,6 +296,7 @@ def test_evaluate_refuses_bad_settings_and_an_empty_split_before_evaluating(over
         (["--dtype=fp64"], "--dtype='fp64': must be one of auto, fp32, bf16, fp16"),
         ([f"--data_dir={empty}", "--val_split=holdout", f"--out_dir={tmp_path / 'out'}"],
          "holdout.txt lists no images"),
+        (["--num_workers=1", "--batch_size=1000000000"], "error: /dev/shm has"),  # more than any /dev/shm holds
     ]:
         result = run("evaluate.py", checkpoint, *overrides, expect_success=False)
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr

@@ -1,11 +1,14 @@
 """pretrain.py end to end on a tiny synthetic classification set, and the two-stage recipe into train.py."""
 import json
 import os
+import runpy
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -235,3 +238,15 @@ def test_the_schedules():
     step = {**cosine, "schedule": "step"}
     assert [pretrain.learning_rate(epoch, step) for epoch in (0, 29.9, 30, 60, 120)] == \
         pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001])
+
+
+def test_too_little_shared_memory_is_one_error_line(classification_dir, tmp_path, monkeypatch):
+    """A /dev/shm that others have nearly filled: pretrain.py says so in one line before any worker starts."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2 ** 26, used=2 ** 26 - 2 ** 18,
+                                                                            free=2 ** 18))
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", f"--data_dir={classification_dir}", f"--out_dir={tmp_path}",
+                                      *RESUMABLE])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(ROOT / "pretrain.py"), run_name="__main__")
+    assert str(exited.value.code).startswith("error: /dev/shm has 0 MB free, and the loader needs about 1 MB")
+    assert "\n" not in str(exited.value.code)

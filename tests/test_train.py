@@ -263,6 +263,8 @@ def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path
     (["--warmup_lr=-5"], "--warmup_lr=-5.0: must be at least 0.0"),
     (["--lr_gamma=-1"], "--lr_gamma=-1.0: must be at least 0.0"),
     (["configs/tiny.py", "configs/nope.py"], "configs/nope.py: cannot read this preset"),
+    # More batches ahead than any /dev/shm holds: refused before a worker starts (and dies of a bus error).
+    (["--num_workers=1", "--prefetch_factor=100000000"], "error: /dev/shm has"),
 ])
 def test_bad_settings_are_clear_errors(data_dir, tmp_path, overrides, message):
     result = run_train(data_dir, tmp_path / "run", *TINY, "--batch_size=8", "--micro_batch_size=8", *overrides,

@@ -11,6 +11,7 @@ from yolo.engine import LOSS_TERMS, NonFiniteLossError, apply_update, detection_
 from yolo.optim import build_optimizer, load_optimizer_state, skips_on_device
 from yolo.run import load_scaler_state, training_parts
 from yolo.targets import encode_target
+from yolo.transforms import DetectionBatch
 
 GRID, CLASSES, SIDE = 2, 3, 8
 LOSS_WEIGHTS = {"lambda_coord": 5.0, "lambda_noobj": 0.5}
@@ -36,7 +37,7 @@ def batches(count, poisoned=()):
         images = torch.rand(2, 3, SIDE, SIDE, generator=generator)
         if index in poisoned:
             images[0, 0, 0, 0] = float("nan")
-        result.append((images, torch.stack([target, target]), None))
+        result.append(DetectionBatch(images, torch.stack([target, target]), None, []))
     return result
 
 

@@ -12,7 +12,7 @@ from yolo.inference import Detector
 from yolo.loss import yolo_loss_terms
 from yolo.metrics import evaluate_detections
 from yolo.optim import set_learning_rate, skips_on_device
-from yolo.photometric import model_input, stacked_colour_factors
+from yolo.photometric import model_input
 
 LOSS_TERMS = ("coord", "obj", "noobj", "cls")
 
@@ -37,13 +37,13 @@ def detection_loss(model: nn.Module, batch, *, loss_weights: dict, device: torch
                    dtype: torch.dtype) -> tuple[dict, int]:
     """The paper's loss terms (means over the images) of one detection micro-batch, and its number of images.
 
-    The batch's uint8 images become the model's input on the device, colour-jittered by their own factors.
+    `batch` is a yolo.transforms.DetectionBatch: its uint8 images become the model's input on the device,
+    colour-jittered by their own factors.
     """
-    images, targets, target_dicts = batch
-    images = model_input(images, device, stacked_colour_factors(target_dicts))
+    images = model_input(batch.images, device, batch.colour_factors)
     with autocast_context(device, dtype):
         predictions = model(images)
-    return yolo_loss_terms(predictions, targets.to(device, non_blocking=True), **loss_weights), len(images)
+    return yolo_loss_terms(predictions, batch.grids.to(device, non_blocking=True), **loss_weights), len(images)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, forward_loss, term_names: tuple[str, ...],
@@ -154,12 +154,11 @@ def evaluate(detector: Detector, loader, dataset, *, loss_weights: dict, desc: s
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main_process() else True):
         if batch is None:  # every image of it was skipped as unreadable
             continue
-        images, targets, target_dicts = batch
-        predictions = detector.predict(images)
-        terms = yolo_loss_terms(predictions, targets.to(device), **loss_weights)
-        sums += torch.stack([*(terms[name].double() for name in LOSS_TERMS), sums.new_tensor(1.0)]) * len(images)
-        original_sizes = [target["orig_size"].tolist() for target in target_dicts]
-        for target, detection in zip(target_dicts, detector.detections(predictions, original_sizes)):
+        predictions = detector.predict(batch.images)
+        terms = yolo_loss_terms(predictions, batch.grids.to(device), **loss_weights)
+        sums += torch.stack([*(terms[name].double() for name in LOSS_TERMS), sums.new_tensor(1.0)]) * len(batch.images)
+        original_sizes = [target["orig_size"].tolist() for target in batch.targets]
+        for target, detection in zip(batch.targets, detector.detections(predictions, original_sizes)):
             results.append((target["index"], detection))
     totals = all_reduce_sum(sums)
     output = {"loss_terms": {name: totals[i].item() / totals[-1].item() for i, name in enumerate(LOSS_TERMS)}}

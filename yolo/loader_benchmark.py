@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 from yolo.boxes import voc_to_normalized
 from yolo.device import device_name
-from yolo.photometric import MAX_COLOUR_FACTOR, model_input, stacked_colour_factors
+from yolo.photometric import MAX_COLOUR_FACTOR, model_input
 from yolo.sampling import SeededSamples
 from yolo.targets import encode_target
 from yolo.timing import elapsed_ms, timing_rows
@@ -40,7 +40,8 @@ class BaselineScaleTranslateResize(v2.Transform):
 
     def transform(self, inpt, params):
         if isinstance(inpt, tv_tensors.BoundingBoxes):
-            boxes = map_boxes(inpt.as_subclass(torch.Tensor), params["x"], params["y"], self.size)
+            boxes = torch.from_numpy(map_boxes(inpt.as_subclass(torch.Tensor).numpy(), params["x"], params["y"],
+                                               self.size))
             return tv_tensors.wrap(boxes, like=inpt, canvas_size=(self.size, self.size))
         (x_src1, x_src2, x_out1, x_out2), (y_src1, y_src2, y_out1, y_out2) = params["x"], params["y"]
         canvas = torch.full((inpt.shape[0], self.size, self.size), FILL, dtype=inpt.dtype)
@@ -88,7 +89,7 @@ def baseline_collate(batch):
     return torch.stack(images), torch.stack([target["grid"] for target in targets]), list(targets)
 
 
-def time_loader(dataset, transform, collate, batch_size: int, workers: int, skip: int, count: int,
+def time_loader(dataset, transform, collate, image_bytes: int, batch_size: int, workers: int, skip: int, count: int,
                 device: torch.device) -> np.ndarray:
     """Milliseconds between `count` consecutive batches delivered on `device`, after `skip` batches.
 
@@ -100,9 +101,9 @@ def time_loader(dataset, transform, collate, batch_size: int, workers: int, skip
     # (index, seed) pairs cycling through the images: a fresh augmentation for every sample.
     samples = [(position % len(dataset), position) for position in range(batches * batch_size)]
     loader = build_loader(SeededSamples(dataset), batch_size, shuffle=False, num_workers=workers, sampler=samples,
-                          pin_memory=device.type == "cuda", collate_fn=collate)
+                          pin_memory=device.type == "cuda", collate_fn=collate, image_bytes=image_bytes)
     marks = []
-    for images, _, _ in loader:
+    for images, *_ in loader:
         images.to(device, non_blocking=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -117,8 +118,10 @@ def benchmark_loader(dataset, config: dict, device: torch.device) -> list[dict]:
     the loader delivers it, and the worker count in its device_name (a measurement of its own)."""
     modes = [mode for mode in config["modes"] if mode in LOADER_MODES]
     transform_args = (config["image_size"], config["grid_size"], len(dataset.class_names))
-    pipelines = {"loader": (TrainTransform(*transform_args), collate_detection),
-                 "baseline_loader": (BaselineTrainTransform(*transform_args), baseline_collate)}
+    pixels = 3 * config["image_size"] ** 2
+    pipelines = {"loader": (TrainTransform(*transform_args), collate_detection, pixels),
+                 "baseline_loader": (BaselineTrainTransform(*transform_args), baseline_collate,
+                                     pixels * torch.float32.itemsize)}
     dtypes = {"loader": "uint8", "baseline_loader": "fp32"}
     rows = []
     for workers in config["num_workers"]:
@@ -137,9 +140,8 @@ def benchmark_loader(dataset, config: dict, device: torch.device) -> list[dict]:
                                       for mode, parts in times.items()}, common, batch_size)
             if "loader" in modes:
                 dataset.transforms = pipelines["loader"][0]
-                images, _, target_dicts = collate_detection([SeededSamples(dataset)[(index, index)]
-                                                             for index in range(batch_size)])
-                images, factors = images.to(device), stacked_colour_factors(target_dicts)
+                batch = collate_detection([SeededSamples(dataset)[(index, index)] for index in range(batch_size)])
+                images, factors = batch.images.to(device), batch.colour_factors
                 device_ms = np.median([elapsed_ms(partial(model_input, images, device, factors), device)
                                        for _ in range(config["iters"])])
                 print(f"batch {batch_size}: float conversion and colour jitter on {device_name(device)}: "

@@ -8,7 +8,6 @@ colour work per image on the CPU, and four times fewer bytes to pass between pro
 """
 import math
 
-import numpy as np
 import torch
 
 # Exposure (brightness) and saturation factors: up to 1.5 either way, as in the paper. Drawn uniformly
@@ -39,14 +38,6 @@ def jitter_colours_(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor
     red, green, blue = LUMA_WEIGHTS
     grey = (images[:, 0:1] * red).add_(images[:, 1:2], alpha=green).add_(images[:, 2:3], alpha=blue)
     return images.mul_(saturation).add_(grey.mul_(1.0 - saturation)).clamp_(0.0, 1.0)
-
-
-def stacked_colour_factors(target_dicts: list[dict]) -> torch.Tensor | None:
-    """A batch's (N, 2) colour factors from its target dicts (collate_detection's, NumPy arrays); None when the
-    transform drew none (no jitter)."""
-    if not target_dicts or "colour_factors" not in target_dicts[0]:
-        return None
-    return torch.from_numpy(np.stack([target["colour_factors"] for target in target_dicts]))
 
 
 def model_input(images: torch.Tensor, device: torch.device, colour_factors: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Image + box transforms for training and evaluation, the batch collate function and the DataLoader.
+"""Image + box transforms for training and evaluation, the batch collate function, the DataLoader and the
+copy of its batches to the device.
 
 Both transforms take (uint8 (3, H, W) image, annotation dict from `yolo.data`) and return
 (uint8 (3, image_size, image_size) image, target dict) where the target dict holds `grid` (the YOLO
@@ -8,11 +9,17 @@ target, see `yolo.targets`), `boxes` (normalised x1, y1, x2, y2 after the transf
 applies on the device. Images stay uint8 until then: a quarter of float32's bytes to collate, pass
 between processes, pin and copy.
 """
+import math
 import os
+import shutil
+import sys
+from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 from torchvision.transforms import v2
 
 from yolo.boxes import voc_to_normalized
@@ -53,32 +60,39 @@ def random_windows(height, width, size, scale_range=SCALE_RANGE, max_shift=MAX_S
     return _axis_window(width, size, scale, shift_x), _axis_window(height, size, scale, shift_y)
 
 
-def crop_and_resize(image, x_window, y_window, size, fill=FILL):
-    """uint8 (3, H, W) -> uint8 (3, size, size) showing the windows' source region in their output region.
+def crop_and_resize(image, x_window, y_window, size, flip=False, fill=FILL):
+    """uint8 (3, H, W) -> uint8 (3, size, size) showing the windows' source region in their output region,
+    flipped horizontally if `flip`.
 
     Scaling about the centre and shifting only decide which window of the original fills the output,
     so a crop and one resize do it: a single resampling straight from the original, several times
     cheaper on a CPU than a resize followed by an affine warp (v2.RandomAffine takes ~28 ms at 448).
     The result is channels-last (strides of (size, size, 3) pixels), where the uint8 antialiased
-    resize runs about twice as fast, and the layout the model and the batch use.
+    resize runs about twice as fast, and the layout the model and the batch use. The flip mirrors the
+    resized region into the mirrored output window: the same pixels as flipping the result, without a
+    copy of the whole canvas.
     """
     x_src1, x_src2, x_out1, x_out2 = x_window
     y_src1, y_src2, y_out1, y_out2 = y_window
     crop = image[None, :, y_src1:y_src2, x_src1:x_src2].contiguous(memory_format=torch.channels_last)
+    resized = F.interpolate(crop, size=(y_out2 - y_out1, x_out2 - x_out1), mode="bilinear", antialias=True)
+    if flip:
+        resized, x_out1, x_out2 = resized.flip(-1), size - x_out2, size - x_out1
     canvas = torch.full((1, size, size, image.shape[0]), fill, dtype=image.dtype).permute(0, 3, 1, 2)
-    canvas[:, :, y_out1:y_out2, x_out1:x_out2] = F.interpolate(
-        crop, size=(y_out2 - y_out1, x_out2 - x_out1), mode="bilinear", antialias=True)
+    canvas[:, :, y_out1:y_out2, x_out1:x_out2] = resized
     return canvas[0]
 
 
 def map_boxes(boxes, x_window, y_window, size):
-    """Pixel x1, y1, x2, y2 boxes (M, 4) through crop_and_resize's windows, clipped to the size x size canvas."""
+    """Pixel x1, y1, x2, y2 boxes, a float32 (M, 4) array, through crop_and_resize's windows, clipped to the
+    size x size canvas."""
     x_src1, x_src2, x_out1, x_out2 = x_window
     y_src1, y_src2, y_out1, y_out2 = y_window
-    gain = torch.tensor([(x_out2 - x_out1) / (x_src2 - x_src1), (y_out2 - y_out1) / (y_src2 - y_src1)] * 2)
-    source = torch.tensor([x_src1, y_src1] * 2, dtype=torch.float32)
-    output = torch.tensor([x_out1, y_out1] * 2, dtype=torch.float32)
-    return ((boxes - source) * gain + output).clamp(0, size)
+    gain = np.array([(x_out2 - x_out1) / (x_src2 - x_src1), (y_out2 - y_out1) / (y_src2 - y_src1)] * 2,
+                    dtype=np.float32)
+    source = np.array([x_src1, y_src1] * 2, dtype=np.float32)
+    output = np.array([x_out1, y_out1] * 2, dtype=np.float32)
+    return ((boxes - source) * gain + output).clip(0, size)
 
 
 def _normalized_boxes(annotation, keep, width, height):
@@ -114,17 +128,19 @@ class TrainTransform:
         height, width = image.shape[1:]
         size = self.image_size
         x_window, y_window = random_windows(height, width, size)
-        image = crop_and_resize(image, x_window, y_window, size)
-        boxes = _normalized_boxes(annotation, keep, width, height) * torch.tensor([width, height, width, height])
+        flip = torch.rand(1).item() < FLIP_PROBABILITY
+        image = crop_and_resize(image, x_window, y_window, size, flip)
+        # The few boxes in NumPy: a fraction of torch's cost per operation, the same float32 arithmetic.
+        boxes = _normalized_boxes(annotation, keep, width, height).numpy() * np.float32([width, height] * 2)
         boxes = map_boxes(boxes, x_window, y_window, size)
-        if torch.rand(1).item() < FLIP_PROBABILITY:
-            image = image.flip(-1)
-            boxes = torch.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], dim=1)
-        visible = (boxes[:, 2] - boxes[:, 0] >= MIN_BOX_PIXELS) & (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_PIXELS)
-        labels = torch.from_numpy(annotation["labels"][keep])[visible]
-        difficult = torch.from_numpy(annotation["difficult"][keep])[visible]
-        return image, {**_target(boxes[visible] / size, labels, difficult, annotation, (height, width),
-                                 self.grid_size, self.num_classes),
+        if flip:
+            boxes = boxes[:, [2, 1, 0, 3]]
+            boxes[:, 0::2] = size - boxes[:, 0::2]
+        visible = (boxes[:, 2:] - boxes[:, :2] >= MIN_BOX_PIXELS).all(axis=1)
+        labels = torch.from_numpy(annotation["labels"][keep][visible])
+        difficult = torch.from_numpy(annotation["difficult"][keep][visible])
+        return image, {**_target(torch.from_numpy(boxes[visible] / size), labels, difficult, annotation,
+                                 (height, width), self.grid_size, self.num_classes),
                        "colour_factors": draw_colour_factors()}
 
 
@@ -142,22 +158,54 @@ class EvalTransform:
             self.num_classes)
 
 
-def collate_detection(batch):
-    """[(image, target dict)] -> (images (N, 3, H, W) channels-last, grids (N, S, S, 5 + C), [target dicts]).
+class DetectionBatch(NamedTuple):
+    """A detection micro-batch as collate_detection makes it.
 
-    The batch's target dicts hold the per-image values as NumPy arrays, without the grid (stacked already):
-    from a loader worker every tensor travels in a shared-memory segment of its own, which for a handful
-    of small tensors per image costs more than decoding the image, while arrays are copied inline.
-    Samples that are None (images skipped as unreadable) are left out; a batch left with none is None.
+    images: uint8 (N, 3, H, W), channels-last. grids: the YOLO targets (N, S, S, 5 + C). colour_factors:
+    float32 (N, 2) exposure and saturation factors, or None where the transform draws none (evaluation,
+    augment=false). targets: the per-image target dicts, without the grid and the factors.
+    The factors are one tensor rather than NumPy arrays in the dicts, so that the DataLoader pins them with
+    the images and the grids, and their copy to the GPU need not wait for the host.
+    """
+    images: torch.Tensor
+    grids: torch.Tensor
+    colour_factors: torch.Tensor | None
+    targets: list[dict]
+
+
+def collate_detection(batch):
+    """[(image, target dict)] -> DetectionBatch; None when no sample is left.
+
+    The target dicts hold the per-image values as NumPy arrays: from a loader worker every tensor travels
+    in a shared-memory segment of its own, which for a handful of small tensors per image costs more than
+    decoding the image, while arrays are copied inline. Samples that are None (images skipped as
+    unreadable) are left out.
     """
     batch = [sample for sample in batch if sample is not None]
     if not batch:
         return None
     images, targets = zip(*batch)
-    stacked = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, memory_format=torch.channels_last)
+    batch_images = _image_buffer(len(images), images[0])
+    # An image at a time: torch.stack into a channels-last `out` took 11.6 ms for 16 images at 448 in a
+    # worker, these copies 0.7 ms.
+    for slot, image in zip(batch_images, images):
+        slot.copy_(image)
+    factors = (torch.stack([target["colour_factors"] for target in targets]) if "colour_factors" in targets[0]
+               else None)
     target_dicts = [{key: value.numpy() if isinstance(value, torch.Tensor) else value
-                     for key, value in target.items() if key != "grid"} for target in targets]
-    return torch.stack(images, out=stacked), torch.stack([t["grid"] for t in targets]), target_dicts
+                     for key, value in target.items() if key not in ("grid", "colour_factors")} for target in targets]
+    return DetectionBatch(batch_images, torch.stack([target["grid"] for target in targets]), factors, target_dicts)
+
+
+def _image_buffer(count, image):
+    """An empty (count, *image.shape) channels-last tensor; in a loader worker, in shared memory (as
+    default_collate allocates its batches there): the worker would otherwise copy the batch into shared memory
+    to pass it on."""
+    channels, height, width = image.shape
+    if get_worker_info() is None:
+        return torch.empty((count, channels, height, width), dtype=image.dtype, memory_format=torch.channels_last)
+    storage = torch.UntypedStorage._new_shared(count * image.numel() * image.element_size())
+    return torch.empty(0, dtype=image.dtype).set_(storage).view(count, height, width, channels).permute(0, 3, 1, 2)
 
 
 # num_workers="auto" gives each training process its share of the CPU cores less one (that process's own
@@ -184,8 +232,37 @@ def num_loader_workers(setting: str) -> int:
     return max(0, min(usable_cores() // processes - 1, MAX_AUTO_WORKERS))
 
 
+# /dev/shm holds the batches that loader workers pass to the training process (PyTorch's file_descriptor
+# sharing); besides those the workers prepare ahead, one is in use there and one being pinned.
+SHARED_MEMORY = Path("/dev/shm")
+BATCHES_BESIDES_PREFETCHED = 2
+DATALOADER_PREFETCH_FACTOR = 2  # PyTorch's default
+
+
+class SharedMemoryError(ValueError):
+    """Too little free space in /dev/shm for the batches a loader's workers pass on."""
+
+
+def check_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: int) -> None:
+    """SharedMemoryError when /dev/shm (where the platform has it) has less free space than the loader's workers
+    will hold there: a worker that runs out dies of a bus error that names nothing."""
+    if num_workers == 0 or not SHARED_MEMORY.is_dir():
+        return
+    usage = shutil.disk_usage(SHARED_MEMORY)
+    needed = (num_workers * prefetch_factor + BATCHES_BESIDES_PREFETCHED) * batch_bytes
+    if needed <= usage.free:
+        return
+    mb = 2 ** 20
+    raise SharedMemoryError(
+        f"{SHARED_MEMORY} has {usage.free / mb:.0f} MB free, and the loader needs about {needed / mb:.0f} MB there "
+        f"(num_workers {num_workers} x prefetch_factor {prefetch_factor} + {BATCHES_BESIDES_PREFETCHED} batches of "
+        f"{batch_bytes / mb:.1f} MB). In a container, give it more (docker run "
+        f"--shm-size={math.ceil((usage.used + needed) / 2 ** 30)}g ...), or lower num_workers, prefetch_factor or "
+        f"the (micro-)batch size.")
+
+
 def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_last=False, seed=0,
-                 pin_memory=None, prefetch_factor=None, collate_fn=collate_detection):
+                 pin_memory=None, prefetch_factor=None, collate_fn=collate_detection, *, image_bytes):
     """DataLoader for detection batches.
 
     Reproducible augmentation: the seeded generator fixes the shuffling order and every worker's torch
@@ -196,8 +273,10 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
 
     pin_memory (default: when CUDA is available) puts batches in page-locked memory, so the copy to the
     GPU runs asynchronously; prefetch_factor is how many batches each worker prepares ahead (PyTorch's
-    default when None; ignored without workers).
+    default when None; ignored without workers). image_bytes, the size of one image as the loader delivers
+    it, sizes the workers' batches for check_shared_memory, which runs before any worker starts.
     """
+    check_shared_memory(num_workers, prefetch_factor or DATALOADER_PREFETCH_FACTOR, batch_size * image_bytes)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -209,5 +288,51 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        # Python 3.14 makes forkserver the default, which pickles the dataset and its image cache to each worker.
+        multiprocessing_context="fork" if num_workers > 0 and sys.platform == "linux" else None,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+_END = object()
+
+
+class DevicePrefetcher:
+    """Iterates a loader's batches with their tensors on `device`.
+
+    On CUDA it copies batch k + 1 to the GPU on a side stream while batch k computes: on the compute stream
+    the copy would wait for the step before it and hold up the one after. Elsewhere the batches pass through
+    unchanged. A batch of tensors is a tuple or list of them (and other items, passed on as they are); a None
+    batch (every image skipped) stays None.
+    """
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            yield from self.loader
+            return
+        copy_stream = torch.cuda.Stream(self.device)
+        compute_stream = torch.cuda.current_stream(self.device)
+        copies = (self._copy(batch, copy_stream) for batch in self.loader)
+        batch = next(copies, _END)
+        while batch is not _END:
+            compute_stream.wait_stream(copy_stream)  # for this batch's copy alone: the next one is queued below
+            for item in () if batch is None else batch:
+                if isinstance(item, torch.Tensor):
+                    item.record_stream(compute_stream)  # no reuse of its memory before the compute stream is done
+            following = next(copies, _END)
+            yield batch
+            batch = following
+
+    def _copy(self, batch, stream):
+        if batch is None:
+            return None
+        with torch.cuda.stream(stream):
+            moved = [item.to(self.device, non_blocking=True) if isinstance(item, torch.Tensor) else item
+                     for item in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
