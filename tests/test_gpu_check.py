@@ -166,7 +166,7 @@ def test_non_finite_state_names_the_weights_and_momentum_holding_nan_or_inf():
 
 
 @pytest.mark.parametrize("argument, message", [
-    ("--help", "error: '--help': overrides are written --name=value"),
+    ("--sync_check", "error: --sync_check: unknown setting"),
     ("--micro_batch_size=0", "error: --micro_batch_size=0: must be at least 1"),
     ("--sync_check_steps=1", "error: --sync_check_steps=1: must be at least 2")])
 def test_a_bad_command_line_is_one_error_line(argument, message):

@@ -71,8 +71,9 @@ def training_batches(synthetic_root):
     sampler.set_epoch(0)
     torch.manual_seed(0)
     batches = list(build_loader(SeededSamples(dataset), MICRO_BATCH, shuffle=False, sampler=sampler, num_workers=0,
-                                pin_memory=False))[:STEPS * ACCUMULATION]
-    assert len(batches) == STEPS * ACCUMULATION and batches[0][0].dtype == torch.uint8
+                                pin_memory=False, image_bytes=3 * IMAGE_SIZE ** 2))[:STEPS * ACCUMULATION]
+    assert len(batches) == STEPS * ACCUMULATION and batches[0].images.dtype == torch.uint8
+    assert batches[0].colour_factors.shape == (MICRO_BATCH, 2)
     return batches, len(dataset.class_names)
 
 
