@@ -34,9 +34,9 @@ INSTALLED := $(VENV)/.installed-requirements
 # What the targets that run the project need: the pinned install, unless VENV names an environment to use as it is.
 ENV_READY := $(if $(filter command line environment,$(origin VENV)),,$(INSTALLED))
 PACKAGE := $(wildcard yolo/*.py)
-RESULTS := results
+RESULTS ?= results## where make writes the committed results: CSVs, figures
 GPU_RESULTS := $(RESULTS)/gpu
-RUNS := runs
+RUNS ?= runs## training runs (checkpoints, logs) and the stamps of finished stages
 STAMPS := $(RUNS)/stamps
 # A value as one shell word, whatever spaces or quotes it holds.
 quote = '$(subst ','\'',$(1))'
@@ -53,12 +53,12 @@ VOC_EVALS := $(foreach m,$(VOC_MODELS),$(STAMPS)/eval-$(m)_$(PROTOCOL))
 DEMO_DATA ?= data/synthetic## synthetic VOC-layout dataset of the demo
 DEMO_RUNS ?= $(RUNS)/demo## demo checkpoints and logs
 DEMO_RESULTS ?= $(RESULTS)/demo## demo CSVs and figures (committed)
-DEMO_TRAIN_IMAGES ?= 2048
-DEMO_VAL_IMAGES ?= 256
+DEMO_TRAIN_IMAGES ?= 2048## synthetic training images of the demo
+DEMO_VAL_IMAGES ?= 256## synthetic validation images of the demo
 DEMO_EPOCHS ?= 5## resnet18's epochs (resnet50: DEMO_EPOCHS_RESNET50)
-DEMO_EPOCHS_RESNET50 ?= 1
+DEMO_EPOCHS_RESNET50 ?= 1## resnet50's epochs in the demo
 DEMO_LR_DROP ?= 4## epoch at which resnet18's learning rate drops (resnet50: DEMO_LR_DROP_RESNET50)
-DEMO_LR_DROP_RESNET50 ?= 0.75
+DEMO_LR_DROP_RESNET50 ?= 0.75## epoch at which resnet50's learning rate drops in the demo
 DEMO_BENCHMARK ?= --iters=5 --warmup=1## benchmark.py settings of the demo
 DEMO_MODEL ?= configs/demo_model.py## the demo's model shape (train.py and benchmark.py)
 DEMO_CONFIG ?= configs/demo.py## the demo's training recipe (train.py)
@@ -71,9 +71,9 @@ DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_STAMPS)/eval-$(m))
 
 help: ## list the targets and the variables they read
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
-	@echo "variables:"
-	@grep -hE '^[A-Z_]+ \?=.*## ' $(MAKEFILE_LIST) | sed -E 's/ \?= ?/=/; s/## /\t/' \
-		| awk -F '\t' '{printf "  %-30s %s\n", $$1, $$2}'
+	@echo "variables (make TARGET NAME=value):"
+	@grep -hE '^[A-Z0-9_]+ \?=.*## ' $(MAKEFILE_LIST) | sed -E 's/ \?= ?/=/; s/## /\t/' \
+		| awk -F '\t' '{printf "  %-30s  %s\n", $$1, $$2}'
 
 # The pinned packages (torch 2.14 among them) need Python 3.11 or newer.
 PYTHON_VERSION_CHECK := import sys; sys.exit(None if sys.version_info >= (3, 11) else 'error: ' + sys.executable \
@@ -110,7 +110,7 @@ NO_GPU_MESSAGE := error: no CUDA GPU found. The full reproduction trains two 256
 	0.9 images/s (2.4 M images: about a month for resnet18 alone). Run make demo for the CPU \
 	demonstration, or set FORCE_CPU=1 to train on the CPU anyway.
 
-check-gpu: | $(ENV_READY)
+check-gpu: | $(ENV_READY) ## stop unless torch finds a CUDA GPU (or FORCE_CPU=1): the first step of every CUDA target
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or '$(FORCE_CPU)' == '1' \
 		else '$(NO_GPU_MESSAGE)')"
 

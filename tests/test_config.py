@@ -119,7 +119,7 @@ def test_help_shows_the_usage_the_defaults_and_the_headings(capsys):
 def test_help_exits_0_from_the_command_line():
     result = subprocess.run([sys.executable, "table.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and not result.stderr
-    assert result.stdout.startswith("usage: python table.py") and "--readme=README.md" in result.stdout
+    assert result.stdout.startswith("usage: python table.py") and "--results=results " in result.stdout
 
 
 def test_constants_reads_only_lower_case_public_settings():

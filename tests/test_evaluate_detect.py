@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import detect
+from yolo.config import resolve_config
 from yolo.data import decode_image
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 
@@ -128,31 +129,39 @@ def test_submission_files_cover_exactly_the_servers_list(tmp_path):
         write_submission(tmp_path / "bad", ["a", "c"], detections, ["thing"], server_ids=["a", "b"])
 
 
+def evaluate_error(*overrides) -> str:
+    """The error line that `python evaluate.py ...` exits with, run in this process (its __main__ is main of the
+    resolved settings)."""
+    import evaluate
+    with pytest.raises(SystemExit) as stopped:
+        evaluate.main(resolve_config(vars(evaluate), list(overrides), rules=evaluate.RULES))
+    assert str(stopped.value.code).startswith("error: ")
+    return str(stopped.value.code)
+
+
 def test_evaluate_errors_name_the_problem(overfit_run, tmp_path):
     data_dir, run_dir = overfit_run
-    result = run("evaluate.py", f"--checkpoint={tmp_path / 'missing.pt'}", expect_success=False)
-    assert result.returncode != 0 and "No checkpoint at" in result.stderr
+    assert "No checkpoint at" in evaluate_error(f"--checkpoint={tmp_path / 'missing.pt'}")
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
-    result = run("evaluate.py", f"--checkpoint={foreign}", expect_success=False)
-    assert "not a train.py checkpoint" in result.stderr
+    assert "not a train.py checkpoint" in evaluate_error(f"--checkpoint={foreign}")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    assert "not a readable checkpoint" in run("evaluate.py", f"--checkpoint={broken}", expect_success=False).stderr
+    assert "not a readable checkpoint" in evaluate_error(f"--checkpoint={broken}")
     mismatched = torch.load(run_dir / "last.pt", weights_only=True)
     mismatched["model_args"]["fc_dim"] = 128
     torch.save(mismatched, tmp_path / "mismatched.pt")
-    result = run("evaluate.py", f"--checkpoint={tmp_path / 'mismatched.pt'}", expect_success=False)
-    assert "does not fit the architecture" in result.stderr
-    result = run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--data_dir={tmp_path / 'nowhere'}",
-                 expect_success=False)
-    assert "not found" in result.stderr and "nowhere" in result.stderr
+    assert "does not fit the architecture" in evaluate_error(f"--checkpoint={tmp_path / 'mismatched.pt'}")
+    message = evaluate_error(f"--checkpoint={run_dir / 'last.pt'}", f"--data_dir={tmp_path / 'nowhere'}")
+    assert "not found" in message and "nowhere" in message
     (tmp_path / "foreign_results").mkdir()
     (tmp_path / "foreign_results/metrics.csv").write_text("model,fps\nseed,97.88\n")
-    result = run("evaluate.py", f"--checkpoint={run_dir / 'last.pt'}", f"--out_dir={tmp_path / 'foreign_results'}",
-                 expect_success=False)
-    assert result.stderr.startswith("error: --out_dir: ") and "metrics.csv has the columns model, fps" in result.stderr
+    message = evaluate_error(f"--checkpoint={run_dir / 'last.pt'}", f"--out_dir={tmp_path / 'foreign_results'}")
+    assert message.startswith("error: --out_dir: ") and "metrics.csv has the columns model, fps" in message
     assert (tmp_path / "foreign_results/metrics.csv").read_text() == "model,fps\nseed,97.88\n"
+    # The command line itself: one error line, no traceback.
+    result = run("evaluate.py", f"--checkpoint={broken}", expect_success=False)
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
 def test_detect_on_a_folder_of_images(overfit_run, tmp_path):
@@ -296,11 +305,12 @@ def test_evaluate_refuses_bad_settings_and_an_empty_split_before_evaluating(over
         (["--dtype=fp64"], "--dtype='fp64': must be one of auto, fp32, bf16, fp16"),
         ([f"--data_dir={empty}", "--val_split=holdout", f"--out_dir={tmp_path / 'out'}"],
          "holdout.txt lists no images"),
-        (["--num_workers=1", "--batch_size=1000000000"], "error: /dev/shm has"),  # more than any /dev/shm holds
     ]:
-        result = run("evaluate.py", checkpoint, *overrides, expect_success=False)
-        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-        assert message in result.stderr, result.stderr
+        assert message in evaluate_error(checkpoint, *overrides)
+    # More batches than any /dev/shm holds: refused before a worker starts, by the command line's error handling.
+    result = run("evaluate.py", checkpoint, "--num_workers=1", "--batch_size=1000000000", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "error: /dev/shm has" in result.stderr, result.stderr
 
 
 def test_detect_skips_unreadable_images_and_writes_the_rest(overfit_run, tmp_path):

@@ -174,3 +174,17 @@ def test_a_bad_command_line_is_one_error_line(argument, message):
                             timeout=120)
     assert result.returncode == 1 and result.stderr.startswith(message)
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_a_failed_check_makes_the_whole_run_fail(tmp_path, monkeypatch):
+    """What make gpu-check's caller sees: any FAIL is a non-zero exit, naming the check."""
+    def broken(config, shared):
+        raise gpu_check.CheckFailed("exit 1: broken")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "device_name", lambda device: "Some GPU")
+    monkeypatch.setattr(gpu_check, "planned_checks", lambda config: {"fine": (lambda c, s: "ok", 1),
+                                                                    "broken": (broken, 1)})
+    config = {"work_dir": str(tmp_path / "work"), "out_dir": str(tmp_path / "out")}
+    with pytest.raises(SystemExit) as stopped:
+        gpu_check.main(config)
+    assert stopped.value.code == f"error: failed: broken (logs in {tmp_path / 'work'})"

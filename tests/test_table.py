@@ -164,3 +164,10 @@ def test_one_folders_tables_stand_alone(tmp_path):
     empty = subprocess.run([sys.executable, "table.py", f"--results={tmp_path / 'tables'}"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert empty.returncode == 1 and "holds no metrics.csv or benchmark.csv" in empty.stderr
+
+
+def test_the_fps_column_takes_the_fastest_of_the_dtypes_and_devices():
+    rows = pd.DataFrame([{"backbone": "resnet18", "mode": "end_to_end", "batch_size": 1, "image_size": 448,
+                          "throughput_img_s": speed, "dtype": dtype, "device_name": "GPU X"}
+                         for speed, dtype in ((80.0, "fp32"), (210.5, "bf16"), (150.0, "fp16"))])
+    assert table.fastest_batch1(rows, "resnet18", 448) == "210.5 (bf16, GPU X)"

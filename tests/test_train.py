@@ -171,22 +171,25 @@ def test_resume_refuses_a_run_with_other_settings(data_dir, reference_run):
     assert "lr: 0.01 -> 0.5" in result.stderr and "another out_dir" in result.stderr
 
 
-def test_torchrun_on_two_processes_matches_one_process(data_dir, reference_run, tmp_path):
-    """Two gloo processes with one micro-batch each equal one process accumulating both micro-batches.
+def test_torchrun_on_two_processes_matches_one_process(data_dir, tmp_path):
+    """Two gloo processes accumulating two micro-batches each equal one process accumulating all four.
 
     Each micro-batch's forward and backward are the same computations in both runs (same images, same
-    augmentation, BatchNorm over the same 4 images); only the sum of the two micro-batch gradients is
-    done in a different order (gloo's all-reduce instead of autograd's accumulation), a float32
-    rounding difference of about 1e-7 relative per step; after four SGD steps that stays below 1e-5
-    (in practice the weights come out identical).
+    augmentation, BatchNorm over the same 4 images); the gradients are averaged across processes on each
+    step's last micro-batch alone (DDP's no_sync before it), so only the order of the sum differs (gloo's
+    all-reduce instead of autograd's accumulation), a float32 rounding difference of about 1e-7 relative per
+    step that stays below 1e-5 after the run (in practice the weights come out identical).
     """
-    out_dir = tmp_path / "ddp"
+    settings = [*TINY, "--epochs=2", "--batch_size=16", "--micro_batch_size=4", "--num_workers=1"]
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    run_train(data_dir, single_dir, *settings)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE]
+               f"--data_dir={data_dir}", f"--out_dir={ddp_dir}", *settings]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "(2 accumulated micro-batches per process)" in result.stdout
     assert result.stdout.count("| train_loss") == 2  # rank 0 alone prints the epoch lines
-    ddp, single = final_weights(out_dir), final_weights(reference_run)
+    ddp, single = final_weights(ddp_dir), final_weights(single_dir)
     for name, value in single.items():
         if value.is_floating_point() and "running" not in name:
             torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
@@ -252,8 +255,6 @@ def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path
 
 @pytest.mark.parametrize("overrides, message", [
     (["--epoch=3"], "unknown setting. Valid names: backbone"),
-    (["--micro_batch_size=3"], "not a multiple of micro_batch_size"),
-    (["--batch_size=64"], "fewer than one batch"),
     (["--backbone=vgg"], "--backbone='vgg': must be one of resnet18, resnet50, darknet"),
     (["--protocol=coco"], "--protocol='coco': must be one of voc2012val"),
     (["--micro_batch_size=0"], "--micro_batch_size=0: must be at least 1"),
@@ -263,10 +264,21 @@ def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path
     (["--warmup_lr=-5"], "--warmup_lr=-5.0: must be at least 0.0"),
     (["--lr_gamma=-1"], "--lr_gamma=-1.0: must be at least 0.0"),
     (["configs/tiny.py", "configs/nope.py"], "configs/nope.py: cannot read this preset"),
+])
+def test_bad_settings_are_one_error_line(tmp_path, overrides, message):
+    """What `python train.py ...` exits with (its __main__ resolves the settings so, before main starts)."""
+    with pytest.raises(SystemExit) as stopped:
+        resolve_config(vars(train), [*TINY, f"--out_dir={tmp_path / 'run'}", *overrides], rules=train.RULES)
+    assert str(stopped.value.code).startswith("error: ") and message in str(stopped.value.code)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--micro_batch_size=3"], "not a multiple of micro_batch_size"),
+    (["--batch_size=64"], "fewer than one batch"),
     # More batches ahead than any /dev/shm holds: refused before a worker starts (and dies of a bus error).
     (["--num_workers=1", "--prefetch_factor=100000000"], "error: /dev/shm has"),
 ])
-def test_bad_settings_are_clear_errors(data_dir, tmp_path, overrides, message):
+def test_settings_that_do_not_fit_the_data_are_clear_errors(data_dir, tmp_path, overrides, message):
     result = run_train(data_dir, tmp_path / "run", *TINY, "--batch_size=8", "--micro_batch_size=8", *overrides,
                        expect_success=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr

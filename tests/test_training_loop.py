@@ -9,6 +9,7 @@ from torch import nn
 
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, apply_update, detection_loss, train_one_epoch
 from yolo.optim import build_optimizer, load_optimizer_state, skips_on_device
+from yolo.photometric import jitter_colours_
 from yolo.run import load_scaler_state, training_parts
 from yolo.targets import encode_target
 from yolo.transforms import DetectionBatch
@@ -205,3 +206,26 @@ def test_both_training_scripts_build_their_optimizer_and_scaler_through_training
     assert isinstance(optimizer, torch.optim.AdamW) and not skips_on_device(optimizer) and scaler.is_enabled()
     source = (Path(__file__).resolve().parents[1] / script).read_text()
     assert "training_parts(model," in source and "build_optimizer(" not in source
+
+
+def test_the_colour_jitter_reaches_the_model_in_training():
+    """Each training image enters the model with its own exposure and saturation factors applied, exactly as
+    jitter_colours_ defines them; without factors (augment=false) it enters as its pixels / 255."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 3, SIDE, SIDE), dtype=torch.uint8, generator=generator)
+    factors = torch.tensor([[1.4, 0.7], [0.8, 1.3]])
+    target = encode_target(torch.tensor([[0.1, 0.2, 0.6, 0.7]]), torch.tensor([1]), GRID, CLASSES)
+    seen = []
+    model = TinyDetector()
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    for colour_factors in (factors, None):
+        train_one_epoch(model, [DetectionBatch(images, torch.stack([target, target]), colour_factors, [])],
+                        build_optimizer(model, "sgd", 0.1, 0.9, 0.0), torch.amp.GradScaler("cpu", enabled=False),
+                        forward_loss=partial(detection_loss, loss_weights=LOSS_WEIGHTS, device=torch.device("cpu"),
+                                             dtype=torch.float32),
+                        term_names=LOSS_TERMS, epoch=0, start_step=0, accumulation=1, lr_at=lambda step: 0.0,
+                        device=torch.device("cpu"), stop_requested=lambda: False)
+    jittered, plain = seen
+    assert torch.equal(plain, images.float() / 255)
+    assert torch.equal(jittered, jitter_colours_(images.float() / 255, factors))
+    assert not torch.allclose(jittered, plain, atol=0.05)
