@@ -178,9 +178,11 @@ def test_torchrun_on_two_processes_matches_one_process(data_dir, tmp_path):
     augmentation, BatchNorm over the same 4 images); the gradients are averaged across processes on each
     step's last micro-batch alone (DDP's no_sync before it), so only the order of the sum differs (gloo's
     all-reduce instead of autograd's accumulation), a float32 rounding difference of about 1e-7 relative per
-    step that stays below 1e-5 after the run (in practice the weights come out identical).
+    step, far below the tolerance.
     """
-    settings = [*TINY, "--epochs=2", "--batch_size=16", "--micro_batch_size=4", "--num_workers=1"]
+    # One step of 16 images: a second would start from weights a rounding apart, and at this tiny scale which
+    # predictor is responsible for a box can flip with the last bit.
+    settings = [*TINY, "--epochs=1", "--batch_size=16", "--micro_batch_size=4", "--num_workers=1"]
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     run_train(data_dir, single_dir, *settings)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
@@ -188,7 +190,7 @@ def test_torchrun_on_two_processes_matches_one_process(data_dir, tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(2 accumulated micro-batches per process)" in result.stdout
-    assert result.stdout.count("| train_loss") == 2  # rank 0 alone prints the epoch lines
+    assert result.stdout.count("| train_loss") == 1  # rank 0 alone prints the epoch lines
     ddp, single = final_weights(ddp_dir), final_weights(single_dir)
     for name, value in single.items():
         if value.is_floating_point() and "running" not in name:
