@@ -105,10 +105,10 @@ $(VOC_MARKERS) &: | data/download_voc.py $(ENV_READY)
 		$(if $(VOC_CHECKSUMS),--checksums $(call quote,$(VOC_CHECKSUMS))) \
 		--stall-timeout $(call quote,$(VOC_STALL_TIMEOUT)) --deadline $(call quote,$(VOC_DEADLINE))
 
-NO_GPU_MESSAGE := error: no CUDA GPU found. The full reproduction trains two 256-282 M parameter models for 145 \
-	epochs on 16.5k images, which takes days on a GPU. A 2-core CPU trains resnet18 at 448 px at about \
-	0.9 images/s (2.4 M images: about a month for resnet18 alone). Run make demo for the CPU \
-	demonstration, or set FORCE_CPU=1 to train on the CPU anyway.
+NO_GPU_MESSAGE := error: no CUDA GPU found. Training a VOC model (145 epochs of 16.5k images: 2.4 M images) \
+	takes days on a GPU; a 2-core CPU trains YOLOv1-ResNet18 at 448 px at about 0.9 images/s, about a month \
+	for that model alone (ResNet50 and Darknet cost more). Run make demo for the CPU demonstration, or set \
+	FORCE_CPU=1 to train on the CPU anyway.
 
 check-gpu: | $(ENV_READY) ## stop unless torch finds a CUDA GPU (or FORCE_CPU=1): the first step of every CUDA target
 	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or '$(FORCE_CPU)' == '1' \
