@@ -17,8 +17,9 @@ the output keeps up with the source. The frames processed per second and the fra
 second. Ctrl-C (SIGINT) or SIGTERM stops it after the current frame, with the video and the detection files
 closed and complete; so does the end of the stream.
 
-Images are read by their content (JPEG, PNG, GIF, WebP, BMP, TIFF), whatever their extension says. An
-image that cannot be read is skipped with a warning naming it, and the others are processed and written.
+Images are decoded by their content (JPEG, PNG, GIF, WebP, BMP, TIFF; a PNG named .jpg reads); a folder is
+scanned for those extensions (.jpg .jpeg .png .gif .webp .bmp .tif .tiff). An image that cannot be read is
+skipped with a warning naming it, and the others are processed and written.
 Exit status: 0 when every input was processed; 1 on an error (one `error:` line; a video that fails part-way
 keeps the frames before) or when images were skipped (everything else written).
 """
