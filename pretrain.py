@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset, default_collate
 
-from yolo.checkpoint import (RESUMABLE_CHANGES, CheckpointError, CheckpointWriter, config_differences, git_commit,
-                             load_checkpoint)
+from yolo.checkpoint import CheckpointError, CheckpointWriter, git_commit, load_checkpoint
 from yolo.classification import BackboneClassifier, classification_loss, evaluate_classifier, image_folders
 from yolo.config import at_least, between, constants, format_config, one_of, resolve_config, writable_folder
 from yolo.device import DTYPES, autocast_dtype, resolve_device
@@ -32,8 +31,8 @@ from yolo.model import BACKBONES
 from yolo.optim import load_optimizer_state
 from yolo.plots import plot_classification_curve
 from yolo.run import (StopRequest, announce_epochs, exit_for_stop, find_checkpoint, finished_already,
-                      load_scaler_state, mark_finished, save_epoch, say, start_run_folder, stop_if_requested,
-                      training_parts, training_wrapper)
+                      load_scaler_state, mark_finished, refuse_other_settings, save_epoch, say, start_run_folder,
+                      stop_if_requested, training_parts, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, SeededSamples
 from yolo.transforms import DevicePrefetcher, build_loader, check_num_workers, num_loader_workers
 
@@ -116,13 +115,8 @@ def main(config: dict) -> None:
             checkpoint = load_checkpoint(checkpoint_path, map_location=device)
         except CheckpointError as error:
             sys.exit(f"error: {error}")
-        # The cosine schedule is laid out over `epochs`, so there a longer run is another run.
-        may_change = [key for key in RESUMABLE_CHANGES if key != "epochs" or config["schedule"] == "step"]
-        differences = config_differences(checkpoint["config"], run_config, may_change,
-                                         defaults=constants(globals()))
-        if differences:
-            sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
-                     f"Rerun with the saved settings, or choose another out_dir to start a new run.")
+        refuse_other_settings(checkpoint_path, checkpoint["config"], run_config, constants(globals()),
+                              schedule_follows_epochs=config["schedule"] != "step")
         model.load_state_dict(checkpoint["model"])
         load_optimizer_state(optimizer, checkpoint["optimizer"])
         load_scaler_state(scaler, checkpoint["scaler"], checkpoint["config"].get("dtype"))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from yolo.checkpoint import (ARCHITECTURE_KEYS, RESUMABLE_CHANGES, CheckpointError, CheckpointWriter,
-                             config_differences, git_commit, load_backbone_weights, load_checkpoint)
+from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, CheckpointWriter, git_commit, load_backbone_weights,
+                             load_checkpoint)
 from yolo.config import at_least, between, constants, format_config, one_of, resolve_config, writable_folder
 from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset, has_test_annotations
 from yolo.device import DTYPES, autocast_dtype, resolve_device
@@ -33,8 +33,8 @@ from yolo.model import BACKBONES, PretrainedWeightsError, YOLOv1
 from yolo.optim import OPTIMIZERS, load_optimizer_state
 from yolo.plots import plot_training_curve
 from yolo.run import (StopRequest, announce_epochs, append_log, exit_for_stop, find_checkpoint, finished_already,
-                      load_scaler_state, mark_finished, save_epoch, say, start_run_folder, stop_if_requested,
-                      training_parts, training_wrapper)
+                      load_scaler_state, mark_finished, refuse_other_settings, save_epoch, say, start_run_folder,
+                      stop_if_requested, training_parts, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
 from yolo.transforms import (DevicePrefetcher, EvalTransform, TrainTransform, build_loader, check_num_workers,
                              num_loader_workers)
@@ -207,14 +207,8 @@ def main(config: dict) -> None:
             checkpoint = load_checkpoint(checkpoint_path, map_location=device)
         except CheckpointError as error:
             sys.exit(f"error: {error}")
-        # Milestones laid out as fractions of `epochs` move with it, so there a longer run is another run.
-        may_change = [key for key in RESUMABLE_CHANGES
-                      if key != "epochs" or config["lr_milestones_unit"] == "epochs"]
-        differences = config_differences(checkpoint["config"], run_config, may_change,
-                                         defaults=constants(globals()))
-        if differences:
-            sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
-                     f"Rerun with the saved settings, or choose another out_dir to start a new run.")
+        refuse_other_settings(checkpoint_path, checkpoint["config"], run_config, constants(globals()),
+                              schedule_follows_epochs=config["lr_milestones_unit"] == "fraction")
         if list(checkpoint["class_names"]) != list(class_names):
             sys.exit(f"error: {checkpoint_path} was trained on the classes {list(checkpoint['class_names'])}, in "
                      f"that order; the dataset now has {list(class_names)}. Restore the dataset's class list "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from yolo.checkpoint import CheckpointWriter
+from yolo.checkpoint import RESUMABLE_CHANGES, CheckpointWriter, config_differences
 from yolo.distributed import any_process, backend, barrier, cleanup, is_main_process
 from yolo.optim import build_optimizer
 
@@ -88,6 +88,18 @@ def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, saved_dtype: st
     else:
         say(f"the checkpoint was trained with dtype {saved_dtype} and has no gradient scaler state: "
             f"fp16 starts a fresh one (scale {scaler.get_scale():g})")
+
+
+def refuse_other_settings(checkpoint_path: Path, saved: dict, current: dict, defaults: dict,
+                          schedule_follows_epochs: bool) -> None:
+    """Exit with one line naming every setting that the resumed run changes and may not (RESUMABLE_CHANGES; when
+    the learning-rate schedule is laid out over `epochs`, a longer run is another run too). `defaults`: the
+    script's, standing for settings the checkpoint predates."""
+    may_change = [key for key in RESUMABLE_CHANGES if key != "epochs" or not schedule_follows_epochs]
+    differences = config_differences(saved, current, may_change, defaults=defaults)
+    if differences:
+        sys.exit(f"error: {checkpoint_path} was trained with other settings ({'; '.join(differences)}). "
+                 f"Rerun with the saved settings, or choose another out_dir to start a new run.")
 
 
 def finished_already(out_dir: Path, start_epoch: int, epochs: int) -> bool:
