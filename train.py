@@ -183,8 +183,9 @@ def main(config: dict) -> None:
     loading = {"num_workers": num_loader_workers(config["num_workers"]), "prefetch_factor": config["prefetch_factor"],
                "pin_memory": config["pin_memory"] and device.type == "cuda",
                "image_bytes": 3 * config["image_size"] ** 2}
+    # The training loop uses each micro-batch once: its workers can reuse their image buffers.
     train_loader = DevicePrefetcher(build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
-                                                 sampler=sampler, **loading), device)
+                                                 sampler=sampler, reuse_image_buffers=True, **loading), device)
     val_loader = None if val_set is None else build_loader(
         IndexedSamples(val_set, range(rank, len(val_set), world_size)), config["micro_batch_size"], shuffle=False,
         **loading)

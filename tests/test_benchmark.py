@@ -179,6 +179,7 @@ def test_loader_modes_refuse_more_batches_than_dev_shm_holds_in_one_line(tmp_pat
                                                                                        free=32 * mb))
     settings = ["--device=cpu", "--modes=loader", "--num_workers=2", "--batch_sizes=16", "--image_size=448",
                 f"--out={tmp_path / 'x.csv'}"]
-    with pytest.raises(SystemExit) as exited:  # 2 workers x 2 batches ahead + 2, of 16 images of 448 px: 55 MB
+    with pytest.raises(SystemExit) as exited:  # train.py's loader: 2 workers x (2 batches ahead + 2 held)
         benchmark.main(resolve_config(vars(benchmark), settings))
-    assert str(exited.value.code).startswith("error: /dev/shm has 32 MB free, and the loader needs about 55 MB")
+    assert str(exited.value.code).startswith(f"error: /dev/shm has 32 MB free, and the loader needs about "
+                                             f"{2 * (2 + 2) * 16 * 3 * 448 ** 2 / mb:.0f} MB")

@@ -1,6 +1,7 @@
 import copy
 import re
 import sys
+import time
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -471,6 +472,44 @@ def test_the_collate_copies_each_image_into_a_channels_last_batch_in_shared_memo
         assert torch.equal(images, expected)
         # A worker passes its batch on through shared memory: allocated there, it is not copied there again.
         assert images.is_shared() == in_worker
+
+
+def test_a_worker_collating_into_reused_buffers_takes_them_in_turn(synthetic_root, monkeypatch):
+    samples = _training_samples(synthetic_root, 4)
+    monkeypatch.setattr(transforms, "get_worker_info", lambda: object())
+    addresses = [transforms.collate_detection(samples[:count], image_buffers=3).images.data_ptr()
+                 for count in (4, 4, 4, 4, 3, 4, 4)]
+    # Three buffers in turn; a smaller batch (skipped images) fits in its turn's buffer.
+    assert len(set(addresses[:3])) == 3 and addresses[3:6] == addresses[:3] and addresses[6] == addresses[0]
+    assert torch.equal(transforms.collate_detection(samples, image_buffers=3).images,
+                       torch.stack([image for image, _ in samples]))
+    fresh = [transforms.collate_detection(samples).images for _ in range(2)]
+    assert fresh[0].data_ptr() != fresh[1].data_ptr()
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_reused_image_buffers_hold_each_batch_while_the_consumer_holds_two(synthetic_root, num_workers):
+    # The consumer dawdles, so the workers run as far ahead as the loader lets them; a ring one buffer too
+    # short overwrites the batch before the current one while it is still held.
+    dataset = build_dataset("synthetic", synthetic_root, train=True,
+                            transforms=TrainTransform(64, 4, len(make_synthetic.CLASS_NAMES)))
+    samples = [(index % len(dataset), 2000 + index) for index in range(4 * 10)]
+    expected = [transforms.collate_detection([SeededSamples(dataset)[sample] for sample in samples[i:i + 4]]).images
+                for i in range(0, len(samples), 4)]
+    loader = build_loader(SeededSamples(dataset), batch_size=4, shuffle=False, num_workers=num_workers,
+                          sampler=samples, pin_memory=False, prefetch_factor=2, image_bytes=3 * 64 * 64,
+                          reuse_image_buffers=True)
+    previous = None
+    for index, batch in enumerate(loader):
+        time.sleep(0.05)
+        assert torch.equal(batch.images, expected[index]), index
+        if previous is not None:
+            assert torch.equal(previous.images, expected[index - 1]), index - 1
+        previous = batch
+    assert index == len(expected) - 1
+    with pytest.raises(ValueError, match="collate_detection"):
+        build_loader(dataset, batch_size=4, shuffle=False, num_workers=1, collate_fn=lambda batch: batch,
+                     image_bytes=3 * 64 * 64, reuse_image_buffers=True)
 
 
 def test_colour_factors_are_one_tensor_at_the_top_of_the_batch_where_pin_memory_pins_them(synthetic_root,

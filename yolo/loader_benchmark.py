@@ -101,7 +101,8 @@ def time_loader(dataset, transform, collate, image_bytes: int, batch_size: int, 
     # (index, seed) pairs cycling through the images: a fresh augmentation for every sample.
     samples = [(position % len(dataset), position) for position in range(batches * batch_size)]
     loader = build_loader(SeededSamples(dataset), batch_size, shuffle=False, num_workers=workers, sampler=samples,
-                          pin_memory=device.type == "cuda", collate_fn=collate, image_bytes=image_bytes)
+                          pin_memory=device.type == "cuda", collate_fn=collate, image_bytes=image_bytes,
+                          reuse_image_buffers=collate is collate_detection)
     marks = []
     for images, *_ in loader:
         images.to(device, non_blocking=True)
