@@ -66,7 +66,8 @@ def make_reproduce(scratch: Path, archives, protocol: str, *options: str, target
                  f"RESULTS={scratch / 'results'}", f"DEMO_RESULTS={scratch / 'demo'}",
                  f"README={scratch / 'README.md'}",
                  "VOC_MODEL=configs/tiny_model.py", f"VOC_CONFIG={scratch / 'recipe.py'}",
-                 "BENCHMARK_SETTINGS=--iters=1 --warmup=0 --batch_sizes=1 --baseline=false"]
+                 "BENCHMARK_SETTINGS=--iters=1 --warmup=0 --batch_sizes=1 --baseline=false --image_size=128 --grid_size=4 "
+                 "--head_channels=32 --fc_dim=64"]
     result = subprocess.run(["make", "--no-print-directory", *options, *targets, *variables], cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
