@@ -161,6 +161,8 @@ def open_session(path: Path) -> tuple[onnxruntime.InferenceSession, dict]:
                               f"--out={path}` or give the right path.")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # Its threads would otherwise spin for a while after each run, taking the cores from the resize and NMS around it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: its warnings about unused initializers are not the user's
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
