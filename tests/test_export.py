@@ -157,10 +157,11 @@ def test_a_missing_malformed_or_foreign_onnx_file_is_one_error_line(overfit_run,
     source = f"--source={data_dir / 'JPEGImages'}"
     assert f"No ONNX model at {tmp_path / 'missing.onnx'}: export one" in script_error(
         detect, f"--checkpoint={tmp_path / 'missing.onnx'}", source, f"--out_dir={tmp_path / 'out'}")
-    foreign = tmp_path / "foreign.onnx"
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    foreign = tmp_path / "foreign.onnx"  # the outputs' names, none of the metadata
+    outputs = ("predictions", "boxes", "scores")
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], [name]) for name in outputs], "identity",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in outputs])
     onnx.save(helper.make_model(graph), foreign)
     assert "is an ONNX model, but not one export.py wrote" in script_error(evaluate, f"--checkpoint={foreign}")
     broken = tmp_path / "broken.onnx"
