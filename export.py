@@ -21,12 +21,12 @@ import torch
 from yolo.checkpoint import CheckpointError, load_model
 from yolo.config import at_least, between, format_config, one_of, requirement, resolve_config, writable_folder
 from yolo.inference import Detector
-from yolo.onnx_model import INPUT_TYPES, OPSET, OUTPUT_NAMES, ExportError, OnnxDetector, export_onnx
+from yolo.onnx_model import INPUT_TYPES, MAX_OPSET, OPSET, OUTPUT_NAMES, ExportError, OnnxDetector, export_onnx
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 
 checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint or an export_weights.py file
 out = ""                       # the .onnx file written; empty: beside the checkpoint, <checkpoint name>.onnx
-opset = OPSET                  # ONNX opset of the graph (18: what torch.onnx writes natively; at least 18)
+opset = OPSET                  # ONNX opset of the graph: 18 (torch.onnx's own) to the newest onnx knows (1.23: 28)
 dynamic_batch = True           # the graph takes any batch size; false: batch_size images only
 batch_size = 1                 # images per batch of a graph without dynamic_batch
 input_type = "uint8"           # uint8: pixels 0..255 (divided by 255 in the graph) | float32: values in [0, 1]
@@ -37,7 +37,7 @@ max_detections = MAX_DETECTIONS  # nms=true: detections kept per image
 check_batch_sizes = (1, 3)     # after writing, compare ONNX Runtime with PyTorch on random batches of these sizes
 
 RULES = {"out": requirement(lambda value: value == "" or value.endswith(".onnx"), "a path ending in .onnx"),
-         "opset": at_least(OPSET), "batch_size": at_least(1), "input_type": one_of(*INPUT_TYPES),
+         "opset": between(OPSET, MAX_OPSET), "batch_size": at_least(1), "input_type": one_of(*INPUT_TYPES),
          "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0), "max_detections": at_least(1),
          "check_batch_sizes": at_least(1)}
 

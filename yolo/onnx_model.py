@@ -36,6 +36,7 @@ from yolo.photometric import model_input
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_boxes_and_scores
 
 OPSET = 18                     # the opset torch.onnx's exporter writes natively
+MAX_OPSET = onnx.defs.onnx_opset_version()  # the newest the installed onnx knows: beyond it the exporter writes 18
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("predictions", "boxes", "scores")
 NMS_OUTPUT_NAMES = ("detection_boxes", "detection_scores", "detection_labels")
