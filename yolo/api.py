@@ -142,7 +142,7 @@ class ImageDetector:
 def load_detector(checkpoint: str | os.PathLike, device: str | torch.device = "auto",
                   dtype: str | torch.dtype = "auto") -> ImageDetector:
     """The detector of a train.py checkpoint (last.pt, best.pt), of a weights file from `export_weights` or of an
-    export.py .onnx file (run by ONNX Runtime on the CPU in fp32, whatever `device` and `dtype` say when auto).
+    export.py .onnx file, which ONNX Runtime runs on the CPU in fp32 (`device` auto or cpu, `dtype` auto or fp32).
 
     `device`: auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N. `dtype`: auto (bf16 where the
     device computes it natively, else fp32) | fp32 | bf16 | fp16.
