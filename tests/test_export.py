@@ -1,4 +1,4 @@
-"""export.py's ONNX file run by ONNX Runtime: PyTorch's outputs, detections and metrics, from the scripts and the API."""
+"""export.py's ONNX file in ONNX Runtime: PyTorch's outputs, detections and metrics, from the scripts and the API."""
 import json
 import subprocess
 import sys
