@@ -130,6 +130,7 @@ class Detector:
         (as EvalTransform gives them) or floats in [0, 1]."""
         return self.model(model_input(batch, self.device).to(self.dtype))
 
+    @torch.inference_mode()
     def infer(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The network's raw output for a batch at the model's input size (as `predict`) and its candidate boxes
         and class scores (`decode_boxes_and_scores`): what an exported .onnx graph returns."""
