@@ -4,6 +4,7 @@ and the rate at which the training data path delivers images.
     python benchmark.py                                                   # CUDA if available, else CPU
     python benchmark.py --device=cpu --backbones=resnet18 --batch_sizes=1,8 --iters=10
     python benchmark.py --modes=loader,baseline_loader --num_workers=1 --device=cpu   # the data path
+    python benchmark.py --device=cpu --runtimes=pytorch,onnxruntime --dtypes=fp32,bf16  # ONNX Runtime beside PyTorch
 
 Modes (`modes`): `forward` times the model alone, `end_to_end` the whole detection pipeline,
 `baseline_end_to_end` the straightforward pipeline below, `train_step` one training step on device-resident
@@ -12,6 +13,9 @@ backward, the recipe's SGD step, fused on CUDA, with a GradScaler for fp16): the
 
 End to end is what evaluation and detection do: a uint8 batch of VOC-sized images (500 x 375) -> resize ->
 forward -> decoding and class-wise NMS -> per-image VOC-pixel detections, at the evaluation score threshold.
+Runtime `onnxruntime` (`runtimes`, CPU only) times the same model exported as export.py does (fp32, float32
+input, any batch) to a temporary .onnx file and run by ONNX Runtime with torch's thread count, in modes forward
+(the graph: network and decoding) and end_to_end (the same resize before it, the same NMS after it).
 The models have random weights (speed does not depend on them), so every candidate box passes that
 threshold: the most decoding and NMS work there can be. Mode `baseline_end_to_end` times the
 straightforward pipeline the inference mode (yolo/inference.py) is measured against: image-by-image resize,
@@ -55,6 +59,7 @@ from yolo.inference import Detector, preprocess
 from yolo.loader_benchmark import LOADER_MODES, benchmark_loader
 from yolo.loss import yolo_loss_terms
 from yolo.model import BACKBONES, YOLOv1
+from yolo.onnx_model import OPSET, OnnxDetector, export_onnx
 from yolo.optim import build_optimizer
 from yolo.photometric import model_input
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
@@ -72,6 +77,7 @@ backbones = ("resnet18", "resnet50")  # resnet18 | resnet50 | darknet, comma-sep
 device = "auto"                # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
 batch_sizes = (1, 8)           # images per batch, comma-separated: 1 gives the latency, larger the throughput
 dtypes = ("fp32", "bf16", "fp16")  # fp32 | bf16 | fp16, comma-separated; ones the device emulates are skipped
+runtimes = ("pytorch",)        # pytorch | onnxruntime (fp32, CPU, forward and end_to_end), comma-separated
 emulated_dtypes = False        # time those anyway (bf16 on a CPU without AVX512-BF16 / AMX: many times slower)
 compile = False                # torch.compile the inference model (baseline stays eager); CPU here: ~1.1 x, minutes
 baseline = True                # also time the straightforward pipeline (mode baseline_end_to_end, eager fp32)
@@ -97,18 +103,20 @@ NUM_CLASSES = 20
 SOURCE_HEIGHT, SOURCE_WIDTH = 375, 500  # a typical VOC image
 MATMUL_SIZE = 2048
 INFERENCE_MODES = ("forward", "end_to_end", "baseline_end_to_end")
+RUNTIMES = ("pytorch", "onnxruntime")
 LOADER_SYNTHETIC_IMAGES = 64   # the loader cycles through them: enough distinct files to decode
 RULES = {"modes": one_of(*INFERENCE_MODES, "train_step", *LOADER_MODES), "device": resolve_device,
-         "backbones": one_of(*BACKBONES), "batch_sizes": at_least(1),
+         "backbones": one_of(*BACKBONES), "batch_sizes": at_least(1), "runtimes": one_of(*RUNTIMES),
          "dtypes": one_of(*DTYPES), "score_threshold": between(0.0, 1.0), "nms_iou": between(0.0, 1.0),
          "max_detections": at_least(1), "threads": at_least(0), "image_size": at_least(32), "grid_size": at_least(1),
          "head_channels": at_least(1), "fc_dim": at_least(1), "protocol": one_of(*PROTOCOLS),
          "num_workers": at_least(0), "warmup": at_least(0), "iters": at_least(1)}
 CSV_COLUMNS = ("backbone", "device", "device_name", "dtype", "batch_size", "image_size", "mode", "compile",
-               "latency_ms_median", "latency_ms_p90", "throughput_img_s", "params_m", "gflops", "torch_version",
-               "date")
-# What names one measurement: a rerun with these equal replaces the earlier rows.
-CSV_KEY = ("device_name", "backbone", "dtype", "batch_size", "mode", "image_size", "compile")
+               "runtime", "latency_ms_median", "latency_ms_p90", "throughput_img_s", "params_m", "gflops",
+               "torch_version", "date")
+# What names one measurement: a rerun with these equal replaces the earlier rows. A file written before the
+# runtime column existed reads as PyTorch's rows (yolo.results.COLUMN_DEFAULTS).
+CSV_KEY = ("device_name", "backbone", "dtype", "batch_size", "mode", "image_size", "compile", "runtime")
 
 
 def dtypes_to_time(names: tuple[str, ...], device: torch.device, include_emulated: bool) -> list[str]:
@@ -120,6 +128,23 @@ def dtypes_to_time(names: tuple[str, ...], device: torch.device, include_emulate
             print(f"skipping {name}: the {device.type} here ({device_name(device)}) only emulates it; "
                   f"--emulated_dtypes=true times it anyway")
     return chosen
+
+
+def runtimes_to_time(names: tuple[str, ...], device: torch.device) -> list[str]:
+    if "onnxruntime" in names and device.type != "cpu":
+        print(f"skipping onnxruntime: ONNX Runtime runs on the CPU here, not on {device_name(device)}")
+        return [name for name in names if name != "onnxruntime"]
+    return list(names)
+
+
+def exported_detector(model: YOLOv1, model_args: dict, postprocess: dict) -> OnnxDetector:
+    """`model` as export.py writes it (fp32, float32 input, any batch size) in a temporary .onnx file, opened by
+    ONNX Runtime (which reads the whole file when it opens it)."""
+    state = {"model_args": model_args, "class_names": [f"class {index}" for index in range(NUM_CLASSES)]}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx(model, state, path, opset=OPSET, dynamic_batch=True, batch_size=1, input_type="float32")
+        return OnnxDetector(path, "cpu", "fp32", **postprocess)
 
 
 def forward_gflops(model: torch.nn.Module, device: torch.device) -> float:
@@ -188,11 +213,14 @@ def baseline_detect(model: YOLOv1, images: torch.Tensor, postprocess: dict) -> l
     return [decode_cells(cells, model.num_classes, width, height, **postprocess) for cells in pred]
 
 
-def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_names: list[str]) -> list[dict]:
-    """Rows for one backbone, every batch size, dtype and mode; prints the speed-up and fraction of peak."""
+def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_names: list[str],
+                       runtime_names: list[str]) -> list[dict]:
+    """Rows for one backbone, every batch size, dtype, runtime and mode; prints the speed-ups and fraction of peak."""
     torch.manual_seed(0)
-    model = YOLOv1(backbone, NUM_CLASSES, config["grid_size"], image_size=config["image_size"],
-                   head_channels=config["head_channels"], fc_dim=config["fc_dim"]).to(device).eval()
+    model_args = {"backbone": backbone, "num_classes": NUM_CLASSES, "grid_size": config["grid_size"],
+                  "image_size": config["image_size"], "head_channels": config["head_channels"],
+                  "fc_dim": config["fc_dim"]}
+    model = YOLOv1(**model_args).to(device).eval()
     params_m = sum(parameter.numel() for parameter in model.parameters()) / 1e6
     gflops = forward_gflops(model, device)
     common = {"backbone": backbone, "device": device.type, "device_name": device_name(device),
@@ -203,8 +231,10 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
     if not set(config["modes"]) & set(INFERENCE_MODES):
         return rows
     postprocess = {key: config[key] for key in ("score_threshold", "nms_iou", "max_detections")}
-    detectors = {name: Detector(model, DTYPES[name], device, config["compile"], **postprocess)
-                 for name in dtype_names}
+    detectors = {(name, "pytorch"): Detector(model, DTYPES[name], device, config["compile"], **postprocess)
+                 for name in dtype_names if "pytorch" in runtime_names}
+    if "onnxruntime" in runtime_names:
+        detectors["fp32", "onnxruntime"] = exported_detector(model, model_args, postprocess)
     matrix = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
     for batch_size in config["batch_sizes"]:
         # Each batch size compiles anew (one graph per detector): never past Dynamo's recompile limit,
@@ -214,17 +244,18 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
         if device.type == "cuda":
             images = images.pin_memory()
         runs = {}
-        for name, detector in detectors.items():
+        for (name, runtime), detector in detectors.items():
             inputs = preprocess(images, config["image_size"], detector.dtype, device)
-            runs["forward", name, config["compile"]] = partial(detector.predict, inputs)
-            runs["end_to_end", name, config["compile"]] = partial(detector, images)
+            compiled = config["compile"] and runtime == "pytorch"
+            runs["forward", name, compiled, runtime] = partial(detector.predict, inputs)
+            runs["end_to_end", name, compiled, runtime] = partial(detector, images)
         runs = {key: run for key, run in runs.items() if key[0] in config["modes"]}
         if config["baseline"] and "baseline_end_to_end" in config["modes"]:
-            runs["baseline_end_to_end", "fp32", False] = partial(baseline_detect, model, images, postprocess)
+            runs["baseline_end_to_end", "fp32", False, "pytorch"] = partial(baseline_detect, model, images, postprocess)
         if device.type == "cpu":
-            runs["matmul", "fp32", False] = partial(torch.mm, matrix, matrix)
+            runs["matmul", "fp32", False, "pytorch"] = partial(torch.mm, matrix, matrix)
         times = time_interleaved(runs, config["warmup"], config["iters"], device)
-        matmul_ms = times.pop(("matmul", "fp32", False), None)
+        matmul_ms = times.pop(("matmul", "fp32", False, "pytorch"), None)
         batch_rows = timing_rows(times, common, batch_size)
         print_summary(batch_rows, gflops, matmul_ms)
         rows += batch_rows
@@ -277,7 +308,7 @@ def benchmark_train_step(backbone: str, config: dict, device: torch.device, dtyp
     for batch_size in config["batch_sizes"]:
         torch._dynamo.reset()  # one graph per training model and batch size, as for the inference modes
         batch = random_training_batch(batch_size, config, device)
-        runs = {("train_step", name, config["compile"]): partial(train_step, *trainer, batch, DTYPES[name])
+        runs = {("train_step", name, config["compile"], "pytorch"): partial(train_step, *trainer, batch, DTYPES[name])
                 for name, trainer in trainers.items()}
         rows += timing_rows(time_interleaved(runs, config["warmup"], config["iters"], device), common, batch_size)
     torch.backends.cudnn.benchmark = autotuning
@@ -297,32 +328,42 @@ def write_voc_sized_set(root: Path) -> Path:
 
 
 def print_summary(rows: list[dict], gflops: float, matmul_ms: np.ndarray | None) -> None:
-    """Speed-up of end to end over the baseline; on the CPU, the forward pass's share of the matmul peak."""
-    throughput = {(row["mode"], row["dtype"]): row["throughput_img_s"] for row in rows}
+    """Speed-up of end to end over the baseline, of ONNX Runtime over each PyTorch dtype; on the CPU, the PyTorch
+    forward pass's share of the matmul peak."""
+    throughput = {(row["mode"], row["dtype"], row["runtime"]): row["throughput_img_s"] for row in rows}
     label = f"{rows[0]['backbone']} batch {rows[0]['batch_size']}"
-    for (mode, dtype), images_per_s in throughput.items():
-        if mode == "end_to_end" and ("baseline_end_to_end", "fp32") in throughput:
-            speed_up = images_per_s / throughput["baseline_end_to_end", "fp32"]
-            print(f"{label}: end to end {dtype} {images_per_s:.2f} img/s = {speed_up:.2f} x the baseline")
-    if matmul_ms is not None and ("forward", "fp32") in throughput:
+    baseline = throughput.get(("baseline_end_to_end", "fp32", "pytorch"))
+    for (mode, dtype, runtime), images_per_s in throughput.items():
+        if mode == "end_to_end" and baseline:
+            print(f"{label}: end to end {runtime} {dtype} {images_per_s:.2f} img/s = {images_per_s / baseline:.2f} x "
+                  f"the baseline")
+    for mode in ("forward", "end_to_end"):
+        onnx_runtime = throughput.get((mode, "fp32", "onnxruntime"))
+        pytorch = {dtype: value for (row_mode, dtype, runtime), value in throughput.items()
+                   if row_mode == mode and runtime == "pytorch"}
+        if onnx_runtime and pytorch:
+            print(f"{label}: {mode} onnxruntime fp32 {onnx_runtime:.2f} img/s = "
+                  + ", ".join(f"{onnx_runtime / value:.2f} x pytorch {dtype}" for dtype, value in pytorch.items()))
+    if matmul_ms is not None and ("forward", "fp32", "pytorch") in throughput:
         peak = 2 * MATMUL_SIZE ** 3 / np.median(matmul_ms) / 1e6
-        reached = gflops * throughput["forward", "fp32"]
+        reached = gflops * throughput["forward", "fp32", "pytorch"]
         print(f"{label}: forward fp32 {reached:.1f} GFLOP/s = {reached / peak:.0%} of the {MATMUL_SIZE}^3 fp32 "
               f"matmul peak measured alongside ({peak:.1f} GFLOP/s)")
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'backbone':<10} {'dtype':<5} {'batch':>5} {'mode':<20} {'median ms':>10} {'p90 ms':>10} {'img/s':>9}")
+    print(f"{'backbone':<10} {'runtime':<11} {'dtype':<5} {'batch':>5} {'mode':<20} {'median ms':>10} {'p90 ms':>10} "
+          f"{'img/s':>9}")
     for row in rows:
-        print(f"{row['backbone']:<10} {row['dtype']:<5} {row['batch_size']:>5} {row['mode']:<20} "
+        print(f"{row['backbone']:<10} {row['runtime']:<11} {row['dtype']:<5} {row['batch_size']:>5} {row['mode']:<20} "
               f"{row['latency_ms_median']:>10.1f} {row['latency_ms_p90']:>10.1f} {row['throughput_img_s']:>9.2f}")
 
 
-def measurements(config: dict, device: torch.device, dtype_names: list[str]):
+def measurements(config: dict, device: torch.device, dtype_names: list[str], runtime_names: list[str]):
     """The rows of the modes asked for, one list per backbone and then one for the loader modes."""
     if set(config["modes"]) & {*INFERENCE_MODES, "train_step"}:
         for backbone in config["backbones"]:
-            yield benchmark_backbone(backbone, config, device, dtype_names)
+            yield benchmark_backbone(backbone, config, device, dtype_names, runtime_names)
     if set(config["modes"]) & set(LOADER_MODES):
         with tempfile.TemporaryDirectory() as temporary:
             data_dir = config["data_dir"] or write_voc_sized_set(Path(temporary))
@@ -350,9 +391,11 @@ def main(config: dict) -> None:
         sys.exit(f"error: --out: {error}")
     device = resolve_device(config["device"])
     dtype_names = dtypes_to_time(config["dtypes"], device, config["emulated_dtypes"])
+    runtime_names = runtimes_to_time(config["runtimes"], device)
     print(f"device: {device_name(device)}; torch {torch.__version__}")
     rows, replaced = [], 0
-    for measured in measurements(config, device, dtype_names):  # written as they come: a stopped run keeps them
+    # Written as they come: a stopped run keeps them.
+    for measured in measurements(config, device, dtype_names, runtime_names):
         try:
             replaced += write_keyed(config["out"], measured, CSV_KEY, CSV_COLUMNS)
         except ResultsError as error:

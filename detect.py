@@ -3,6 +3,7 @@ detections.
 
     python detect.py --checkpoint=runs/resnet18_voc2012val/last.pt --source=photos/
     python detect.py --checkpoint=runs/resnet18_voc2012val/last.pt --source=0    # the first camera; Ctrl-C stops
+    python detect.py --checkpoint=model.onnx --source=photos/   # export.py's file, run by ONNX Runtime
 
 Writes out_dir/<file name> annotated for each image (out_dir/<name>.mp4 for a video, out_dir/live.mp4 for a
 live source), and out_dir/detections.csv and out_dir/detections.json with one entry per detection (VOC pixel
@@ -37,16 +38,16 @@ import numpy as np
 import torch
 
 from yolo.boxes import at_least_one_pixel
-from yolo.checkpoint import CheckpointError, load_model
+from yolo.checkpoint import CheckpointError
 from yolo.config import at_least, between, format_config, one_of, resolve_config, resolve_out_dir
 from yolo.data import ImageDecodeError, decode_image
-from yolo.device import DTYPES, inference_dtype, resolve_device
+from yolo.device import DTYPES, resolve_device
 from yolo.imagecheck import IMAGE_SUFFIXES
-from yolo.inference import Detector
+from yolo.inference import Detector, open_detector
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.visualize import draw_boxes, save_image
 
-checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint
+checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint, or an export.py .onnx (ONNX Runtime, CPU)
 source = "data/examples"       # image, image folder, video file, camera index (0), device (/dev/video0), stream URL
 source_format = ""             # FFmpeg input format of a live source (v4l2, lavfi, ...), then read as given
 out_dir = ""                   # annotated media, detections.csv and .json; empty: detect/ in the checkpoint's folder
@@ -54,8 +55,8 @@ score_threshold = DISPLAY_SCORE_THRESHOLD  # keep detections with class score at
 nms_iou = NMS_IOU              # class-wise NMS IoU (0..1)
 max_detections = MAX_DETECTIONS  # detections kept per image
 batch_size = 8                 # images (or video frames) per forward pass, at least 1
-device = "auto"                # auto (cuda if available) | cpu | cuda
-dtype = "auto"                 # auto (fastest the device computes natively) | fp32 | bf16 | fp16
+device = "auto"                # auto (cuda if available; an .onnx: cpu) | cpu | cuda
+dtype = "auto"                 # auto (fastest the device computes natively; an .onnx: fp32) | fp32 | bf16 | fp16
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 LIVE_OPEN_TIMEOUT = 15.0       # seconds a live source may take to open (an unreachable stream URL)
@@ -65,11 +66,8 @@ RULES = {"device": resolve_device, "dtype": one_of("auto", *DTYPES), "batch_size
 
 
 def load_detector(path: Path, config: dict) -> tuple[Detector, list[str]]:
-    model, state = load_model(path)
-    device = resolve_device(config["device"])
-    detector = Detector(model.to(device), inference_dtype(config["dtype"], device), device,
-                        score_threshold=config["score_threshold"], nms_iou=config["nms_iou"],
-                        max_detections=config["max_detections"])
+    detector, state = open_detector(path, config["device"], config["dtype"], score_threshold=config["score_threshold"],
+                                    nms_iou=config["nms_iou"], max_detections=config["max_detections"])
     return detector, state["class_names"]
 
 

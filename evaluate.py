@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on its protocol's test split: VOC and COCO metrics, per-class AP, plots, examples.
 
     python evaluate.py --checkpoint=runs/resnet18_voc2012val/last.pt
+    python evaluate.py --checkpoint=runs/resnet18_voc2012val/last.onnx   # export.py's file, in ONNX Runtime
 
 Writes (rerunning replaces the model's rows and files): a row of out_dir/metrics.csv, its rows of
 out_dir/per_class_ap.csv, out_dir/<model>_pr.png, out_dir/<model>_ap.png and out_dir/<model>_examples.png;
@@ -21,14 +22,14 @@ import pandas as pd
 import torch
 
 from table import per_class_table
-from yolo.checkpoint import CheckpointError, load_model
+from yolo.checkpoint import CheckpointError
 from yolo.config import at_least, between, format_config, one_of, resolve_config, resolve_out_dir
 from yolo.data import ImageDecodeError, build_dataset, decode_image, has_test_annotations
-from yolo.device import DTYPES, device_name, inference_dtype, resolve_device
+from yolo.device import DTYPES, device_name, resolve_device
 from yolo.engine import evaluate
 from yolo.formats import DATA_FORMATS
 from yolo.imagecheck import require_readable_images
-from yolo.inference import Detector
+from yolo.inference import open_detector
 from yolo.metrics import voc_precision_recall
 from yolo.plots import plot_per_class_ap, plot_precision_recall
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
@@ -38,16 +39,16 @@ from yolo.transforms import (EvalTransform, SharedMemoryError, build_loader, che
                              num_loader_workers)
 from yolo.visualize import draw_boxes, save_image
 
-checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint (last.pt is the reported one)
-model_name = ""                # row key in the CSVs; empty: the checkpoint's folder name
+checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint (last.pt is the reported one), or an .onnx
+model_name = ""                # row key in the CSVs; empty: the checkpoint's folder name (an .onnx: with _onnx added)
 protocol = ""                  # voc2012val | voc2007test | voc2012test | custom; empty: the checkpoint's
 data_dir = ""                  # dataset folder; empty: the checkpoint's
 data_format = ""               # custom: auto | voc | coco | yolo (yolo/formats.py); empty: the checkpoint's
 val_split = ""                 # custom: the split evaluated; empty: the checkpoint's val_split
 batch_size = 32                # images per forward pass
 num_workers = "auto"           # data-loading processes: auto (the cores less one) | N
-device = "auto"                # auto (cuda if available) | cpu | cuda
-dtype = "fp32"                 # fp32 | bf16 | fp16 | auto (fastest the device computes natively)
+device = "auto"                # auto (cuda if available; an .onnx: cpu) | cpu | cuda
+dtype = "fp32"                 # fp32 | bf16 | fp16 | auto (fastest the device computes natively); an .onnx: fp32
 score_threshold = EVAL_SCORE_THRESHOLD  # keep (box, class) pairs scoring above this (0..1); mAP wants nearly all
 nms_iou = NMS_IOU              # class-wise NMS IoU (0..1)
 max_detections = MAX_DETECTIONS  # detections kept per image
@@ -120,7 +121,9 @@ def main(config: dict) -> None:
     print(f"evaluate.py\n{format_config(config)}", flush=True)
     checkpoint_path = Path(config["checkpoint"])
     try:
-        model, state = load_model(checkpoint_path)
+        detector, state = open_detector(checkpoint_path, config["device"], config["dtype"],
+                                        score_threshold=config["score_threshold"], nms_iou=config["nms_iou"],
+                                        max_detections=config["max_detections"])
     except CheckpointError as error:
         sys.exit(f"error: {error}")
     saved = state["config"]
@@ -129,7 +132,8 @@ def main(config: dict) -> None:
     # Checkpoints saved before these settings existed hold none: their runs read the defaults.
     data_format = config["data_format"] or saved.get("data_format", "auto")
     val_split = config["val_split"] or saved.get("val_split", "val")
-    model_name = config["model_name"] or checkpoint_path.parent.name
+    runtime_suffix = "_onnx" if checkpoint_path.suffix == ".onnx" else ""  # beside the checkpoint's own row
+    model_name = config["model_name"] or checkpoint_path.parent.name + runtime_suffix
     class_names = state["class_names"]
     out_dir = resolve_out_dir(config, checkpoint_path.parent / "evaluate")
     try:
@@ -138,7 +142,7 @@ def main(config: dict) -> None:
     except ResultsError as error:
         sys.exit(f"error: --out_dir: {error}")
 
-    transform = EvalTransform(model.image_size, model.grid_size, model.num_classes)
+    transform = EvalTransform(detector.image_size, detector.grid_size, detector.num_classes)
     try:
         dataset = build_dataset(protocol_name, data_dir, train=False, transforms=transform, class_names=class_names,
                                 data_format=data_format, split=val_split)
@@ -147,14 +151,10 @@ def main(config: dict) -> None:
         sys.exit(f"error: {error}")
     if list(dataset.class_names) != list(class_names):
         sys.exit(f"error: the checkpoint's classes {class_names} differ from the dataset's {dataset.class_names}.")
-    device = resolve_device(config["device"])
-    detector = Detector(model.to(device), inference_dtype(config["dtype"], device), device,
-                        score_threshold=config["score_threshold"], nms_iou=config["nms_iou"],
-                        max_detections=config["max_detections"])
     try:
         loader = build_loader(IndexedSamples(dataset), config["batch_size"], shuffle=False,
                               num_workers=num_loader_workers(config["num_workers"]),
-                              image_bytes=3 * model.image_size ** 2)
+                              image_bytes=3 * detector.image_size ** 2)
     except SharedMemoryError as error:
         sys.exit(f"error: {error}")
     try:
@@ -176,10 +176,10 @@ def main(config: dict) -> None:
     row = {"model": model_name, "backbone": state["model_args"]["backbone"], "protocol": protocol_name,
            "split": TEST_SPLITS.get(protocol_name, f"{protocol_name} {val_split}"), "n_images": len(dataset),
            **{name: round(float(metrics[name]), 6) for name in METRIC_COLUMNS},
-           "image_size": model.image_size, "dtype": str(detector.dtype).removeprefix("torch."),
+           "image_size": detector.image_size, "dtype": str(detector.dtype).removeprefix("torch."),
            "checkpoint": str(checkpoint_path), "epoch": state.get("epoch"),
            "git_commit": state.get("git_commit", "unknown"), "torch_version": torch.__version__,
-           "device": device_name(device), "date": datetime.date.today().isoformat(),
+           "device": device_name(detector.device), "date": datetime.date.today().isoformat(),
            "made_by": config["made_by"] or shlex.join(["python", *sys.argv])}
     per_class = [{"model": model_name, "class": name, **{column: round(float(metrics[column][i]), 6)
                                                          for column in ("voc07_ap", "voc12_ap")}}

@@ -7,9 +7,9 @@ With --readme, regenerates the README's results section, the per-class AP tables
 training curves of results/, results/demo/ and results/gpu/; the reference rows are other works' figures as
 their authors reported them. Without it, prints the accuracy, per-class AP and speed tables of one folder and
 writes nothing there. Everything comes from the CSV files that evaluate.py, benchmark.py and the training logs
-wrote (a column an older file lacks shows "-"); a row says what made it where evaluate.py recorded that, else
-what makes its folder's rows. Speed has one table for all CPUs and one per GPU name. It runs nothing else, and
-running it twice changes nothing.
+wrote (a column an older file lacks shows "-", but a benchmark row without a runtime timed PyTorch); a row says
+what made it where evaluate.py recorded that, else what makes its folder's rows. Speed has one table for all
+CPUs and one per GPU name. It runs nothing else, and running it twice changes nothing.
 """
 import math
 import re
@@ -19,6 +19,7 @@ import pandas as pd
 
 from yolo.config import resolve_config
 from yolo.plots import plot_training_curve
+from yolo.results import COLUMN_DEFAULTS
 
 readme = ""                    # the file holding the table markers (make table: README.md); empty: print --results
 out = ""                       # without --readme: the Markdown file the tables go to; empty: standard output
@@ -108,6 +109,7 @@ SPEED_COLUMNS = (
     ("input", text("{image_size}")),
     ("mode", text("{mode}")),
     ("dtype", text("{dtype}")),
+    ("runtime", text("{runtime}")),
     ("batch", text("{batch_size}")),
     ("compiled", text("{compile}")),
     ("median ms", number("latency_ms_median", ".1f")),
@@ -116,7 +118,7 @@ SPEED_COLUMNS = (
     ("device", text("{device_name}, torch {torch_version}")),
     ("source", text("{source}")),
 )
-SPEED_ORDER = ("backbone", "device_name", "dtype", "batch_size", "image_size", "mode", "compile")
+SPEED_ORDER = ("backbone", "device_name", "dtype", "batch_size", "image_size", "mode", "compile", "runtime")
 
 
 def markdown_table(columns, rows: list[dict], quoted: tuple[dict, ...] = (), empty: str = "") -> list[str]:
@@ -136,8 +138,18 @@ def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path).convert_dtypes() if path.exists() and path.stat().st_size else pd.DataFrame()
 
 
+def read_benchmark(folder: Path) -> pd.DataFrame:
+    """A folder's benchmark.csv (`read_csv`), a column added since it was written holding its COLUMN_DEFAULTS
+    value (an older file's rows all timed PyTorch)."""
+    benchmark = read_csv(folder / "benchmark.csv")
+    if benchmark.empty:
+        return benchmark
+    return benchmark.assign(**{name: value for name, value in COLUMN_DEFAULTS.items() if name not in benchmark})
+
+
 def fastest_batch1(benchmark: pd.DataFrame, backbone: str, image_size) -> str:
-    """End-to-end images per second at batch 1 (the best dtype and device), with the dtype and device named."""
+    """End-to-end images per second at batch 1 (the best dtype, runtime and device), with the dtype, the runtime
+    where it is not PyTorch, and the device named."""
     needed = {"backbone", "mode", "batch_size", "image_size", "throughput_img_s", "dtype", "device_name"}
     if is_missing(image_size) or not needed <= set(benchmark.columns):
         return MISSING
@@ -146,7 +158,9 @@ def fastest_batch1(benchmark: pd.DataFrame, backbone: str, image_size) -> str:
     if rows.empty:
         return MISSING
     best = rows.loc[rows["throughput_img_s"].idxmax()]
-    return f"{best['throughput_img_s']:.1f} ({best['dtype']}, {best['device_name']})"
+    runtime = best.get("runtime", COLUMN_DEFAULTS["runtime"])
+    named = "" if runtime == COLUMN_DEFAULTS["runtime"] else f"{runtime}, "
+    return f"{best['throughput_img_s']:.1f} ({best['dtype']}, {named}{best['device_name']})"
 
 
 def made_by(row: dict, folder_source: str) -> str:
@@ -158,14 +172,14 @@ def made_by(row: dict, folder_source: str) -> str:
 
 
 def accuracy_rows(folder: Path, source: str) -> list[dict]:
-    benchmark = read_csv(folder / "benchmark.csv")
+    benchmark = read_benchmark(folder)
     return [{**row, "source": made_by(row, source),
              "fps_batch1": fastest_batch1(benchmark, row.get("backbone"), row.get("image_size"))}
             for row in read_csv(folder / "metrics.csv").to_dict("records")]
 
 
 def speed_rows(folder: Path, source: str) -> list[dict]:
-    benchmark = read_csv(folder / "benchmark.csv")
+    benchmark = read_benchmark(folder)
     order = [name for name in SPEED_ORDER if name in benchmark.columns]
     return [{**row, "source": source} for row in benchmark.sort_values(order, kind="stable").to_dict("records")]
 

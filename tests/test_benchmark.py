@@ -1,4 +1,5 @@
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,30 @@ def test_rows_follow_the_schema_and_a_rerun_replaces_its_own(tmp_path):
         assert float(row["params_m"]) == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6, abs=1e-3)
         assert float(row["gflops"]) > 0
         assert row["torch_version"] == torch.__version__ and row["date"]
+
+
+def test_onnx_runtime_is_timed_beside_pytorch_into_a_file_written_before_runtimes(tmp_path, capsys):
+    out = tmp_path / "benchmark.csv"
+    old_columns = [name for name in benchmark.CSV_COLUMNS if name != "runtime"]
+    old_row = ["resnet18", "cpu", "an older CPU", "fp32", "1", "64", "forward", "False", "9.0", "9.5", "111.1", "11.2",
+               "0.1", "2.14.1", "d0"]
+    out.write_text(",".join(old_columns) + "\n" + ",".join(old_row) + "\n")
+    benchmark.main(resolve_config(vars(benchmark), [*TINY, "--modes=forward,end_to_end", "--batch_sizes=1",
+                                                    "--dtypes=fp32,bf16", "--emulated_dtypes=true",
+                                                    "--runtimes=pytorch,onnxruntime", "--threads=1", f"--out={out}"]))
+    header, *rows = read_rows(out)
+    assert tuple(header) == benchmark.CSV_COLUMNS
+    rows = [dict(zip(header, row)) for row in rows]
+    assert rows[0] == {**dict(zip(old_columns, old_row)), "runtime": "pytorch"}  # kept, as PyTorch's
+    assert sorted((row["runtime"], row["dtype"], row["mode"], row["compile"]) for row in rows[1:]) == [
+        ("onnxruntime", "fp32", "end_to_end", "False"), ("onnxruntime", "fp32", "forward", "False"),
+        ("pytorch", "bf16", "end_to_end", "False"), ("pytorch", "bf16", "forward", "False"),
+        ("pytorch", "fp32", "end_to_end", "False"), ("pytorch", "fp32", "forward", "False")]
+    assert len({tuple(row[name] for name in benchmark.CSV_KEY) for row in rows}) == len(rows)
+    printed = capsys.readouterr().out
+    for mode in ("forward", "end_to_end"):
+        assert re.search(rf"resnet18 batch 1: {mode} onnxruntime fp32 [\d.]+ img/s = [\d.]+ x pytorch fp32, [\d.]+ x "
+                         rf"pytorch bf16", printed), printed
 
 
 def test_a_file_with_other_columns_is_refused_before_timing(tmp_path):

@@ -64,6 +64,20 @@ def test_an_older_file_without_a_column_gets_it_empty(tmp_path):
     assert rows[0]["latency_ms"] == "30.0" and rows[0]["date"] == "" and rows[1]["date"] == "d1"
 
 
+def test_a_key_column_added_later_takes_its_default_in_older_rows(tmp_path):
+    """benchmark.csv's runtime: a file written before it existed holds PyTorch's rows, which a rerun of PyTorch's
+    measurement replaces and ONNX Runtime's joins."""
+    path = tmp_path / "benchmark.csv"
+    path.write_text(",".join(COLUMNS) + "\nAMD EPYC,resnet18,1,False,10.0,d0\nAMD EPYC,resnet50,1,False,30.0,d0\n")
+    columns, key = (*COLUMNS, "runtime"), (*KEY, "runtime")
+    check_writable(path, key, columns)
+    rows = [{**timing(device_name="AMD EPYC", latency_ms=12.0), "runtime": runtime}
+            for runtime in ("pytorch", "onnxruntime")]
+    assert write_keyed(path, rows, key, columns) == 1
+    assert [(row["backbone"], row["runtime"], row["latency_ms"]) for row in read(path)] == [
+        ("resnet18", "pytorch", "12.0"), ("resnet50", "pytorch", "30.0"), ("resnet18", "onnxruntime", "12.0")]
+
+
 @pytest.mark.parametrize("header", ["backbone,fps", "device_name,backbone,batch_size,latency_ms,date",
                                     ",".join(COLUMNS) + ",notes"])
 def test_a_file_of_another_kind_is_refused_and_left_alone(tmp_path, header):

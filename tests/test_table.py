@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pandas as pd
 
+import benchmark
 import table
+from yolo.results import write_keyed
 
 ROOT = Path(__file__).resolve().parents[1]
 README = """# Title
@@ -99,13 +101,13 @@ def test_one_speed_table_per_kind_of_device(tmp_path):
     readme = make_table(tmp_path)
     assert readme.index("CPU:") < readme.index("NVIDIA H100 80GB HBM3:") < readme.index("NVIDIA H200:")
     assert speed_table(readme, "CPU") == [
-        "| resnet18 | 128 | end_to_end | fp32 | 1 | False | 20.0 | 25.0 | 50.0 | AMD EPYC, torch 2.14.1 "
+        "| resnet18 | 128 | end_to_end | fp32 | pytorch | 1 | False | 20.0 | 25.0 | 50.0 | AMD EPYC, torch 2.14.1 "
         "| `make demo` |"]
     assert speed_table(readme, "NVIDIA H100 80GB HBM3") == [
-        f"| {backbone} | 448 | forward | bf16 | 64 | True | 80.0 | 81.0 | 800.0 | NVIDIA H100 80GB HBM3, torch 2.14.1 "
-        f"| `make benchmark` |" for backbone in ("resnet18", "resnet50")] + [
-        "| resnet50 | 448 | train_step | bf16 | 1 | False | 80.0 | 81.0 | 800.0 | NVIDIA H100 80GB HBM3, torch 2.14.1 "
-        "| `make gpu-check` |"]
+        f"| {backbone} | 448 | forward | bf16 | pytorch | 64 | True | 80.0 | 81.0 | 800.0 | NVIDIA H100 80GB HBM3, "
+        f"torch 2.14.1 | `make benchmark` |" for backbone in ("resnet18", "resnet50")] + [
+        "| resnet50 | 448 | train_step | bf16 | pytorch | 1 | False | 80.0 | 81.0 | 800.0 | NVIDIA H100 80GB HBM3, "
+        "torch 2.14.1 | `make gpu-check` |"]
     assert len(speed_table(readme, "NVIDIA H200")) == 1
 
 
@@ -118,7 +120,22 @@ def test_a_column_an_older_csv_lacks_shows_a_dash(tmp_path):
     readme = make_table(tmp_path)
     assert ("| resnet18 | resnet18 | synthetic val (- images) | 50.00 | 40.00 | 20.00 | 50.00 | - | 50.0 (fp32, "
             in readme)
-    assert speed_table(readme, "CPU")[0].startswith("| resnet18 | 128 | end_to_end | fp32 | 1 | - | 20.0 |")
+    assert speed_table(readme, "CPU")[0].startswith("| resnet18 | 128 | end_to_end | fp32 | pytorch | 1 | - | 20.0 |")
+
+
+def test_rows_of_a_file_without_runtimes_are_pytorchs_beside_onnx_runtimes(tmp_path):
+    """A benchmark.csv written before the runtime column: its rows read as PyTorch's, and a row of ONNX Runtime added
+    to it (by benchmark.py, which keeps them) sits beside them and is named in the FPS column when fastest."""
+    (tmp_path / "README.md").write_text(README)
+    write_results(tmp_path / "demo", voc12_map=0.4)
+    old = pd.read_csv(tmp_path / "demo" / "benchmark.csv").iloc[0].to_dict()
+    write_keyed(tmp_path / "demo" / "benchmark.csv", [{**old, "runtime": "onnxruntime", "throughput_img_s": 80.0}],
+                benchmark.CSV_KEY, benchmark.CSV_COLUMNS)
+    assert list(pd.read_csv(tmp_path / "demo" / "benchmark.csv")["runtime"]) == ["pytorch", "onnxruntime"]
+    readme = make_table(tmp_path)
+    assert [row.split(" | ")[3:6] for row in speed_table(readme, "CPU")] == [["fp32", "onnxruntime", "1"],
+                                                                             ["fp32", "pytorch", "1"]]
+    assert "| 80.0 (fp32, onnxruntime, AMD EPYC) |" in readme
 
 
 def test_reference_rows_name_only_the_tables_columns():
@@ -152,7 +169,8 @@ def test_one_folders_tables_stand_alone(tmp_path):
             "AMD EPYC) | `python evaluate.py --checkpoint=x/last.pt`: epoch 3, CPU (x86_64, 2 threads), float32 |"
             in lines)
     assert lines[lines.index("| class | resnet18 |"):][2:4] == ["| circle | 0.00 |", "| square | 25.00 |"]
-    assert speed_table(printed.stdout, "CPU")[0].startswith("| resnet18 | 128 | end_to_end | fp32 | 1 | False |")
+    assert speed_table(printed.stdout, "CPU")[0].startswith("| resnet18 | 128 | end_to_end | fp32 | pytorch | 1 | "
+                                                            "False |")
     assert "seed" not in printed.stdout  # another work's figures belong to the README's table only
 
     written = subprocess.run([*command, f"--out={tmp_path / 'tables/mine.md'}"], cwd=ROOT, capture_output=True,

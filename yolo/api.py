@@ -28,9 +28,9 @@ import torch
 from yolo.checkpoint import load_model
 from yolo.data import decode_image
 from yolo.device import resolve_device
-from yolo.inference import Detector, preprocess
+from yolo.inference import Detector, open_detector, preprocess
 from yolo.model import YOLOv1
-from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_predictions
+from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, select_detections
 
 ACCEPTED_IMAGES = ("a path, a PIL image, a NumPy (H, W, 3) RGB array, or a (3, H, W) or (H, W, 3) RGB tensor, "
                    "of uint8 or of floats in [0, 1]; or a list of these")
@@ -99,12 +99,19 @@ def as_image_list(images) -> list:
 
 
 class ImageDetector:
-    """A trained YOLOv1 in inference mode (see `yolo.inference.Detector`) with its class names."""
+    """A trained YOLOv1 in inference mode (see `yolo.inference.Detector`) with its class names.
 
-    def __init__(self, model: YOLOv1, class_names: Sequence[str], device: str | torch.device = "auto",
+    `model`: a YOLOv1, run in PyTorch on `device` in `dtype`, or a ready Detector (`open_detector`'s, which runs
+    an .onnx file in ONNX Runtime), used as it is.
+    """
+
+    def __init__(self, model: YOLOv1 | Detector, class_names: Sequence[str], device: str | torch.device = "auto",
                  dtype: str | torch.dtype = "auto"):
-        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-        self.detector = Detector(model, dtype, device)
+        if isinstance(model, Detector):
+            self.detector = model
+        else:
+            device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+            self.detector = Detector(model, dtype, device)
         self.class_names = list(class_names)
 
     @torch.inference_mode()
@@ -121,8 +128,8 @@ class ImageDetector:
         for start in range(0, len(images), batch_size):
             group = [as_image(image) for image in images[start:start + batch_size]]
             batch = preprocess(group, self.detector.image_size, self.detector.dtype, self.detector.device)
-            decoded = decode_predictions(self.detector.predict(batch), self.detector.num_classes, score_threshold,
-                                         nms_iou, max_detections)
+            _, boxes, scores = self.detector.infer(batch)
+            decoded = select_detections(boxes, scores, score_threshold, nms_iou, max_detections)
             for image, detection in zip(group, decoded):
                 height, width = image.shape[1:]
                 labels = detection["labels"].cpu()
@@ -134,13 +141,15 @@ class ImageDetector:
 
 def load_detector(checkpoint: str | os.PathLike, device: str | torch.device = "auto",
                   dtype: str | torch.dtype = "auto") -> ImageDetector:
-    """The detector of a train.py checkpoint (last.pt, best.pt) or of a weights file from `export_weights`.
+    """The detector of a train.py checkpoint (last.pt, best.pt), of a weights file from `export_weights` or of an
+    export.py .onnx file, which ONNX Runtime runs on the CPU in fp32 (`device` auto or cpu, `dtype` auto or fp32).
 
     `device`: auto (CUDA when available, else the CPU) | cpu | cuda | cuda:N. `dtype`: auto (bf16 where the
     device computes it natively, else fp32) | fp32 | bf16 | fp16.
     """
-    model, state = load_model(checkpoint)  # a weights file's fp16 weights load into the fp32 model as fp32
-    return ImageDetector(model, state["class_names"], device, dtype)
+    # A weights file's fp16 weights load into the fp32 model as fp32.
+    detector, state = open_detector(checkpoint, device, dtype)
+    return ImageDetector(detector, state["class_names"])
 
 
 def export_weights(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

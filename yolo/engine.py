@@ -154,11 +154,11 @@ def evaluate(detector: Detector, loader, dataset, *, loss_weights: dict, desc: s
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if is_main_process() else True):
         if batch is None:  # every image of it was skipped as unreadable
             continue
-        predictions = detector.predict(batch.images)
+        predictions, boxes, scores = detector.infer(batch.images)
         terms = yolo_loss_terms(predictions, batch.grids.to(device), **loss_weights)
         sums += torch.stack([*(terms[name].double() for name in LOSS_TERMS), sums.new_tensor(1.0)]) * len(batch.images)
         original_sizes = [target["orig_size"].tolist() for target in batch.targets]
-        for target, detection in zip(batch.targets, detector.detections(predictions, original_sizes)):
+        for target, detection in zip(batch.targets, detector.detections(boxes, scores, original_sizes)):
             results.append((target["index"], detection))
     totals = all_reduce_sum(sums)
     output = {"loss_terms": {name: totals[i].item() / totals[-1].item() for i, name in enumerate(LOSS_TERMS)}}

@@ -4,10 +4,14 @@
 VOC-pixel detections per image out. Its model is `prepare_for_inference(model)`: BatchNorm folded into
 the convolution before it (one op instead of two, no statistics to read), weights and activations
 channels-last (oneDNN's and cuDNN's native layout, so no reorder around every convolution), the fastest
-dtype the device computes natively, and no autograd.
+dtype the device computes natively, and no autograd. `open_detector` gives the Detector of a model file:
+a checkpoint runs in PyTorch, an export.py .onnx file in ONNX Runtime (yolo/onnx_model.py), alike for the
+scripts.
 """
 import copy
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,9 +20,11 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from yolo.device import inference_dtype
+from yolo.checkpoint import load_model
+from yolo.device import inference_dtype, resolve_device
 from yolo.photometric import model_input
-from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_predictions, to_voc_array
+from yolo.postprocess import (EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_boxes_and_scores,
+                              select_detections, to_voc_array)
 
 RESNET_CONV_BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
@@ -112,7 +118,7 @@ class Detector:
     def __init__(self, model: nn.Module, dtype: str | torch.dtype = "auto", device: torch.device | str | None = None,
                  compile: bool = False, score_threshold: float = EVAL_SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
                  max_detections: int = MAX_DETECTIONS):
-        self.image_size, self.num_classes = model.image_size, model.num_classes
+        self.image_size, self.grid_size, self.num_classes = model.image_size, model.grid_size, model.num_classes
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = inference_dtype(dtype, self.device)
         self.model = prepare_for_inference(model, self.dtype, self.device, compile)
@@ -125,6 +131,13 @@ class Detector:
         return self.model(model_input(batch, self.device).to(self.dtype))
 
     @torch.inference_mode()
+    def infer(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The network's raw output for a batch at the model's input size (as `predict`) and its candidate boxes
+        and class scores (`decode_boxes_and_scores`): what an exported .onnx graph returns."""
+        predictions = self.predict(batch)
+        return (predictions, *decode_boxes_and_scores(predictions, self.num_classes))
+
+    @torch.inference_mode()
     def __call__(self, images: torch.Tensor | Sequence[torch.Tensor],
                  original_sizes: Sequence[tuple[int, int]] | None = None) -> list[np.ndarray]:
         if images[0].dtype == torch.uint8:
@@ -133,11 +146,31 @@ class Detector:
             images = preprocess(images, self.image_size, self.dtype, self.device)
         elif original_sizes is None:
             raise ValueError("Preprocessed images need their original (height, width) sizes.")
-        return self.detections(self.predict(images), original_sizes)
+        _, boxes, scores = self.infer(images)
+        return self.detections(boxes, scores, original_sizes)
 
-    def detections(self, predictions: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-        """Decoded, NMS-filtered (K, 6) VOC-pixel arrays from the network's output for images of those sizes."""
-        detections = decode_predictions(predictions, self.num_classes, self.score_threshold, self.nms_iou,
-                                        self.max_detections)
+    def detections(self, boxes: torch.Tensor, scores: torch.Tensor,
+                   original_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """NMS-filtered (K, 6) VOC-pixel arrays from the candidates `infer` gives, for images of those sizes."""
+        detections = select_detections(boxes, scores, self.score_threshold, self.nms_iou, self.max_detections)
         return [to_voc_array(detection, int(width), int(height))
                 for detection, (height, width) in zip(detections, original_sizes)]
+
+
+def open_detector(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                  **postprocess) -> tuple[Detector, dict]:
+    """The Detector of a model file, and what the file says of the model: model_args, class_names, config (the
+    training run's settings), epoch and git_commit where it has them.
+
+    A train.py checkpoint or an export_weights.py file runs in PyTorch on `device` (auto: CUDA when available) in
+    `dtype` (auto: see `inference_dtype`); an export.py `.onnx` file runs in ONNX Runtime on the CPU in fp32.
+    `postprocess`: Detector's score_threshold, nms_iou and max_detections. A file that cannot be read as what
+    its name says is a CheckpointError naming it.
+    """
+    if Path(path).suffix == ".onnx":
+        from yolo.onnx_model import OnnxDetector  # onnxruntime is loaded only for an .onnx file
+        detector = OnnxDetector(path, device, dtype, **postprocess)
+        return detector, detector.state
+    model, state = load_model(path)
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    return Detector(model, inference_dtype(dtype, device), device, **postprocess), state

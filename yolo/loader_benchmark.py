@@ -137,7 +137,7 @@ def benchmark_loader(dataset, config: dict, device: torch.device) -> list[dict]:
                 for mode in round_modes:
                     times[mode].append(time_loader(dataset, *pipelines[mode], batch_size, workers, skip,
                                                    math.ceil(config["iters"] / 2), device))
-            batch_rows = timing_rows({(mode, dtypes[mode], False): np.concatenate(parts)
+            batch_rows = timing_rows({(mode, dtypes[mode], False, "pytorch"): np.concatenate(parts)
                                       for mode, parts in times.items()}, common, batch_size)
             if "loader" in modes:
                 dataset.transforms = pipelines["loader"][0]

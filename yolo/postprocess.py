@@ -12,14 +12,11 @@ NMS_IOU = 0.5                  # class-wise NMS suppresses a box overlapping a b
 MAX_DETECTIONS = 100           # detections kept per image (the COCO evaluation counts 100)
 
 
-def decode_predictions(pred: torch.Tensor, num_classes: int, score_threshold: float = EVAL_SCORE_THRESHOLD,
-                       nms_iou: float = NMS_IOU, max_detections: int = MAX_DETECTIONS) -> list[dict[str, torch.Tensor]]:
-    """Detections per image from pred (N, S, S, 5B + C), in normalised x1, y1, x2, y2 clipped to the image.
-
-    Every (predictor, class) pair is a candidate with score conf x p(class) (the paper's class-specific
-    confidence), so one cell can report several classes. Candidates above `score_threshold` go through NMS
-    per image and class, and each image keeps its `max_detections` best. Returns one dict per image with
-    `boxes` (K, 4), `scores` (K,) and `labels` (K,), sorted by descending score.
+def decode_boxes_and_scores(pred: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every candidate of pred (N, S, S, 5B + C): each predictor's box in normalised x1, y1, x2, y2 clipped to the
+    image, (N, S*S*B, 4), and its score for each class, conf x p(class) (the paper's class-specific confidence),
+    (N, S*S*B, C). Candidates are in cell order (row, column), then predictor. An exported .onnx graph returns
+    these two (export.py): NMS on them (`select_detections`) gives the PyTorch path's detections.
     """
     batch_size, grid_size = pred.shape[0], pred.shape[1]
     num_boxes = (pred.shape[-1] - num_classes) // 5
@@ -28,7 +25,18 @@ def decode_predictions(pred: torch.Tensor, num_classes: int, score_threshold: fl
     boxes = cell_to_normalized(predictors[..., :4]).clamp(0.0, 1.0).reshape(batch_size, -1, 4)
     class_probs = pred[..., 5 * num_boxes:].unsqueeze(3)
     scores = (predictors[..., 4:5] * class_probs).reshape(batch_size, -1, num_classes)
+    return boxes, scores
 
+
+def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_threshold: float = EVAL_SCORE_THRESHOLD,
+                      nms_iou: float = NMS_IOU, max_detections: int = MAX_DETECTIONS) -> list[dict[str, torch.Tensor]]:
+    """Detections per image from candidate boxes (N, M, 4) and scores (N, M, C) (`decode_boxes_and_scores`).
+
+    Every (candidate, class) pair is a detection, so one cell can report several classes. Pairs above
+    `score_threshold` go through NMS per image and class, and each image keeps its `max_detections` best.
+    Returns one dict per image with `boxes` (K, 4), `scores` (K,) and `labels` (K,), sorted by descending score.
+    """
+    batch_size, num_classes = scores.shape[0], scores.shape[-1]
     image_index, box_index, labels = torch.nonzero(scores > score_threshold, as_tuple=True)
     candidate_scores = scores[image_index, box_index, labels]
     candidate_boxes = boxes[image_index, box_index]
@@ -46,6 +54,13 @@ def decode_predictions(pred: torch.Tensor, num_classes: int, score_threshold: fl
         for b, s, l in zip(candidate_boxes[keep].split(counts), candidate_scores[keep].split(counts),
                            labels[keep].split(counts))
     ]
+
+
+def decode_predictions(pred: torch.Tensor, num_classes: int, score_threshold: float = EVAL_SCORE_THRESHOLD,
+                       nms_iou: float = NMS_IOU, max_detections: int = MAX_DETECTIONS) -> list[dict[str, torch.Tensor]]:
+    """Detections per image from pred (N, S, S, 5B + C), in normalised x1, y1, x2, y2 clipped to the image:
+    `select_detections` of `decode_boxes_and_scores`."""
+    return select_detections(*decode_boxes_and_scores(pred, num_classes), score_threshold, nms_iou, max_detections)
 
 
 def to_voc_array(detection: dict[str, torch.Tensor], width: int, height: int) -> np.ndarray:

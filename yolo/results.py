@@ -4,10 +4,14 @@ A key is a tuple of columns naming the measurement (for example the model, or th
 batch size of a timing). `write_keyed` drops every earlier row whose key equals a new row's, puts the new rows
 in the place of the first one it dropped (at the end when there was none) and keeps all other rows as they
 were written, so a rerun changes only its own lines. Values are compared as the CSV text they become.
+A column added after rows were written is empty in those rows, unless COLUMN_DEFAULTS says what they measured.
 """
 import csv
 import os
 from pathlib import Path
+
+# Columns added to the results files after rows were written, and the value those rows hold there.
+COLUMN_DEFAULTS = {"runtime": "pytorch"}  # benchmark.csv: every row before the column timed PyTorch
 
 
 class ResultsError(ValueError):
@@ -28,7 +32,7 @@ def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def check_header(path: Path, header: list[str], key: tuple[str, ...], columns: tuple[str, ...]) -> None:
-    if header and (set(header) - set(columns) or set(key) - set(header)):
+    if header and (set(header) - set(columns) or set(key) - set(header) - set(COLUMN_DEFAULTS)):
         raise ResultsError(f"{path} has the columns {', '.join(header)}, not these rows' {', '.join(columns)}; "
                            f"move it aside or write to another file.")
 
@@ -43,12 +47,15 @@ def write_keyed(path: str | Path, rows: list[dict], key: tuple[str, ...], column
     earlier rows they replaced.
 
     `columns` is the file's header. A file written before a column existed is accepted and its rows get an
-    empty value there (table.py shows "-"); a file with a column `columns` lacks, or without a key column,
-    is another kind of file and raises ResultsError, leaving it untouched. The file is replaced atomically.
+    empty value there (table.py shows "-"), or the column's COLUMN_DEFAULTS value, which may complete their key;
+    a file with a column `columns` lacks, or without any other key column, is another kind of file and raises
+    ResultsError, leaving it untouched. The file is replaced atomically.
     """
     path = Path(path)
     header, old_rows = read_table(path)
     check_header(path, header, key, columns)
+    defaults = {name: value for name, value in COLUMN_DEFAULTS.items() if name in columns and name not in header}
+    old_rows = [{**row, **defaults} for row in old_rows]
     unlisted = {name for row in rows for name in row} - set(columns)
     if unlisted:
         raise ValueError(f"the rows' fields {sorted(unlisted)} are not among the columns of {path}: {columns}")

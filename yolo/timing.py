@@ -35,12 +35,13 @@ def time_interleaved(runs: dict, warmup: int, iters: int, device: torch.device) 
 
 
 def timing_rows(times: dict[tuple, np.ndarray], common: dict, batch_size: int) -> list[dict]:
-    """CSV rows from the milliseconds of each (mode, dtype, compiled) measurement."""
+    """CSV rows from the milliseconds of each (mode, dtype, compiled, runtime) measurement."""
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
-    for (mode, dtype, compiled), milliseconds in times.items():
+    for (mode, dtype, compiled, runtime), milliseconds in times.items():
         median = float(np.median(milliseconds))
         rows.append({**common, "dtype": dtype, "batch_size": batch_size, "mode": mode, "compile": compiled,
+                     "runtime": runtime,
                      "latency_ms_median": round(median, 3),
                      "latency_ms_p90": round(float(np.percentile(milliseconds, 90)), 3),
                      "throughput_img_s": round(batch_size * 1e3 / median, 3), "date": date})
