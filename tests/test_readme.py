@@ -102,7 +102,7 @@ NOT_HERE = {
     "python train.py --backbone=darknet --pretrained=false --backbone_weights=runs/pretrain_darknet/last.pt "
     "--protocol=voc2012val --out_dir=runs/darknet_voc2012val": "needs the VOC download and the ImageNet pretraining",
     "python train.py configs/small_data.py --data_dir=my_data --out_dir=runs/my_data":
-        "downloads the ImageNet weights, which this machine cannot reach; 448 px is for a GPU",
+        "downloads the ImageNet weights (the tests run offline); its 448 px model is for a GPU",
     "torchrun --nproc_per_node=4 train.py --backbone=resnet50 --out_dir=runs/resnet50_voc2012val":
         "needs 4 CUDA GPUs and the VOC download (test_train.py runs torchrun on the CPU)",
     "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=host0:29500 train.py "
