@@ -57,8 +57,8 @@ DEMO_TRAIN_IMAGES ?= 2048## synthetic training images of the demo
 DEMO_VAL_IMAGES ?= 256## synthetic validation images of the demo
 DEMO_EPOCHS ?= 5## resnet18's epochs (resnet50: DEMO_EPOCHS_RESNET50)
 DEMO_EPOCHS_RESNET50 ?= 1## resnet50's epochs in the demo
-DEMO_LR_DROP ?= 4## epoch at which resnet18's learning rate drops (resnet50: DEMO_LR_DROP_RESNET50)
-DEMO_LR_DROP_RESNET50 ?= 0.75## epoch at which resnet50's learning rate drops in the demo
+DEMO_LR_DROP ?= 0.8## fraction of resnet18's run after which its learning rate drops (0.8 of 5 epochs: epoch 4)
+DEMO_LR_DROP_RESNET50 ?= 0.75## fraction of resnet50's run after which its learning rate drops in the demo
 DEMO_BENCHMARK ?= --iters=5 --warmup=1## benchmark.py settings of the demo
 DEMO_MODEL ?= configs/demo_model.py## the demo's model shape (train.py and benchmark.py)
 DEMO_CONFIG ?= configs/demo.py## the demo's training recipe (train.py)
@@ -199,10 +199,10 @@ $(DEMO_DATA)/classes.txt: data/make_synthetic.py | $(ENV_READY)
 		--difficulty easy
 
 # ResNet50 costs 2.3-2.7x resnet18 per image, so it sees a fifth of the images; its residual blocks start as
-# the identity (zero_init_residual), which in one epoch gave 0.17 mAP instead of 0.05 (README, demo section).
-$(DEMO_RUNS)/resnet18/done: DEMO_RUN := --epochs=$(DEMO_EPOCHS) --lr_milestones=$(DEMO_LR_DROP)
+# the identity (zero_init_residual), which in one epoch gave 0.17 mAP instead of 0.05 (docs/demo_tuning.md).
+$(DEMO_RUNS)/resnet18/done: DEMO_RUN := --epochs=$(DEMO_EPOCHS) --lr_milestones=$(DEMO_LR_DROP) --lr_milestones_unit=fraction
 $(DEMO_RUNS)/resnet50/done: DEMO_RUN := --epochs=$(DEMO_EPOCHS_RESNET50) --lr_milestones=$(DEMO_LR_DROP_RESNET50) \
-	--zero_init_residual=true
+	--lr_milestones_unit=fraction --zero_init_residual=true
 $(DEMO_RUNS)/%/done: train.py $(PACKAGE) $(DEMO_MODEL) $(DEMO_CONFIG) $(DEMO_DATA)/classes.txt
 	$(PY) train.py $(DEMO_MODEL) $(DEMO_CONFIG) --backbone=$* --data_dir=$(DEMO_DATA) $(DEMO_RUN) --out_dir=$(@D)
 

@@ -3,13 +3,14 @@
     python table.py --results=runs/mine/evaluate                  # print that folder's tables (--out=FILE: write them)
     python table.py --readme=README.md --results=results ...      # what `make table` runs
 
-With --readme, regenerates the README's results section, the per-class AP tables (per_class_ap.md) and the
-training curves of results/, results/demo/ and results/gpu/; the reference rows are other works' figures as
-their authors reported them. Without it, prints the accuracy, per-class AP and speed tables of one folder and
-writes nothing there. Everything comes from the CSV files that evaluate.py, benchmark.py and the training logs
-wrote (a column an older file lacks shows "-", but a benchmark row without a runtime timed PyTorch); a row says
-what made it where evaluate.py recorded that, else what makes its folder's rows. Speed has one table for all
-CPUs and one per GPU name. It runs nothing else, and running it twice changes nothing.
+With --readme, regenerates the README's results section (the accuracy table and the end-to-end speed rows), and
+in each of results/, results/demo/ and results/gpu/ the per-class AP table (per_class_ap.md), the speed tables
+of every mode (speed.md) and the training curves; the reference rows are other works' figures as their authors
+reported them. Without it, prints the accuracy, per-class AP and speed tables of one folder and writes nothing
+there. Everything comes from the CSV files that evaluate.py, benchmark.py and the training logs wrote (a column
+an older file lacks shows "-", but a benchmark row without a runtime timed PyTorch); a row says what made it
+where evaluate.py recorded that, else what makes its folder's rows. Speed has one table for all CPUs and one per
+GPU name. It runs nothing else, and running it twice changes nothing.
 """
 import math
 import re
@@ -119,6 +120,10 @@ SPEED_COLUMNS = (
     ("source", text("{source}")),
 )
 SPEED_ORDER = ("backbone", "device_name", "dtype", "batch_size", "image_size", "mode", "compile", "runtime")
+# The README's speed rows: what a user of the model gets (resize + forward + decoding + NMS); every mode is in
+# each folder's speed.md.
+README_SPEED_MODE = "end_to_end"
+README_SPEED_COLUMNS = tuple(column for column in SPEED_COLUMNS if column[0] != "mode")
 
 
 def markdown_table(columns, rows: list[dict], quoted: tuple[dict, ...] = (), empty: str = "") -> list[str]:
@@ -193,29 +198,43 @@ ACCURACY_TITLE = ("Accuracy (mAP at IoU 0.5 in %, VOC devkit rules; COCO AP@[.5:
                   "end-to-end speed at batch 1.")
 SPEED_TITLE = ("Speed (latency per batch in ms, median and 90th percentile; end to end = resize + forward + decoding "
                "+ NMS),\none table per kind of device:")
+README_SPEED_TITLE = ("End-to-end speed (resize + forward + decoding + NMS; latency per batch in ms, median and 90th "
+                      "percentile),\none table per kind of device.")
 
 
-def speed_tables(speed: list[dict]) -> list[str]:
+def speed_tables(speed: list[dict], columns=SPEED_COLUMNS) -> list[str]:
     """One table per kind of device (CPUs first), each under its name."""
     lines = []
     for kind in sorted({device_kind(row) for row in speed}, key=lambda kind: (kind != "CPU", kind)):
-        lines += ["", f"{kind}:", "", *markdown_table(SPEED_COLUMNS, [row for row in speed
-                                                                     if device_kind(row) == kind])]
+        lines += ["", f"{kind}:", "", *markdown_table(columns, [row for row in speed if device_kind(row) == kind])]
     return lines
 
 
 def results_section(folders: list[tuple[Path, str, str]]) -> str:
     accuracy = [row for folder, source, _ in folders for row in accuracy_rows(folder, source)]
-    speed = [row for folder, _, source in folders for row in speed_rows(folder, source)]
+    speed_by_folder = {folder: speed_rows(folder, source) for folder, _, source in folders}
+    end_to_end = [row for rows in speed_by_folder.values() for row in rows if row.get("mode") == README_SPEED_MODE]
+    every_mode = ", ".join(f"`{folder / 'speed.md'}`" for folder, rows in speed_by_folder.items() if rows)
     return "\n".join([
         ACCURACY_TITLE + " Rows without a reference are measured by this repository's code.",
         "",
         *markdown_table(ACCURACY_COLUMNS, accuracy, REFERENCE_ROWS,
                         empty="(no results yet: run `make demo` or `make reproduce`)"),
         "",
-        SPEED_TITLE,
-        *(speed_tables(speed) or ["", "(no benchmark yet: run `make benchmark` or `make demo`)"]),
+        README_SPEED_TITLE + (f"\nEvery mode measured (the forward pass alone, the straightforward baseline and, on "
+                              f"a GPU, training steps): {every_mode}." if every_mode else ""),
+        *(speed_tables(end_to_end, README_SPEED_COLUMNS)
+          or ["", "(no benchmark yet: run `make benchmark` or `make demo`)"]),
     ])
+
+
+def write_speed_tables(folder: Path, source: str) -> None:
+    speed = speed_rows(folder, source)
+    if not speed:
+        return
+    lines = ["Speed of every mode measured, from benchmark.csv (generated by table.py).", "", SPEED_TITLE,
+             *speed_tables(speed)]
+    (folder / "speed.md").write_text("\n".join(lines) + "\n")
 
 
 def per_class_table(per_class: pd.DataFrame) -> list[str]:
@@ -287,9 +306,10 @@ def main(config: dict) -> None:
     folders = [(Path(config["results"]), "`make reproduce`", "`make benchmark`"),
                (Path(config["demo_results"]), "`make demo`", "`make demo`"),
                (Path(config["gpu_results"]), "`make gpu-check`", "`make gpu-check`")]
-    for folder, _, _ in folders:
+    for folder, _, speed_source in folders:
         if folder.exists():
             write_per_class_table(folder)
+            write_speed_tables(folder, speed_source)
             plot_training_curves(folder)
     updated = pattern.sub(lambda _: f"{START}\n{results_section(folders)}\n{END}", current)
     if updated != current:
