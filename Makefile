@@ -90,8 +90,9 @@ $(INSTALLED): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
+# Test files run in parallel (one file's tests in one process, as its fixtures expect), a process per core up to 4.
 test: $(INSTALLED) ## install the pinned environment (once) and run the test suite
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses=4 --dist loadfile
 
 # --- VOC
 download: $(VOC_MARKERS) ## download, verify and extract VOC2007 trainval/test and VOC2012 trainval into data/
@@ -111,8 +112,8 @@ NO_GPU_MESSAGE := error: no CUDA GPU found. Training a VOC model (145 epochs of 
 	FORCE_CPU=1 to train on the CPU anyway.
 
 check-gpu: | $(ENV_READY) ## stop unless torch finds a CUDA GPU (or FORCE_CPU=1): the first step of every CUDA target
-	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() or '$(FORCE_CPU)' == '1' \
-		else '$(NO_GPU_MESSAGE)')"
+	@$(if $(filter 1,$(FORCE_CPU)),:,$(PY) -c "import torch, sys; \
+		sys.exit(0 if torch.cuda.is_available() else '$(NO_GPU_MESSAGE)')")
 
 # The data comes from the recipe, not a prerequisite, so that no GPU means a refusal before a 2.8 GB
 # download, even under make -j. A deleted last.pt retrains that model: the rule below (explicit, so

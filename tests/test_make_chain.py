@@ -77,7 +77,7 @@ def test_make_table_only_reads_the_csvs_whatever_their_times(tmp_path):
     # The Markdown it writes beside them (speed.md here) is its output; the CSVs stay as they were.
     assert {path: path.read_bytes() for path in (tmp_path / "voc").glob("*.csv")} == csvs
     assert all(path.stat().st_mtime == 0 for path in csvs)
-    assert "| resnet18 | 448 | end_to_end | bf16 | 1 |" in (tmp_path / "voc/speed.md").read_text()
+    assert "| resnet18 | 448 | end_to_end | bf16 | pytorch | 1 |" in (tmp_path / "voc/speed.md").read_text()
 
 
 def test_an_interpreter_older_than_3_11_is_refused_before_the_venv(tmp_path):
