@@ -19,7 +19,7 @@ from yolo import onnx_model
 from yolo.checkpoint import CheckpointError, load_checkpoint, load_model
 from yolo.config import resolve_config
 from yolo.data import decode_image
-from yolo.inference import Detector, preprocess
+from yolo.inference import Detector, open_detector, preprocess
 from yolo.onnx_model import OnnxDetector
 from yolo.postprocess import select_detections
 
@@ -179,6 +179,14 @@ def test_onnx_files_run_on_the_cpu_in_fp32_only(exported):
     assert "computes in fp32" in script_error(evaluate, f"--checkpoint={path}", "--dtype=bf16")
     with pytest.raises(CheckpointError, match="runs it on the CPU here, not on cuda"):
         OnnxDetector(path, device="cuda")
+
+
+def test_an_environment_without_onnx_runtime_names_the_file_and_the_install(exported, monkeypatch):
+    _, path = exported
+    monkeypatch.setitem(sys.modules, "yolo.onnx_model", None)  # as if onnxruntime failed to import
+    with pytest.raises(CheckpointError, match=r"tiny\.onnx: an \.onnx file runs in ONNX Runtime, which this "
+                                              r"environment lacks .*pip install -r requirements\.txt"):
+        open_detector(path)
 
 
 def test_export_errors_are_one_line_and_keep_what_was_there(overfit_run, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from yolo.checkpoint import load_model
+from yolo.checkpoint import CheckpointError, load_model
 from yolo.device import inference_dtype, resolve_device
 from yolo.photometric import model_input
 from yolo.postprocess import (EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_boxes_and_scores,
@@ -168,7 +168,12 @@ def open_detector(path: str | os.PathLike, device: str | torch.device = "auto", 
     its name says is a CheckpointError naming it.
     """
     if Path(path).suffix == ".onnx":
-        from yolo.onnx_model import OnnxDetector  # onnxruntime is loaded only for an .onnx file
+        try:
+            from yolo.onnx_model import OnnxDetector  # onnxruntime is loaded only for an .onnx file
+        except ImportError as error:
+            raise CheckpointError(f"{path}: an .onnx file runs in ONNX Runtime, which this environment lacks "
+                                  f"({error}); install the pinned requirements (pip install -r requirements.txt) "
+                                  f"or pip install -e '.[onnx]'") from error
         detector = OnnxDetector(path, device, dtype, **postprocess)
         return detector, detector.state
     model, state = load_model(path)
