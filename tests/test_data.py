@@ -474,6 +474,27 @@ def test_the_collate_copies_each_image_into_a_channels_last_batch_in_shared_memo
         assert images.is_shared() == in_worker
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_crop_and_resize_fills_around_the_region_channels_last_whatever_the_window(flip):
+    # Decoded as (H, W, C) memory seen channels-first, as the decoders give it.
+    image = torch.randint(0, 256, (30, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    image = image.permute(2, 0, 1)
+    for x_window, y_window in (((0, 40, 2, 30), (0, 30, 1, 31)),    # the whole image, shrunk: a border of fill
+                               ((5, 35, 0, 32), (3, 27, 0, 32))):   # a part of it, filling the output
+        out = transforms.crop_and_resize(image, x_window, y_window, 32, flip)
+        # Channels-last as a (1, C, H, W) batch would be: the layout of the resize's fast path and of the batch.
+        assert out[None].is_contiguous(memory_format=torch.channels_last), x_window
+        x_src1, x_src2, x_out1, x_out2 = x_window
+        y_src1, y_src2, y_out1, y_out2 = y_window
+        region = v2.functional.resize(image[:, y_src1:y_src2, x_src1:x_src2].contiguous(),
+                                      [y_out2 - y_out1, x_out2 - x_out1], antialias=True)
+        expected = torch.full((3, 32, 32), transforms.FILL, dtype=torch.uint8)
+        if flip:
+            region, x_out1, x_out2 = region.flip(-1), 32 - x_out2, 32 - x_out1
+        expected[:, y_out1:y_out2, x_out1:x_out2] = region
+        assert (out.int() - expected.int()).abs().max() <= 1, x_window  # channels-first resizes round apart by 1
+
+
 def test_a_worker_collating_into_reused_buffers_takes_them_in_turn(synthetic_root, monkeypatch):
     samples = _training_samples(synthetic_root, 4)
     monkeypatch.setattr(transforms, "get_worker_info", lambda: object())

@@ -75,7 +75,9 @@ def crop_and_resize(image, x_window, y_window, size, flip=False, fill=FILL):
     """
     x_src1, x_src2, x_out1, x_out2 = x_window
     y_src1, y_src2, y_out1, y_out2 = y_window
-    crop = image[None, :, y_src1:y_src2, x_src1:x_src2].contiguous(memory_format=torch.channels_last)
+    # Channels-last with the batch stride of a real (1, H, W, C) array: a crop of the whole decoded image,
+    # unsqueezed, has a batch stride of C, which the resize takes for channels-first (its slow path).
+    crop = image[:, y_src1:y_src2, x_src1:x_src2].permute(1, 2, 0).contiguous()[None].permute(0, 3, 1, 2)
     resized = F.interpolate(crop, size=(y_out2 - y_out1, x_out2 - x_out1), mode="bilinear", antialias=True)
     if flip:
         resized, x_out1, x_out2 = resized.flip(-1), size - x_out2, size - x_out1
