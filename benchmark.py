@@ -59,7 +59,6 @@ from yolo.inference import Detector, preprocess
 from yolo.loader_benchmark import LOADER_MODES, benchmark_loader
 from yolo.loss import yolo_loss_terms
 from yolo.model import BACKBONES, YOLOv1
-from yolo.onnx_model import OPSET, OnnxDetector, export_onnx
 from yolo.optim import build_optimizer
 from yolo.photometric import model_input
 from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
@@ -137,9 +136,10 @@ def runtimes_to_time(names: tuple[str, ...], device: torch.device) -> list[str]:
     return list(names)
 
 
-def exported_detector(model: YOLOv1, model_args: dict, postprocess: dict) -> OnnxDetector:
+def exported_detector(model: YOLOv1, model_args: dict, postprocess: dict):
     """`model` as export.py writes it (fp32, float32 input, any batch size) in a temporary .onnx file, opened by
-    ONNX Runtime (which reads the whole file when it opens it)."""
+    ONNX Runtime (which reads the whole file when it opens it) as an OnnxDetector."""
+    from yolo.onnx_model import OPSET, OnnxDetector, export_onnx  # onnx and onnxruntime only when timed
     state = {"model_args": model_args, "class_names": [f"class {index}" for index in range(NUM_CLASSES)]}
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"

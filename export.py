@@ -1,5 +1,5 @@
-"""Export a checkpoint as one self-contained ONNX file, which detect.py, evaluate.py and benchmark.py run in ONNX
-Runtime as they run the checkpoint in PyTorch.
+"""Export a checkpoint as one self-contained ONNX file, which detect.py, evaluate.py and yolo.load_detector run in
+ONNX Runtime as they run the checkpoint in PyTorch.
 
     python export.py --checkpoint=runs/resnet18_voc2012val/last.pt --out=model.onnx
     python evaluate.py --checkpoint=model.onnx --model_name=resnet18_onnx

@@ -37,7 +37,7 @@ from yolo.run import (StopRequest, announce_epochs, append_log, exit_for_stop, f
                       stop_if_requested, training_parts, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
 from yolo.transforms import (DevicePrefetcher, EvalTransform, TrainTransform, build_loader, check_num_workers,
-                             num_loader_workers)
+                             num_loader_workers, reused_buffer_bytes)
 
 # --- model
 backbone = "resnet18"          # resnet18 | resnet50 | darknet | fast
@@ -186,9 +186,12 @@ def main(config: dict) -> None:
     # The training loop uses each micro-batch once: its workers can reuse their image buffers.
     train_loader = DevicePrefetcher(build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
                                                  sampler=sampler, reuse_image_buffers=True, **loading), device)
+    # Validation runs while the training workers keep their buffers.
+    training_buffers = reused_buffer_bytes(loading["num_workers"], loading["prefetch_factor"],
+                                           config["micro_batch_size"] * loading["image_bytes"])
     val_loader = None if val_set is None else build_loader(
         IndexedSamples(val_set, range(rank, len(val_set), world_size)), config["micro_batch_size"], shuffle=False,
-        **loading)
+        shared_memory_kept_by_others=training_buffers, **loading)
 
     model = YOLOv1(**model_args, pretrained=config["pretrained"], zero_init_residual=config["zero_init_residual"])
     model = model.to(device, memory_format=torch.channels_last)

@@ -585,6 +585,25 @@ def test_too_little_shared_memory_is_one_clear_error_before_any_worker_starts(sy
     assert len(asked) == 2
 
 
+@pytest.mark.skipif(not transforms.SHARED_MEMORY.is_dir(), reason="no /dev/shm on this platform")
+def test_the_validation_loader_counts_the_buffers_the_training_workers_keep(synthetic_root, monkeypatch):
+    dataset = build_dataset("synthetic", synthetic_root, train=True)
+    mb = 2 ** 20
+    monkeypatch.setattr(transforms.shutil, "disk_usage",
+                        lambda path: SimpleNamespace(total=64 * mb, used=0, free=64 * mb))
+    image_bytes = 3 * 448 * 448  # 9.2 MB batches of 16
+    loading = {"num_workers": 1, "prefetch_factor": 2, "image_bytes": image_bytes}
+    build_loader(dataset, batch_size=16, shuffle=False, reuse_image_buffers=True, **loading)  # 4 batches: 37 MB
+    kept = transforms.reused_buffer_bytes(1, 2, 16 * image_bytes)
+    assert kept == 4 * 16 * image_bytes
+    build_loader(dataset, batch_size=16, shuffle=False, **loading)  # 1 x 2 + 2 batches alone: 37 MB
+    with pytest.raises(transforms.SharedMemoryError) as raised:  # both: 74 MB
+        build_loader(dataset, batch_size=16, shuffle=False, shared_memory_kept_by_others=kept, **loading)
+    assert str(raised.value).startswith(f"/dev/shm has 64 MB free, and the loader needs about "
+                                        f"{8 * 16 * image_bytes / mb:.0f} MB there")
+    assert f"besides {kept / mb:.0f} MB that the training loader's workers keep" in str(raised.value)
+
+
 def test_the_prefetcher_passes_batches_through_in_order_on_a_cpu_none_included():
     batches = [DetectionBatch(torch.full((1, 3, 2, 2), index), torch.zeros(1), None, []) for index in range(3)]
     batches.insert(1, None)  # every image of that micro-batch was skipped as unreadable

@@ -189,6 +189,16 @@ def test_an_environment_without_onnx_runtime_names_the_file_and_the_install(expo
         open_detector(path)
 
 
+def test_the_scripts_and_the_package_load_without_onnx():
+    # onnx, onnxruntime and onnxscript are the package's optional [onnx] extra: only an .onnx file or an export
+    # needs them.
+    code = ("import sys, benchmark, detect, evaluate, train, yolo; "
+            "print(sorted({name.split('.')[0] for name in sys.modules} & {'onnx', 'onnxruntime', 'onnxscript'}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_export_errors_are_one_line_and_keep_what_was_there(overfit_run, tmp_path, monkeypatch):
     _, run_dir = overfit_run
     checkpoint = f"--checkpoint={run_dir / 'last.pt'}"

@@ -143,6 +143,8 @@ def test_every_readme_command_is_run_here_covered_elsewhere_or_excused(commands)
                               "NOT_HERE in tests/test_readme.py:\n" + "\n".join(unclassified))
     stale = [command for command in classified if command not in commands]
     assert not stale, "no longer in the README:\n" + "\n".join(stale)
+    # A check keyed by a command that is not run would silently check nothing.
+    assert set(LEAVES) | set(PRINTS) | set(STOP_AT) | set(EXIT_STATUS) | set(STAND_INS) <= set(RUN_HERE)
 
 
 def test_the_tests_named_for_readme_commands_exist():

@@ -1,5 +1,6 @@
 """train.py end to end on tiny synthetic sets: learning, exact resume, signals, torchrun, clear errors."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,6 +286,18 @@ def test_settings_that_do_not_fit_the_data_are_clear_errors(data_dir, tmp_path, 
                        expect_success=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "error: " in result.stderr and message in result.stderr, result.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this platform")
+def test_the_validation_loader_is_refused_when_the_training_workers_buffers_leave_it_too_little(data_dir, tmp_path):
+    # Enough batches ahead that the training loader's kept buffers fit /dev/shm alone, but not with validation's.
+    batch_bytes = 8 * 3 * 128 ** 2
+    prefetch = int(0.7 * shutil.disk_usage("/dev/shm").free / batch_bytes)
+    result = run_train(data_dir, tmp_path / "run", *TINY, "--batch_size=8", "--micro_batch_size=8", "--num_workers=1",
+                       f"--prefetch_factor={prefetch}", expect_success=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: /dev/shm has") and "that the training loader's workers keep" in \
+        result.stderr, result.stderr
 
 
 def test_imagenet_weights_out_of_reach_are_one_error_line(data_dir, tmp_path):

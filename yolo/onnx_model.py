@@ -1,6 +1,6 @@
 """A trained YOLOv1 as one ONNX file: the graph and metadata export.py writes, and `OnnxDetector`, which runs such a
-file in ONNX Runtime behind the interface of the PyTorch `Detector`, so that detect.py, evaluate.py, benchmark.py
-and `yolo.load_detector` take either.
+file in ONNX Runtime behind the interface of the PyTorch `Detector`, so that detect.py, evaluate.py and
+`yolo.load_detector` take either (and benchmark.py times both runtimes on the model it builds).
 
 The graph takes one input, `images`: a batch (N, 3, H, W) already at the model's input size (the resize happens
 before, in yolo.inference.preprocess), of uint8 pixels or of float32 values in [0, 1] as the export's input_type

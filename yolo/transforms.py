@@ -261,22 +261,32 @@ class SharedMemoryError(ValueError):
     """Too little free space in /dev/shm for the batches a loader's workers pass on."""
 
 
-def check_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: int, reused: bool = False) -> None:
+def reused_buffer_bytes(num_workers: int, prefetch_factor: int, batch_bytes: int) -> int:
+    """The /dev/shm a loader with reused image buffers keeps while its (persistent) workers live."""
+    return num_workers * (prefetch_factor + BATCHES_HELD) * batch_bytes
+
+
+def check_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: int, reused: bool = False,
+                        kept_by_others: int = 0) -> None:
     """SharedMemoryError when /dev/shm (where the platform has it) has less free space than the loader's workers
-    will hold there: a worker that runs out dies of a bus error that names nothing. `reused`: each worker holds
-    prefetch_factor + BATCHES_HELD buffers of its own (build_loader's reuse_image_buffers)."""
+    will hold there, besides the `kept_by_others` bytes that another loader's workers keep (train.py's training
+    loader, during validation): a worker that runs out dies of a bus error that names nothing. `reused`: each
+    worker holds prefetch_factor + BATCHES_HELD buffers of its own (build_loader's reuse_image_buffers)."""
     if num_workers == 0 or not SHARED_MEMORY.is_dir():
         return
     usage = shutil.disk_usage(SHARED_MEMORY)
     if reused:
-        needed = num_workers * (prefetch_factor + BATCHES_HELD) * batch_bytes
+        needed = reused_buffer_bytes(num_workers, prefetch_factor, batch_bytes)
         count = f"num_workers {num_workers} x (prefetch_factor {prefetch_factor} + {BATCHES_HELD}) batches"
     else:
         needed = (num_workers * prefetch_factor + BATCHES_HELD) * batch_bytes
         count = f"num_workers {num_workers} x prefetch_factor {prefetch_factor} + {BATCHES_HELD} batches"
+    mb = 2 ** 20
+    if kept_by_others:
+        count += f", besides {kept_by_others / mb:.0f} MB that the training loader's workers keep"
+    needed += kept_by_others
     if needed <= usage.free:
         return
-    mb = 2 ** 20
     raise SharedMemoryError(
         f"{SHARED_MEMORY} has {usage.free / mb:.0f} MB free, and the loader needs about {needed / mb:.0f} MB there "
         f"({count} of {batch_bytes / mb:.1f} MB). In a container, give it more (docker run "
@@ -286,7 +296,7 @@ def check_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: int
 
 def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_last=False, seed=0,
                  pin_memory=None, prefetch_factor=None, collate_fn=collate_detection, *, image_bytes,
-                 reuse_image_buffers=False):
+                 reuse_image_buffers=False, shared_memory_kept_by_others=0):
     """DataLoader for detection batches.
 
     Reproducible augmentation: the seeded generator fixes the shuffling order and every worker's torch
@@ -306,9 +316,12 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
     consumer has taken the one prefetch_factor batches before it from that worker, so a batch's images stay
     as delivered while the consumer holds no more than BATCHES_HELD batches: right for a loop that uses each
     batch once (training), wrong for one that keeps batches (copy them, or leave this off).
+    shared_memory_kept_by_others: bytes of /dev/shm that another loader's workers keep meanwhile
+    (reused_buffer_bytes), which check_shared_memory counts in.
     """
     prefetch_factor = prefetch_factor or DATALOADER_PREFETCH_FACTOR
-    check_shared_memory(num_workers, prefetch_factor, batch_size * image_bytes, reuse_image_buffers)
+    check_shared_memory(num_workers, prefetch_factor, batch_size * image_bytes, reuse_image_buffers,
+                        shared_memory_kept_by_others)
     if reuse_image_buffers:
         if collate_fn is not collate_detection:
             raise ValueError("reuse_image_buffers is for collate_detection's batches")
