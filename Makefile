@@ -67,7 +67,7 @@ DEMO_STAMPS := $(DEMO_RUNS)/stamps
 DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_STAMPS)/eval-$(m))
 
 .PHONY: help test download train-resnet18 train-resnet50 pretrain-darknet train-darknet eval benchmark table \
-	reproduce submission demo clean check-gpu gpu-check
+	reproduce submission demo clean check-gpu gpu-check mutate
 
 help: ## list the targets and the variables they read
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -223,3 +223,11 @@ demo: $(DEMO_EVALS) $(DEMO_STAMPS)/benchmark ## the whole chain on the synthetic
 
 clean: ## remove the demo's data and runs (VOC data, VOC runs and committed results stay)
 	rm -rf $(DEMO_DATA) $(DEMO_RUNS)
+
+# --- mutation testing (a developer's tool, not part of make test; docs/mutation.md keeps its record)
+FILES ?=## make mutate: the Python files to mutate, e.g. FILES="yolo/formats.py yolo/boxes.py"
+TESTS ?=## make mutate: the test files to run (empty: those that import or run each file)
+NO_FILES_MESSAGE := error: name the files to mutate, e.g. make mutate FILES="yolo/formats.py"
+mutate: $(ENV_READY) ## plant one bug at a time in FILES and run their tests; survivors in runs/mutate/report.md
+	@test -n "$(FILES)" || { echo '$(NO_FILES_MESSAGE)' >&2; exit 2; }
+	$(PY) tools/mutate.py $(FILES) $(if $(TESTS),--tests $(TESTS)) --workdir $(RUNS)/mutate

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 # The data/ scripts are plain scripts, not a package: make them importable as modules.
@@ -30,13 +31,23 @@ OVERFIT_SETTINGS = ["configs/tiny_model.py", "configs/tiny.py", "--head_channels
 
 
 @pytest.fixture(scope="session")
-def overfit_run(tmp_path_factory):
-    """(data_dir, out_dir) of a finished train.py run on 8 synthetic images, validated on the same 8."""
-    root = tmp_path_factory.mktemp("overfit")
+def overfit_run(request, tmp_path_factory):
+    """(data_dir, out_dir) of a finished train.py run on 8 synthetic images, validated on the same 8.
+
+    Trained once per test session: pytest-xdist's workers share their parent's temporary folder, and the first
+    to take the lock trains while the others wait for it. A run left unfinished (its `done` missing) is redone."""
+    shared = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # an xdist worker: its base is a sub-folder of the session's
+        shared = shared.parent
+    root = shared / "overfit"
     data_dir, out_dir = root / "data", root / "run"
-    make_synthetic.generate(data_dir, train=8, val=0, seed=1)
-    shutil.copy(data_dir / "ImageSets/Main/train.txt", data_dir / "ImageSets/Main/val.txt")
-    command = [sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *OVERFIT_SETTINGS]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
+    with FileLock(str(shared / "overfit.lock")):
+        if not (out_dir / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            make_synthetic.generate(data_dir, train=8, val=0, seed=1)
+            shutil.copy(data_dir / "ImageSets/Main/train.txt", data_dir / "ImageSets/Main/val.txt")
+            command = [sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+                       *OVERFIT_SETTINGS]
+            result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+            assert result.returncode == 0, result.stdout + result.stderr
     return data_dir, out_dir

@@ -73,6 +73,10 @@ def test_the_display_threshold_keeps_far_fewer_boxes_than_the_evaluation_one(det
     kept_for_map = detector.predict(blank, score_threshold=EVAL_SCORE_THRESHOLD)[0]
     assert len(kept_for_map) >= 10 and len(shown) * 5 <= len(kept_for_map)
     assert len(detector.predict(blank, max_detections=3)[0]) <= 3
+    # The NMS IoU given is the one used: none suppressed at 1, fewer kept at 0.1.
+    counts = [len(detector.predict(blank, score_threshold=EVAL_SCORE_THRESHOLD, nms_iou=iou)[0])
+              for iou in (1.0, 0.5, 0.1)]
+    assert counts[0] >= counts[1] >= counts[2] and counts[0] > counts[2], counts
 
 
 @pytest.mark.parametrize("image, error, message", [
@@ -112,6 +116,14 @@ def test_torch_hub_loads_the_detector(overfit_run, image_paths):
     hub_detector = torch.hub.load(str(ROOT), "yolov1", source="local", checkpoint=str(run_dir / "best.pt"),
                                   device="cpu", dtype="fp32")
     assert isinstance(hub_detector, yolo.ImageDetector) and len(hub_detector.predict(image_paths[0])[0]) > 0
+    # The device and dtype asked for reach the detector (auto would give fp32 or bf16, and never fail).
+    assert hub_detector.detector.dtype == torch.float32
+    bf16 = torch.hub.load(str(ROOT), "yolov1", source="local", checkpoint=str(run_dir / "best.pt"), dtype="bf16")
+    assert bf16.detector.dtype == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available here"):
+            torch.hub.load(str(ROOT), "yolov1", source="local", checkpoint=str(run_dir / "best.pt"),
+                           device="cuda")
 
 
 def test_the_readmes_example_runs_outside_the_repository(overfit_run, image_paths, tmp_path):

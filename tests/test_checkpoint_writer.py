@@ -1,24 +1,25 @@
 """CheckpointWriter: training goes on while a checkpoint is written, and what is written is the state at save time."""
-import time
+import threading
 
 import pytest
 import torch
 
-from yolo.checkpoint import CheckpointError, CheckpointWriter
+from file_writes import assert_atomic_write, record_file_writes
+from yolo.checkpoint import CheckpointError, CheckpointWriter, save_checkpoint
 from weights import assert_same_weights
 
-WRITE_DELAY = 1.5  # seconds each write waits before its first byte
-
-
 @pytest.fixture
-def slow_writes(monkeypatch):
-    """torch.save sleeps before serialising: the state is read only after the training thread has moved on."""
-    save = torch.save
+def gated_writes(monkeypatch):
+    """torch.save waits until the test opens the gate: a write stays pending while the test changes the state. A
+    save() that wrote before returning would wait here itself, and fail after a minute instead of hanging."""
+    gate, save = threading.Event(), torch.save
 
-    def slow_save(*args, **kwargs):
-        time.sleep(WRITE_DELAY)
+    def gated_save(*args, **kwargs):
+        if not gate.wait(timeout=60):
+            raise AssertionError("the write waited a minute for the gate: save() must return before it writes")
         save(*args, **kwargs)
-    monkeypatch.setattr(torch, "save", slow_save)
+    monkeypatch.setattr(torch, "save", gated_save)
+    return gate
 
 
 def trained_model_and_optimizer():
@@ -35,7 +36,7 @@ def train_step(model, optimizer):
     optimizer.step()
 
 
-def test_save_returns_at_once_and_writes_the_state_of_that_moment(slow_writes, tmp_path):
+def test_save_returns_at_once_and_writes_the_state_of_that_moment(gated_writes, tmp_path):
     model, optimizer = trained_model_and_optimizer()
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1}
     at_save = {"model": {name: value.clone() for name, value in model.state_dict().items()},
@@ -43,15 +44,13 @@ def test_save_returns_at_once_and_writes_the_state_of_that_moment(slow_writes, t
     path = tmp_path / "last.pt"
     writer = CheckpointWriter()
 
-    started = time.monotonic()
-    writer.save(state, path)
-    assert time.monotonic() - started < WRITE_DELAY / 3
+    writer.save(state, path)  # returns with the write still waiting at the gate
     train_step(model, optimizer)  # in place, while the write is pending: weights, momentum, BatchNorm statistics
     assert not torch.equal(model[0].weight, at_save["model"]["0.weight"])
     assert not path.exists()
 
+    gated_writes.set()
     writer.wait()
-    assert time.monotonic() - started >= WRITE_DELAY
     saved = torch.load(path, weights_only=True)
     assert saved["epoch"] == 1
     assert_same_weights(saved["model"], at_save["model"])
@@ -77,3 +76,13 @@ def test_a_failed_background_write_is_raised_by_the_next_call_and_keeps_the_old_
     writer.save({"step": 4}, path)
     writer.wait()
     assert torch.load(path, weights_only=True) == {"step": 4}
+
+
+def test_a_checkpoint_is_written_beside_flushed_synced_then_renamed_over_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"an earlier export")
+    events = record_file_writes(monkeypatch, path)
+    model, optimizer = trained_model_and_optimizer()
+    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    assert_atomic_write(events, path)
+    assert_same_weights(torch.load(path, weights_only=True)["model"], model.state_dict())

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import re
 import sys
@@ -508,21 +509,40 @@ def test_a_worker_collating_into_reused_buffers_takes_them_in_turn(synthetic_roo
     assert fresh[0].data_ptr() != fresh[1].data_ptr()
 
 
+def wait_until_the_workers_have_run_ahead(iterator):
+    """Returns once every batch the loader has asked its workers for is made (waiting in its queue or in its
+    reorder buffer): the workers are then as far ahead as the loader lets them."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        asked = iterator._send_idx - iterator._rcvd_idx
+        reordered = sum(len(info) == 2 for index, info in iterator._task_info.items() if index >= iterator._rcvd_idx)
+        if iterator._data_queue.qsize() + reordered >= asked:
+            return
+        time.sleep(0.001)
+    raise AssertionError("the loader's workers made no progress for a minute")
+
+
 @pytest.mark.parametrize("num_workers", [1, 2])
-def test_reused_image_buffers_hold_each_batch_while_the_consumer_holds_two(synthetic_root, num_workers):
-    # The consumer dawdles, so the workers run as far ahead as the loader lets them; a ring one buffer too
+def test_reused_image_buffers_hold_each_batch_while_the_consumer_holds_two(synthetic_root, num_workers,
+                                                                           monkeypatch):
+    # The consumer waits for the workers to run as far ahead as the loader lets them; a ring one buffer too
     # short overwrites the batch before the current one while it is still held.
     dataset = build_dataset("synthetic", synthetic_root, train=True,
                             transforms=TrainTransform(64, 4, len(make_synthetic.CLASS_NAMES)))
     samples = [(index % len(dataset), 2000 + index) for index in range(4 * 10)]
     expected = [transforms.collate_detection([SeededSamples(dataset)[sample] for sample in samples[i:i + 4]]).images
                 for i in range(0, len(samples), 4)]
+    # A ring already in this process (as a loader made in it before leaves): each forked worker must take its
+    # own, not share the one it inherits with its siblings.
+    with monkeypatch.context() as patched:
+        patched.setattr(transforms, "get_worker_info", lambda: object())
+        transforms.collate_detection([SeededSamples(dataset)[sample] for sample in samples[:4]], image_buffers=4)
     loader = build_loader(SeededSamples(dataset), batch_size=4, shuffle=False, num_workers=num_workers,
                           sampler=samples, pin_memory=False, prefetch_factor=2, image_bytes=3 * 64 * 64,
                           reuse_image_buffers=True)
-    previous = None
-    for index, batch in enumerate(loader):
-        time.sleep(0.05)
+    previous, iterator = None, iter(loader)
+    for index, batch in enumerate(iterator):
+        wait_until_the_workers_have_run_ahead(iterator)
         assert torch.equal(batch.images, expected[index]), index
         if previous is not None:
             assert torch.equal(previous.images, expected[index - 1]), index - 1
@@ -549,6 +569,42 @@ def test_colour_factors_are_one_tensor_at_the_top_of_the_batch_where_pin_memory_
     monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
     pin_memory(batch)
     assert {id(tensor) for tensor in pinned} == {id(batch.images), id(batch.grids), id(batch.colour_factors)}
+
+
+def test_on_cuda_each_batch_waits_for_its_own_copy_made_on_a_side_stream(monkeypatch):
+    """The CUDA path, its stream calls recorded on the CPU: batch k + 1's copy is queued on the side stream before
+    batch k is used, and the compute stream waits for batch k's copy (and marks its tensors) before using it."""
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(("wait", self.name, other.name))
+
+    side, compute, current = Stream("side"), Stream("compute"), []
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        yield
+        current.pop()
+
+    def to(tensor, device, non_blocking=False):
+        events.append(("copy", current[-1].name if current else "compute", non_blocking))
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: compute)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: events.append(("mark", stream.name)))
+    loader = [(torch.zeros(2), "first"), None, (torch.ones(2), "last")]
+    for batch in DevicePrefetcher(loader, torch.device("cuda")):
+        events.append(("use", batch and batch[1]))
+    copy, wait, mark = ("copy", "side", True), ("wait", "compute", "side"), ("mark", "compute")
+    assert events == [copy, wait, mark, ("use", "first"), wait, copy, ("use", None), wait, mark, ("use", "last")]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the loader chooses fork on Linux only")

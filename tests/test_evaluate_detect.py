@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import av
@@ -15,9 +16,10 @@ import torch
 from PIL import Image
 
 import detect
+import yolo
 from yolo.config import resolve_config
 from yolo.data import decode_image
-from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
+from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +121,28 @@ def test_the_voc2012_test_protocol_writes_exactly_the_servers_files(overfit_run,
             assert 0 < float(score) <= 1 and 1 <= x1 <= x2 <= width and 1 <= y1 <= y2 <= height, line
             detected.add(image_id)
     assert detected <= set(test_ids) and len(detected) >= 3  # the model detects its training images
+    # Each class's file holds that class's detections, in VOC's 1-based pixels: the continuous box the Python API
+    # gives, shifted by one at its top-left corner.
+    detector = yolo.load_detector(run_dir / "last.pt", device="cpu", dtype="fp32")
+    for image_id in test_ids:
+        expected = detector.predict(voc2012 / "JPEGImages" / f"{image_id}.jpg",
+                                    score_threshold=EVAL_SCORE_THRESHOLD)[0]
+        rows = sorted((label, -score, x1 + 1, y1 + 1, x2, y2) for label, score, (x1, y1, x2, y2) in
+                      zip(expected.labels.tolist(), expected.scores.tolist(), expected.boxes.tolist()))
+        written = sorted((label, -float(score), *map(float, box)) for label in range(len(classes))
+                         for line in files[names[label]].splitlines()
+                         for written_id, score, *box in [line.split()] if written_id == image_id)
+        assert [row[0] for row in written] == [row[0] for row in rows], image_id
+        np.testing.assert_allclose([row[1:] for row in written], [row[1:] for row in rows], atol=0.051)
+    # Every image of test.txt must be in the files: one whose pixels cannot be decoded (its header is whole, so
+    # the check before evaluating passes it) is named, and nothing is packed for the server.
+    damaged = voc2012 / "JPEGImages" / f"{test_ids[2]}.jpg"
+    damaged.write_bytes(damaged.read_bytes()[:len(damaged.read_bytes()) // 3])
+    message = evaluate_error(f"--checkpoint={run_dir / 'last.pt'}", "--protocol=voc2012test",
+                             f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'again'}", "--model_name=tiny",
+                             "--num_workers=0")
+    assert f"{damaged}: cannot decode image" in message and "needs every image" in message, message
+    assert not (tmp_path / "again" / "submission" / "tiny.tar.gz").exists()
 
 
 def test_submission_files_cover_exactly_the_servers_list(tmp_path):
@@ -219,6 +243,23 @@ def start_live(run_dir: Path, source: str, out_dir: Path) -> subprocess.Popen:
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def wait_for_line(process, text, timeout):
+    """Reads the process's output until a line holds `text`; a process that says nothing of the kind within
+    `timeout` seconds (a hang, not a slow machine) is killed and the test fails with what it printed."""
+    lines, found = [], threading.Event()
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+            if text in line:
+                found.set()
+                return
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout):
+        process.kill()
+        raise AssertionError(f"no line with {text!r} within {timeout} s:\n{''.join(lines)}")
+
+
 def test_a_live_source_is_detected_as_it_comes_until_ctrl_c(overfit_run, tmp_path):
     data_dir, run_dir = overfit_run
     frames = live_clip(data_dir, tmp_path / "clip.mp4")
@@ -227,7 +268,7 @@ def test_a_live_source_is_detected_as_it_comes_until_ctrl_c(overfit_run, tmp_pat
     out_dir = tmp_path / "out"
     process = start_live(run_dir, source, out_dir)
     try:
-        next(line for line in process.stdout if " FPS at frame " in line)
+        wait_for_line(process, " FPS at frame ", timeout=120)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=60)
     finally:
@@ -263,6 +304,25 @@ def test_a_live_source_faster_than_the_model_drops_frames_and_its_end_ends_the_r
     assert "the source ended" in stdout
     processed = set(pd.read_csv(tmp_path / "out/detections.csv")["frame"])
     assert len(processed) < 40 and max(processed) == 39
+
+
+def test_a_folder_source_takes_its_images_whatever_the_case_of_their_extension(tmp_path):
+    for name in ("a.jpg", "PHOTO.JPG", "c.Png", "notes.txt", "clip.mp4"):
+        (tmp_path / name).write_bytes(b"")
+    assert [path.name for path in detect.file_inputs(tmp_path)] == ["PHOTO.JPG", "a.jpg", "c.Png"]
+    assert detect.file_inputs(tmp_path / "PHOTO.JPG") == [tmp_path / "PHOTO.JPG"]
+
+
+def test_the_rate_report_counts_the_frames_skipped_between_those_processed(monkeypatch, capsys):
+    now = [100.0]
+    monkeypatch.setattr(detect.time, "monotonic", lambda: now[0])  # a clock the test moves
+    report = detect.RateReport()
+    for index in (0, 1, 4, 5):  # frames 2 and 3 dropped
+        report.processed(index)
+    assert capsys.readouterr().out == ""  # within the first second: nothing printed yet
+    now[0] += 2.0
+    report.processed(9)  # 6, 7 and 8 dropped
+    assert capsys.readouterr().out == "2.5 FPS at frame 9, 5 dropped so far\n"
 
 
 def test_live_sources_are_told_from_files(monkeypatch):

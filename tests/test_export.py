@@ -16,12 +16,14 @@ import evaluate
 import export
 import yolo
 from yolo import onnx_model
-from yolo.checkpoint import CheckpointError, load_checkpoint, load_model
+from yolo.checkpoint import CheckpointError, git_commit, load_checkpoint, load_model
 from yolo.config import resolve_config
 from yolo.data import decode_image
 from yolo.inference import Detector, open_detector, preprocess
 from yolo.onnx_model import OnnxDetector
-from yolo.postprocess import select_detections
+from yolo.postprocess import NMS_IOU, select_detections
+
+from file_writes import assert_atomic_write, record_file_writes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,6 +94,35 @@ def test_the_files_metadata_is_the_checkpoints(exported):
     assert [output.name for output in model.graph.output] == ["predictions", "boxes", "scores"]
 
 
+def test_the_metadata_names_the_commit_that_trained_the_model_beside_the_exporting_one(overfit_run, tmp_path):
+    _, run_dir = overfit_run
+    state = load_checkpoint(run_dir / "last.pt")
+    state["git_commit"] = "0123abcd"  # trained elsewhere
+    torch.save(state, tmp_path / "elsewhere.pt")
+    run_script(export, f"--checkpoint={tmp_path / 'elsewhere.pt'}", f"--out={tmp_path / 'm.onnx'}",
+               "--check_batch_sizes=1")
+    exported = OnnxDetector(tmp_path / "m.onnx").state
+    assert exported["git_commit"] == "0123abcd" and exported["export_commit"] == git_commit() != "0123abcd"
+
+
+def test_floats_between_pixel_levels_are_rounded_to_the_nearest_for_a_uint8_graph(exported):
+    detector = OnnxDetector(exported[1])
+    levels = torch.tensor([0.0, 0.4, 0.6, 1.5, 127.49, 127.51, 254.6, 255.0]) / 255
+    batch = levels.repeat(3, 128, 16)[None]
+    pixels = detector.graph_input(batch)
+    assert pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels[0, 0, 0, :8], [0, 0, 1, 2, 127, 128, 255, 255])
+
+
+def test_the_file_is_written_beside_flushed_synced_then_renamed_over_the_old_one(exported, tmp_path, monkeypatch):
+    run_dir, _ = exported
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"an earlier export")
+    events = record_file_writes(monkeypatch, path)
+    run_script(export, f"--checkpoint={run_dir / 'last.pt'}", f"--out={path}", "--check_batch_sizes=1")
+    assert_atomic_write(events, path)
+
+
 def test_detect_on_the_onnx_file_gives_the_checkpoints_detections(exported, overfit_run, tmp_path):
     data_dir, _ = overfit_run
     run_dir, path = exported
@@ -135,15 +166,25 @@ def test_load_detector_takes_the_onnx_file(exported, overfit_run):
         torch.testing.assert_close(found.scores, wanted.scores, atol=1e-4, rtol=0)
 
 
-def test_the_graphs_nms_gives_the_projects_detections(exported_with_nms, overfit_run):
-    data_dir, _ = overfit_run
+@pytest.mark.parametrize("nms_iou", [None, 0.2])
+def test_the_graphs_nms_gives_the_projects_detections(exported_with_nms, overfit_run, tmp_path, nms_iou):
+    data_dir, run_dir = overfit_run
+    path = exported_with_nms
+    if nms_iou is not None:  # the IoU asked for is the graph's
+        path = tmp_path / "iou.onnx"
+        run_script(export, f"--checkpoint={run_dir / 'last.pt'}", f"--out={path}", "--input_type=float32",
+                   "--nms=true", f"--nms_iou={nms_iou}", "--check_batch_sizes=1")
     images = [decode_image(image) for image in sorted((data_dir / "JPEGImages").glob("*.jpg"))[:3]]
     batch = preprocess(images, 128)
-    onnx_detector = OnnxDetector(exported_with_nms)
+    onnx_detector = OnnxDetector(path)
     names = [output.name for output in onnx_detector.session.get_outputs()]
     outputs = dict(zip(names, onnx_detector.session.run(None, {"images": onnx_detector.graph_input(batch)})))
     assert outputs["detection_scores"].shape == (3, 100)  # max_detections of the 4 x 4 x 2 boxes x 5 classes
-    expected = select_detections(torch.from_numpy(outputs["boxes"]), torch.from_numpy(outputs["scores"]))
+    expected = select_detections(torch.from_numpy(outputs["boxes"]), torch.from_numpy(outputs["scores"]),
+                                 nms_iou=nms_iou or NMS_IOU)
+    if nms_iou is not None:
+        default = select_detections(torch.from_numpy(outputs["boxes"]), torch.from_numpy(outputs["scores"]))
+        assert sum(map(len, (d["scores"] for d in expected))) < sum(map(len, (d["scores"] for d in default)))
     for index, wanted in enumerate(expected):
         kept = outputs["detection_scores"][index] > 0
         assert 3 <= kept.sum() == len(wanted["scores"]) < 100  # some pairs under the threshold, some suppressed

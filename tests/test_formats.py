@@ -96,6 +96,18 @@ def test_voc_png_image_id_with_a_space_and_a_custom_split(tmp_path):
     np.testing.assert_array_equal(annotation["boxes"], [[3, 4, 20, 25]])
 
 
+def test_a_voc_id_with_a_dot_matches_its_own_image_and_a_one_pixel_box_is_kept(tmp_path):
+    """The image's extension is what follows the last dot (img.v2.jpg is id img.v2, beside an id img); a box one
+    pixel wide and high (xmin == xmax, ymin == ymax: VOC boxes are inclusive) is an object."""
+    write_voc(tmp_path, [("img.v2", "img.v2.jpg", [("Stop Sign", (5, 6, 5, 6))]),
+                         ("img", "img.png", [("Traffic Light", (2, 3, 30, 20))])])
+    dataset = build_dataset("custom", tmp_path, train=True)
+    assert dataset.image_ids == ["img.v2", "img"]
+    assert [dataset.image_path(index).name for index in range(2)] == ["img.v2.jpg", "img.png"]
+    np.testing.assert_array_equal(dataset.annotations[0]["boxes"], [[5, 6, 5, 6]])
+    assert dataset.annotations[0]["labels"].tolist() == [0]
+
+
 def write_coco(root, split, images, annotations, categories):
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
@@ -142,6 +154,10 @@ def test_yolo_names_mapping_label_rule_list_split_and_image_without_labels(tmp_p
     assert len(dataset.annotations[0]["labels"]) == 0
     np.testing.assert_allclose(dataset.annotations[1]["boxes"], [[16, 8.5, 25, 22.5], [1, 1, 10, 15]])
     assert dataset.annotations[1]["labels"].tolist() == [1, 0]
+
+    # A checkpoint's class order (Traffic Light first): each label is mapped by its name, not taken as the id.
+    reordered = build_dataset("custom", tmp_path, train=True, class_names=CLASSES[::-1])
+    assert reordered.annotations[1]["labels"].tolist() == [0, 1]
 
     (root / "val.txt").write_text("./images/train/wide.jpg\n")  # as ultralytics' autosplit writes them
     validation = build_dataset("custom", tmp_path, train=False)

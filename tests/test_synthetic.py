@@ -8,7 +8,7 @@ from PIL import Image
 
 import make_synthetic
 from yolo.data import build_dataset
-from yolo.formats import read_class_names, read_voc_annotation
+from yolo.formats import detect_format, read_class_names, read_voc_annotation
 
 SCRIPT = Path(__file__).resolve().parents[1] / "data" / "make_synthetic.py"
 
@@ -92,3 +92,9 @@ def test_classification_crops_are_deterministic_and_cover_every_class_in_both_sp
         assert len(images) == count and all(len(list((tmp_path / "a" / split / name).glob("*.jpg"))) >= 1
                                             for name in folders)
     assert Image.open(images[0]).size == (48, 48)
+
+
+def test_the_layout_is_chosen_by_format_or_its_alias_layout(tmp_path):
+    for option, layout in (("--format", "coco"), ("--layout", "yolo")):
+        make_synthetic.main(["--out", str(tmp_path / layout), "--train", "2", "--val", "1", option, layout])
+        assert detect_format(tmp_path / layout) == layout

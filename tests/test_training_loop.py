@@ -65,15 +65,32 @@ def test_an_optimizer_state_saved_unfused_is_not_taken_for_fused():
     optimizer = build_optimizer(TinyDetector(), "sgd", 0.1, 0.9, 0.0, fused=True)
     optimizer.load_state_dict(saved)
     assert not skips_on_device(optimizer)
+    load_optimizer_state(optimizer, saved)  # the project's load runs it fused, as it was built
+    assert skips_on_device(optimizer)
+    unfused = build_optimizer(TinyDetector(), "sgd", 0.1, 0.9, 0.0, fused=False)
+    load_optimizer_state(unfused, optimizer.state_dict())
+    assert not skips_on_device(unfused)
+
+
+def test_only_convolution_and_linear_weights_are_decayed():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    optimizer = build_optimizer(model, "sgd", 0.1, 0.9, 5e-4)
+    decayed = {id(parameter) for group in optimizer.param_groups if group["weight_decay"] == 5e-4
+               for parameter in group["params"]}
+    not_decayed = {id(parameter) for group in optimizer.param_groups if group["weight_decay"] == 0
+                   for parameter in group["params"]}
+    assert decayed == {id(model[0].weight), id(model[3].weight)}
+    assert not_decayed == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[3].bias)}
 
 
 @pytest.mark.parametrize("fused, dtype", [(True, torch.float32), (False, torch.float16), (False, torch.float32)])
 def test_no_update_is_applied_from_a_non_finite_loss_on(fused, dtype):
-    """Step 2 of 5 is NaN; with reads every 4 steps the run stops at step 4 having applied step 1 only
-    (fused: skipped on the device; fp16: by the GradScaler; otherwise: checked on the host each step)."""
+    """Steps 2 and 3 of 5 are NaN; with reads every 4 steps the run stops at step 4 having applied step 1 only
+    (fused: skipped on the device; fp16: by the GradScaler; otherwise: checked on the host each step), and the
+    error names the first of them."""
     assert skips_on_device(build_optimizer(TinyDetector(), "sgd", 0.1, 0.9, 0.0, fused=fused)) == fused
     reference, _ = run(batches(1), fused=fused, dtype=dtype)
-    model, message = run(batches(5, poisoned={1}), fused=fused, dtype=dtype, read_every=4)
+    model, message = run(batches(5, poisoned={1, 2}), fused=fused, dtype=dtype, read_every=4)
     assert "NaN or infinite at epoch 1, optimizer step 2" in message and "No update was applied" in message
     for name, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name

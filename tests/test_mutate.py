@@ -1,0 +1,38 @@
+"""tools/mutate.py, make mutate's driver: which tests it runs for a file, and its copy of the checkout."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import mutate  # noqa: E402
+
+
+def test_a_files_tests_are_those_that_import_or_run_it():
+    files = mutate.tracked_files()
+    assert Path("tools/mutate.py") in files and Path("README.md") in files
+    formats, wider = mutate.tests_of(Path("yolo/formats.py"), files)
+    assert Path("tests/test_formats.py") in formats and Path("tests/test_loss.py") not in formats
+    assert set(formats) <= set(wider) and Path("tests/test_train.py") in wider  # train.py imports yolo.formats
+    detect, _ = mutate.tests_of(Path("detect.py"), files)
+    assert Path("tests/test_evaluate_detect.py") in detect and Path("tests/test_formats.py") not in detect
+    # Nothing imports yolo.box_formats but modules: the tests of those modules.
+    box_formats, wider = mutate.tests_of(Path("yolo/box_formats.py"), files)
+    assert box_formats == wider and Path("tests/test_formats.py") in box_formats
+    assert not {Path("tests/test_readme.py"), Path("tests/test_reproduce.py")} & set(wider)
+    assert mutate.module_name(Path("yolo/formats.py")) == "yolo.formats"
+    assert mutate.module_name(Path("data/make_synthetic.py")) == "make_synthetic"
+
+
+def test_the_scratch_copy_is_a_repository_of_the_checkouts_files_with_mutmuts_settings(tmp_path):
+    files = [Path("pyproject.toml"), Path("yolo/boxes.py"), Path("tests/test_postprocess.py")]
+    mutate.copy_tree(files, tmp_path / "tree")
+    mutate.write_mutmut_config(tmp_path / "tree", [Path("yolo/boxes.py")], [Path("tests/test_postprocess.py")],
+                               files)
+    assert (tmp_path / "tree/yolo/boxes.py").read_bytes() == (ROOT / "yolo/boxes.py").read_bytes()
+    listed = subprocess.run(["git", "ls-files"], cwd=tmp_path / "tree", capture_output=True, text=True, check=True)
+    assert sorted(listed.stdout.split()) == sorted(map(str, files))
+    settings = (tmp_path / "tree/pyproject.toml").read_text().split("[tool.mutmut]")[1]
+    assert 'only_mutate = ["yolo/boxes.py"]' in settings and '"tests/test_postprocess.py"' in settings
+    assert 'source_paths = ["yolo"]' in settings and '"tools.mutmut_in_process"' in settings
