@@ -50,6 +50,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 
+from data import make_synthetic
 from yolo.boxes import normalized_to_voc
 from yolo.config import at_least, between, format_config, one_of, resolve_config
 from yolo.data import PROTOCOLS, build_dataset
@@ -66,9 +67,6 @@ from yolo.results import ResultsError, check_writable, write_keyed
 from yolo.targets import encode_target
 from yolo.timing import time_interleaved, timing_rows
 from yolo.transforms import DetectionBatch, SharedMemoryError
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
-import make_synthetic  # noqa: E402  (a plain script beside the data it makes)
 
 # --- what to time
 modes = ("forward", "end_to_end", "baseline_end_to_end")  # those, train_step, loader, baseline_loader; comma-separated

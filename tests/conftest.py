@@ -7,11 +7,9 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-ROOT = Path(__file__).resolve().parents[1]
-# The data/ scripts are plain scripts, not a package: make them importable as modules.
-sys.path.insert(0, str(ROOT / "data"))
+from data import make_synthetic
 
-import make_synthetic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")

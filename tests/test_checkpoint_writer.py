@@ -80,7 +80,6 @@ def test_a_failed_background_write_is_raised_by_the_next_call_and_keeps_the_old_
 
 def test_a_checkpoint_is_written_beside_flushed_synced_then_renamed_over_the_old_one(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    path.write_bytes(b"an earlier export")
     events = record_file_writes(monkeypatch, path)
     model, optimizer = trained_model_and_optimizer()
     save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)

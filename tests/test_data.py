@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data._utils.pin_memory import pin_memory
 from torchvision.transforms import v2
 
-import make_synthetic
+from data import make_synthetic
 from yolo import transforms
 from yolo.boxes import normalized_to_voc
 from yolo.data import PROTOCOLS, DetectionDataset, ImageDecodeError, build_dataset, decode_image
@@ -533,7 +533,8 @@ def test_reused_image_buffers_hold_each_batch_while_the_consumer_holds_two(synth
     expected = [transforms.collate_detection([SeededSamples(dataset)[sample] for sample in samples[i:i + 4]]).images
                 for i in range(0, len(samples), 4)]
     # A ring already in this process (as a loader made in it before leaves): each forked worker must take its
-    # own, not share the one it inherits with its siblings.
+    # own, not share the one it inherits with its siblings. The rings this test makes go when it ends.
+    monkeypatch.setattr(transforms, "_worker_buffers", {})
     with monkeypatch.context() as patched:
         patched.setattr(transforms, "get_worker_info", lambda: object())
         transforms.collate_detection([SeededSamples(dataset)[sample] for sample in samples[:4]], image_buffers=4)

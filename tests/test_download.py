@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import download_voc
-import make_synthetic
-from download_voc import DownloadError, download_voc as download
+from data import download_voc
+from data import make_synthetic
+from data.download_voc import DownloadError, download_voc as download
 from yolo.formats import read_splits
 
 SILENCE_S = 5.0
@@ -290,7 +290,7 @@ def test_archive_list_matches_torchvision():
 
 
 def test_the_voc2012_test_archive_is_checked_then_extracted_once(tmp_path, capsys):
-    from download_voc import TEST_LIST, extract_test_archive
+    from data.download_voc import TEST_LIST, extract_test_archive
     source = tmp_path / "source"
     (source / Path(TEST_LIST).parent).mkdir(parents=True)
     (source / TEST_LIST).write_text("2008_000001\n")

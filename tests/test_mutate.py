@@ -1,12 +1,11 @@
 """tools/mutate.py, make mutate's driver: which tests it runs for a file, and its copy of the checkout."""
 import subprocess
-import sys
+import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+from tools import mutate
 
-import mutate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_files_tests_are_those_that_import_or_run_it():
@@ -22,17 +21,21 @@ def test_a_files_tests_are_those_that_import_or_run_it():
     assert box_formats == wider and Path("tests/test_formats.py") in box_formats
     assert not {Path("tests/test_readme.py"), Path("tests/test_reproduce.py")} & set(wider)
     assert mutate.module_name(Path("yolo/formats.py")) == "yolo.formats"
-    assert mutate.module_name(Path("data/make_synthetic.py")) == "make_synthetic"
+    assert mutate.module_name(Path("data/make_synthetic.py")) == "data.make_synthetic"
 
 
 def test_the_scratch_copy_is_a_repository_of_the_checkouts_files_with_mutmuts_settings(tmp_path):
     files = [Path("pyproject.toml"), Path("yolo/boxes.py"), Path("tests/test_postprocess.py")]
     mutate.copy_tree(files, tmp_path / "tree")
-    mutate.write_mutmut_config(tmp_path / "tree", [Path("yolo/boxes.py")], [Path("tests/test_postprocess.py")],
-                               files)
     assert (tmp_path / "tree/yolo/boxes.py").read_bytes() == (ROOT / "yolo/boxes.py").read_bytes()
     listed = subprocess.run(["git", "ls-files"], cwd=tmp_path / "tree", capture_output=True, text=True, check=True)
     assert sorted(listed.stdout.split()) == sorted(map(str, files))
-    settings = (tmp_path / "tree/pyproject.toml").read_text().split("[tool.mutmut]")[1]
-    assert 'only_mutate = ["yolo/boxes.py"]' in settings and '"tests/test_postprocess.py"' in settings
-    assert 'source_paths = ["yolo"]' in settings and '"tools.mutmut_in_process"' in settings
+    # Twice, as a copy of a copy (make mutate run on tools/mutate.py) does: one table, the latest settings.
+    for target in ("yolo/boxes.py", "yolo/postprocess.py"):
+        mutate.write_mutmut_config(tmp_path / "tree", [Path(target)], [Path("tests/test_postprocess.py")], files)
+    settings = tomllib.loads((tmp_path / "tree/pyproject.toml").read_text())
+    assert settings["project"]["name"] == "yolov1-repro"
+    assert settings["tool"]["mutmut"]["only_mutate"] == ["yolo/postprocess.py"]
+    assert settings["tool"]["mutmut"]["source_paths"] == ["yolo"]
+    assert settings["tool"]["mutmut"]["pytest_add_cli_args_test_selection"] == ["tests/test_postprocess.py"]
+    assert "tools.mutmut_in_process" in settings["tool"]["mutmut"]["pytest_add_cli_args"]

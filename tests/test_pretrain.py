@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-import make_synthetic
+from data import make_synthetic
 import pretrain
 from yolo.checkpoint import load_backbone_weights, save_checkpoint
 from yolo.classification import BackboneClassifier

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import make_synthetic
+from data import make_synthetic
 import test_pretrain
 from command_lines import PYTHONS, ROOT, Runner, readme_commands, scratch_checkout
 from yolo.checkpoint import save_checkpoint

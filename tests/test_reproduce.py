@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import make_synthetic
+from data import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 # The synthetic shapes under VOC class names (the VOC protocols read the 20 VOC classes).

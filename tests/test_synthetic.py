@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-import make_synthetic
+from data import make_synthetic
 from yolo.data import build_dataset
 from yolo.formats import detect_format, read_class_names, read_voc_annotation
 

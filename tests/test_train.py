@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-import make_synthetic
+from data import make_synthetic
 import train
 from yolo.checkpoint import config_differences
 from yolo.config import resolve_config

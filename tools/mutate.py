@@ -8,25 +8,31 @@ made and run in a scratch copy of the checkout (the working tree, uncommitted ch
 WORKDIR/tree; nothing is written into the checkout). Two passes:
 1. mutmut: each mutant runs against those of the chosen tests that call the mutated function in the test process,
    forked from a process that imported torch once (a few mutants a second).
-2. Each mutant that pass 1 did not kill is written into the scratch copy's file and the chosen test files run in a
-   fresh interpreter until their first failure. Only this pass sees the tests that run scripts in subprocesses
-   (train.py, evaluate.py, ...), which mutmut's switch, read in the test process, does not reach.
+2. Each mutant that pass 1 did not catch (a failing test, a hang past mutmut's limit, a crash) is written into the
+   scratch copy's file and the chosen test files run in a fresh interpreter until their first failure. Only this
+   pass sees the tests that run scripts in subprocesses (train.py, evaluate.py, ...), which mutmut's switch, read
+   in the test process, does not reach.
 The chosen tests are the test files that import the file's module or name the script (or one that imports the
 module); --tests replaces them. WORKDIR/report.md lists, per file, the mutants, how many each pass killed, and
 each survivor with its diff; docs/mutation.md keeps the project's record of them.
 """
 import argparse
 import ast
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from mutmut.stats import status_by_exit_code
+
 ROOT = Path(__file__).resolve().parents[1]
-KILLED_BY_MUTMUT = {1, 3}  # mutmut's exit codes for a failing test run (3: pytest's internal error)
+# mutmut's verdicts that need no second look: a test failed, hung past mutmut's limit, or the process died
+CAUGHT_BY_MUTMUT = {"killed", "timeout", "segfault", "caught by type check"}
 WHOLE_CHAIN_TESTS = {"test_readme.py", "test_reproduce.py", "test_make_chain.py"}
 TIMEOUT_FACTOR, TIMEOUT_SLACK = 3, 60  # pass 2 gives up on a mutant after this many times the clean run, plus s
 
@@ -39,14 +45,15 @@ def tracked_files():
 
 
 def module_name(path):
-    """How the tests import a file: yolo/formats.py as yolo.formats; train.py and data/make_synthetic.py by stem."""
-    return ".".join(path.with_suffix("").parts) if path.parts[0] == "yolo" else path.stem
+    """How the tests import a file, and mutmut names it: yolo/formats.py as yolo.formats, train.py as train."""
+    return ".".join(path.with_suffix("").parts)
 
 
+@functools.cache
 def imported_modules(path):
-    """The project modules a Python file imports by name (yolo.x, yolo's submodules, scripts by stem)."""
+    """The modules a Python file imports by name (`from yolo import data` gives yolo and yolo.data)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(source_text(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -55,12 +62,18 @@ def imported_modules(path):
     return names
 
 
+@functools.cache
+def source_text(path):
+    return path.read_text(encoding="utf-8")
+
+
 def tests_of(path, files):
     """(test files that use path directly, test files that use it or a module or script that imports it).
 
-    A test file uses a module when it imports it (`import yolo` counts for what yolo/__init__.py imports) and a
-    script when it imports it or names it (scripts are run as subprocesses). The tests that run the whole chain
-    through make (WHOLE_CHAIN_TESTS) are left out: minutes each, and what they catch a narrower test should."""
+    A test file uses a module when it imports it (`import yolo` counts for what yolo/__init__.py imports), and a
+    script (any file outside yolo/) also when it names its file (scripts are run as subprocesses). The tests that
+    run the whole chain through make (WHOLE_CHAIN_TESTS) are left out: minutes each, and what they catch a
+    narrower test should."""
     sources = [file for file in files if file.suffix == ".py" and file.parts[0] != "tests"]
     imports = {file: imported_modules(ROOT / file) for file in sources}
     package = imports.get(Path("yolo/__init__.py"), set())
@@ -71,19 +84,20 @@ def tests_of(path, files):
             if (test.parts[0] != "tests" or not test.name.startswith("test_") or test.suffix != ".py"
                     or test.name in WHOLE_CHAIN_TESTS):
                 continue
-            text, imported = (ROOT / test).read_text(encoding="utf-8"), imported_modules(ROOT / test)
+            text, imported = source_text(ROOT / test), imported_modules(ROOT / test)
             if "yolo" in imported:
-                imported |= package
-            if modules & imported or any(name in text for name in scripts):
+                imported = imported | package
+            named = any(re.search(rf"(?<![\w.]){re.escape(name)}\b", text) for name in scripts)  # not pretrain.py
+            if modules & imported or named:
                 chosen.append(test)
         return chosen
 
     module = module_name(path)
     importers = [file for file in sources if module in imports[file]]
-    script = {path.name} if len(path.parts) == 1 else set()
+    script = {path.name} if path.parts[0] != "yolo" else set()
     direct = users_of({module}, script)
     wider = users_of({module, *map(module_name, importers)},
-                     script | {file.name for file in importers if len(file.parts) == 1})
+                     script | {file.name for file in importers if file.parts[0] != "yolo"})
     return direct or wider, wider
 
 
@@ -100,7 +114,8 @@ def copy_tree(files, destination):
 
 
 def write_mutmut_config(tree, targets, tests, files):
-    """mutmut reads [tool.mutmut] from the pyproject.toml of its working folder: the scratch copy's."""
+    """mutmut reads [tool.mutmut] from the pyproject.toml of its working folder: the scratch copy's, whose own
+    table (a copy of a scratch copy has one) is replaced."""
     sources = sorted({file.parts[0] for file in files if file.suffix == ".py" and file.parts[0] != "tests"})
     others = sorted({file.parts[0] for file in files} - set(sources))
     settings = {"source_paths": sources, "only_mutate": sorted(map(str, targets)), "also_copy": others,
@@ -108,9 +123,12 @@ def write_mutmut_config(tree, targets, tests, files):
                 "pytest_add_cli_args": ["-p", "no:cacheprovider", "-p", "no:xdist",
                                         "-p", "tools.mutmut_in_process"],
                 "process_isolation": "forkserver"}  # torch's threads do not survive a plain fork of the runner
-    lines = ["", "[tool.mutmut]", *(f"{key} = {json.dumps(value)}" for key, value in settings.items())]
-    with open(tree / "pyproject.toml", "a", encoding="utf-8") as file:
-        file.write("\n".join(lines) + "\n")
+    pyproject = tree / "pyproject.toml"
+    kept = re.sub(r"^\[tool\.mutmut\]\n(?:(?!\[).*\n?)*", "", pyproject.read_text(encoding="utf-8"),
+                  flags=re.MULTILINE)
+    lines = [kept.rstrip("\n"), "", "[tool.mutmut]", *(f"{key} = {json.dumps(value)}" for key, value in
+                                                       settings.items())]
+    pyproject.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def run_mutmut(tree, log):
@@ -161,7 +179,10 @@ def second_pass(tree, target, tests, names, clean_seconds):
     return killed
 
 
+@functools.cache
 def clean_run_seconds(tree, tests):
+    """How long the tests take on the unmutated copy, run as pass 2 runs them (once per set of tests). mutmut's
+    own timings leave out the fixtures' set-up, which can be most of it (the trained test model)."""
     start = time.monotonic()
     if run_tests(tree, tests, timeout=None) != 0:
         sys.exit(f"error: the tests fail on the unmutated copy ({' '.join(map(str, tests))}); fix them first")
@@ -172,10 +193,6 @@ def mutate(targets, tests_by_target, files, workdir):
     """Both passes over the targets in one scratch copy (mutmut traces the tests once for all of them)."""
     tree = workdir / "tree"
     copy_tree(files, tree)
-    clean_seconds = {}
-    for tests, _ in tests_by_target.values():
-        if tuple(tests) not in clean_seconds:
-            clean_seconds[tuple(tests)] = clean_run_seconds(tree, tests)
     wider = {test for _, tests in tests_by_target.values() for test in tests}
     write_mutmut_config(tree, targets, wider, files)
     run_mutmut(tree, workdir / "mutmut.log")
@@ -184,10 +201,12 @@ def mutate(targets, tests_by_target, files, workdir):
         start = time.monotonic()
         tests = tests_by_target[target][0]
         verdicts = mutmut_verdicts(tree, target)
-        first_survivors = sorted(name for name, code in verdicts.items() if code not in KILLED_BY_MUTMUT)
+        first_survivors = sorted(name for name, code in verdicts.items()
+                                 if status_by_exit_code[code] not in CAUGHT_BY_MUTMUT)
         print(f"{target}: {len(verdicts)} mutants, pass 1 (mutmut) left {len(first_survivors)}; pass 2 runs "
               f"{' '.join(map(str, tests))}", flush=True)
-        killed_later = second_pass(tree, target, tests, first_survivors, clean_seconds[tuple(tests)])
+        killed_later = second_pass(tree, target, tests, first_survivors,
+                                   clean_run_seconds(tree, tuple(tests)) if first_survivors else 0)
         survivors = [name for name in first_survivors if name not in killed_later]
         results.append({"file": str(target), "tests": [str(test) for test in tests], "mutants": len(verdicts),
                         "killed_by_pass_1": len(verdicts) - len(first_survivors),
@@ -217,10 +236,11 @@ def main():
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "mutate", help="scratch folder")
     args = parser.parse_args()
     files = tracked_files()
-    targets = [target.resolve().relative_to(ROOT) for target in args.files]
+    targets = [target.resolve() for target in args.files]
     for target in targets:
-        if target not in files or target.suffix != ".py":
+        if not target.is_relative_to(ROOT) or target.relative_to(ROOT) not in files or target.suffix != ".py":
             sys.exit(f"error: {target} is not a Python file of this checkout (give paths like yolo/formats.py)")
+    targets = [target.relative_to(ROOT) for target in targets]
     args.workdir.mkdir(parents=True, exist_ok=True)
     tests_by_target = {target: (args.tests, args.tests) if args.tests else tests_of(target, files)
                        for target in targets}
