@@ -16,9 +16,9 @@ def test_a_files_tests_are_those_that_import_or_run_it():
     assert set(formats) <= set(wider) and Path("tests/test_train.py") in wider  # train.py imports yolo.formats
     detect, _ = mutate.tests_of(Path("detect.py"), files)
     assert Path("tests/test_evaluate_detect.py") in detect and Path("tests/test_formats.py") not in detect
-    # Nothing imports yolo.box_formats but modules: the tests of those modules.
-    box_formats, wider = mutate.tests_of(Path("yolo/box_formats.py"), files)
-    assert box_formats == wider and Path("tests/test_formats.py") in box_formats
+    # No test imports yolo.distributed: the tests of the modules and scripts that do (train.py among them).
+    distributed, wider = mutate.tests_of(Path("yolo/distributed.py"), files)
+    assert distributed == wider and Path("tests/test_train.py") in distributed
     assert not {Path("tests/test_readme.py"), Path("tests/test_reproduce.py")} & set(wider)
     assert mutate.module_name(Path("yolo/formats.py")) == "yolo.formats"
     assert mutate.module_name(Path("data/make_synthetic.py")) == "data.make_synthetic"
