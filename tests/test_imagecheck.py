@@ -1,6 +1,9 @@
 """The pre-training check of a dataset's images: unreadable files named, good ones remembered."""
 import json
 import os
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -43,6 +46,22 @@ def test_the_error_lists_the_first_files_and_the_way_out(folder):
     with pytest.raises(ValueError, match=r"7 image\(s\) cannot be read \(.*missing_0.jpg: file not found;.* and 2 "
                                          r"more\)\. Replace them .* ImageSets/Main"):
         require_readable_images(paths)
+    with pytest.raises(ValueError) as raised:  # as many as are shown: all named, nothing more to count
+        require_readable_images(paths[:2], shown=2)
+    assert str(raised.value).startswith(f"2 image(s) cannot be read ({paths[0]}: file not found; {paths[1]}: file "
+                                        f"not found). Replace them")
+
+
+def test_a_huge_image_is_read_from_its_header_without_a_warning(tmp_path):
+    """A 12,000 x 10,000 PNG (120 megapixels, over Pillow's decompression-bomb warning at 89) of no pixel data."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path = tmp_path / "huge.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12_000, 10_000, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert imagecheck.header_size(path) == (12_000, 10_000)
 
 
 def test_a_rerun_reads_no_header_of_an_unchanged_file(folder, monkeypatch):

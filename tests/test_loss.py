@@ -187,3 +187,18 @@ def test_confidence_target_carries_no_gradient_into_the_boxes():
 def test_mismatched_shapes_are_a_clear_error():
     with pytest.raises(ValueError, match="same grid"):
         yolo_loss(torch.rand(1, 7, 7, 30), torch.rand(1, 4, 4, 25))
+
+
+@pytest.mark.parametrize("pred_dtype, target_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+                                                      (torch.float32, torch.float64)])
+def test_loss_is_computed_in_float32_for_low_precision_and_float32_predictions(pred_dtype, target_dtype):
+    """Under autocast the head gives bf16 or fp16; the loss and its terms are float32, the target's dtype aside."""
+    generator = torch.Generator().manual_seed(3)
+    pred = torch.rand(2, 4, 4, 13, generator=generator, dtype=torch.float64)
+    target = random_target(generator, 2, 4, 3)
+    terms = yolo_loss_terms(pred.to(pred_dtype), target.to(target_dtype))
+    expected = yolo_loss_terms(pred.to(pred_dtype).float(), target.to(target_dtype).float())
+    for name, value in terms.items():
+        assert value.dtype == torch.float32, name
+        assert torch.equal(value, expected[name]), name
+

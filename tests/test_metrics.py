@@ -1,6 +1,7 @@
 """yolo.metrics against an independent loop-by-loop devkit translation, against pycocotools, and by hand."""
 import contextlib
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -164,7 +165,7 @@ def test_coco_matches_pycocotools(seed):
         has_gt = any(len(g) and (np.asarray(g)[:, 5] == 0).any() for g in ground_truths)
         expected = [0.0 if has_gt else np.nan] * 3
     got = [ours["coco_map"], ours["coco_ap50"], ours["coco_ap75"]]
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9, equal_nan=True)
+    np.testing.assert_array_equal(got, expected)  # bit for bit: the same operations in the same order
 
 
 def test_coco_keeps_top_100_per_image_and_class_like_pycocotools():
@@ -354,16 +355,122 @@ GOOD_DET = np.array([[1, 1, 10, 10, 0.9, 0]])
 
 
 @pytest.mark.parametrize("detections, ground_truths, num_classes, message", [
-    ([GOOD_DET], [GOOD_GT, GOOD_GT], 1, "1 images but ground_truths has 2"),
-    ([GOOD_DET[:, :4]], [GOOD_GT], 1, r"detections\[0\] has shape \(1, 4\)"),
-    ([GOOD_DET], [GOOD_GT[0]], 1, r"ground_truths\[0\] has shape \(6,\)"),
-    ([GOOD_DET, GOOD_DET + [0, 0, 0, 0, 0, 2]], [GOOD_GT, GOOD_GT], 2, r"detections\[1\] has a class_id outside"),
-    ([GOOD_DET], [GOOD_GT + [0, 0, 0, 0, 0.5, 0]], 2, r"ground_truths\[0\] has a class_id"),
-    ([GOOD_DET], [GOOD_GT + [0, 0, 0, 0, 0, 2]], 1, "difficult flag"),
-    ([GOOD_DET * [1, 1, 1, 1, np.nan, 1]], [GOOD_GT], 1, "non-finite"),
-    ([GOOD_DET * [1, 1, -1, 1, 1, 1]], [GOOD_GT], 1, "x2 - x1 \\+ 1 < 0"),
-    ([GOOD_DET], [GOOD_GT], 0, "num_classes must be a positive integer"),
+    ([GOOD_DET], [GOOD_GT, GOOD_GT], 1, "detections has 1 images but ground_truths has 2"),
+    ([GOOD_DET[:, :4]], [GOOD_GT], 1,
+     "detections[0] has shape (1, 4); expected (N, 6): x1, y1, x2, y2, score, class_id"),
+    ([GOOD_DET], [GOOD_GT[0]], 1,
+     "ground_truths[0] has shape (6,); expected (N, 6): x1, y1, x2, y2, class_id, difficult"),
+    ([GOOD_DET, GOOD_DET + [0, 0, 0, 0, 0, 2]], [GOOD_GT, GOOD_GT], 2, "detections[1] has a class_id outside 0..1"),
+    ([GOOD_DET], [GOOD_GT + [0, 0, 0, 0, 0.5, 0]], 3, "ground_truths[0] has a class_id outside 0..2"),
+    ([GOOD_DET], [GOOD_GT + [0, 0, 0, 0, 0, 2]], 1, "ground_truths[0] has a difficult flag other than 0 or 1"),
+    ([GOOD_DET, GOOD_DET * [1, 1, 1, 1, np.nan, 1]], [GOOD_GT, GOOD_GT], 1, "detections[1] holds a non-finite value"),
+    ([GOOD_DET], [GOOD_GT * [1, 1, np.inf, 1, 1, 1]], 1, "ground_truths[0] holds a non-finite value"),
+    # x2 - x1 + 1 = -1 (x2 = 8 for x1 = 10): one pixel short of an empty box.
+    ([np.array([[10, 1, 8, 10, 0.9, 0]])], [GOOD_GT], 1,
+     "detections[0] has a box with x2 - x1 + 1 < 0 or y2 - y1 + 1 < 0"),
+    ([GOOD_DET], [np.array([[1, 10, 10, 8, 0, 0]])], 1,
+     "ground_truths[0] has a box with x2 - x1 + 1 < 0 or y2 - y1 + 1 < 0"),
+    ([GOOD_DET], [GOOD_GT], 0, "num_classes must be a positive integer, got 0"),
+    ([GOOD_DET], [GOOD_GT], 1.0, "num_classes must be a positive integer, got 1.0"),
+    ([GOOD_DET], [GOOD_GT], True, "num_classes must be a positive integer, got True"),
 ])
 def test_bad_input_raises_a_clear_value_error(detections, ground_truths, num_classes, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError) as raised:
         evaluate_detections(detections, ground_truths, num_classes)
+    assert str(raised.value) == message
+
+
+def test_an_empty_box_is_valid_input():
+    # x2 = x1 - 1 (or y2 = y1 - 1): zero pixels wide, the smallest box the checks accept. It overlaps nothing.
+    gt = [np.array([[10, 1, 9, 10, 0, 0], [1, 10, 10, 9, 0, 0], [1, 1, 10, 10, 0, 0]], dtype=float)]
+    det = [np.array([[1, 1, 10, 10, 0.9, 0], [20, 20, 19, 30, 0.8, 0], [20, 20, 30, 19, 0.7, 0]])]
+    result = evaluate_detections(det, gt, 1)
+    assert result["voc12_map"] == pytest.approx(1 / 3)
+
+
+def test_no_images_and_no_ground_truth_give_nan_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "mean of empty slice" included
+        for detections, ground_truths in (([], []), ([GOOD_DET], [EMPTY])):
+            result = evaluate_detections(detections, ground_truths, 2)
+            for key in ("voc07_map", "voc12_map", "coco_map", "coco_ap50", "coco_ap75"):
+                assert np.isnan(result[key]), key
+            assert np.isnan(result["voc12_ap"]).all() and len(result["voc12_ap"]) == 2
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
+def test_integer_and_float32_arrays_give_the_float64_result(dtype):
+    # Integer boxes and scores, exact in every dtype; 200 x 200 boxes, whose areas (40,000) overflow uint8.
+    gt = [np.array([[10, 10, 209, 209, 0, 0], [30, 10, 229, 209, 1, 1], [5, 5, 50, 60, 0, 0]])]
+    det = [np.array([[12, 12, 210, 208, 9, 0], [30, 10, 229, 209, 8, 1], [100, 100, 150, 150, 7, 0],
+                     [6, 5, 50, 61, 3, 0]])]
+    expected = evaluate_detections([det[0].astype(float)], [gt[0].astype(float)], 2)
+    got = evaluate_detections([det[0].astype(dtype)], [gt[0].astype(dtype)], 2)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    assert expected["voc12_map"] == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)  # class 0: TP, FP, TP; class 1 NaN
+
+
+def test_coco_area_range_ends_are_inside():
+    # COCOeval's 'all' is [0, 1e10], both ends included: an empty GT (x2 = x1 - 1) counts, as does a GT of
+    # exactly 1e10 pixels (100,000 x 100,000) and a tall one of 10,000 x 200,000.
+    side, tall = 100_000.0, 200_000.0
+    ground_truths = [np.array([[1, 1, side, side, 0, 0], [5, 5, 4, 10, 1, 0], [1, 1, 10_000, tall, 2, 0]])]
+    detections = [np.array([[1, 1, side, side, 0.9, 0], [1, 1, 10_000, tall, 0.9, 2]])]
+    result = evaluate_detections(detections, ground_truths, 3)
+    assert result["coco_map"] == pytest.approx(2 / 3, abs=1e-12)  # the empty GT is counted and missed
+    got = [result["coco_map"], result["coco_ap50"], result["coco_ap75"]]
+    np.testing.assert_array_equal(got, pycocotools_stats(detections, ground_truths, 3))
+
+
+def test_coco_ignored_ground_truths_match_only_at_the_thresholds_they_reach():
+    # Regular GTs R1 and R2, crowd C. D1 overlaps R1 by 6000 / 10000 = .6 and C by 3300 / 6000 = .55 (a crowd's
+    # overlap is over the detection's area): at .5 it takes R1, at .55 and above R1 is out of reach and only C is
+    # left; from .6 up nothing, a false positive. D2 is exactly R2, below D1 in score.
+    gt = [np.array([[1, 1, 100, 100, 0, 0], [201, 1, 300, 100, 0, 0], [1, 1, 55, 60, 0, 1]], dtype=float)]
+    det = [np.array([[1, 1, 100, 60, 0.9, 0], [201, 1, 300, 100, 0.8, 0]])]
+    result = evaluate_detections(det, gt, 1)
+    got = [result["coco_map"], result["coco_ap50"], result["coco_ap75"]]
+    np.testing.assert_array_equal(got, pycocotools_stats(det, gt, 1))
+    assert result["coco_ap75"] < 0.5  # D1 a false positive ranked above D2
+
+
+def test_equal_overlaps_go_to_the_first_ground_truth_for_every_detection():
+    # The tie of the test above in two images: each tied detection takes the first GT of the pair.
+    gt = np.array([[1, 1, 10, 10, 0, 0], [3, 1, 12, 10, 0, 0]], dtype=float)
+    det = np.array([[2, 1, 11, 10, 0.9, 0], [1, 1, 10, 10, 0.8, 0]])
+    assert evaluate_detections([det, det], [gt, gt], 1)["voc12_map"] == 0.5
+
+
+def test_ground_truths_keep_their_input_order_among_hundreds():
+    """600 GTs of two classes in one image, all of class 0 on the same box: the first is normal, the others
+    difficult. The devkit's first GT at the maximum is the normal one, so the detection of that box is a true
+    positive (with the difficult GTs in front, it would be ignored). An unstable sort of 600 elements does
+    reorder equal keys."""
+    classes = np.random.default_rng(0).integers(0, 2, 600)
+    classes[0] = 0
+    boxes = np.where(classes[:, None] == 0, [1, 1, 10, 10], [50, 50, 60, 60])
+    gt = np.column_stack([boxes, classes, np.r_[0, np.ones(599)] * (classes == 0)]).astype(float)
+    result = evaluate_detections([np.array([[1, 1, 10, 10, 0.9, 0]])], [gt], 2)
+    assert result["voc12_ap"][0] == 1.0
+
+
+def test_coco_cuts_each_image_and_class_at_100_detections_like_pycocotools():
+    """3 images x 2 classes, 105 detections each in descending score, hits at ranks 0, 50, 99, 100 and 104 of
+    each (image, class): those at 100 and 104 are cut, every other rank keeps its place."""
+    ground_truths, detections = [], []
+    for image in range(3):
+        gt, det = [], []
+        for cls in range(2):
+            hits = [[40 * k + 1, 200 * cls + 1, 40 * k + 30, 200 * cls + 30, cls, 0] for k in range(5)]
+            gt += hits
+            misses = [[1000 + 3 * k, 1000, 1010 + 3 * k, 1010, 0, cls] for k in range(100)]
+            ranked = iter(misses)
+            rows = [hits[[0, 50, 99, 100, 104].index(rank)][:4] + [0, cls] if rank in (0, 50, 99, 100, 104)
+                    else next(ranked) for rank in range(105)]
+            det += [row[:4] + [1 - rank / 1000 - image / 10, cls] for rank, row in enumerate(rows)]
+        ground_truths.append(np.array(gt, dtype=float))
+        detections.append(np.array(det, dtype=float))
+    result = evaluate_detections(detections, ground_truths, 2)
+    got = [result["coco_map"], result["coco_ap50"], result["coco_ap75"]]
+    np.testing.assert_array_equal(got, pycocotools_stats(detections, ground_truths, 2))

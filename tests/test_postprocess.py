@@ -112,3 +112,25 @@ def test_an_empty_image_gives_no_detection():
     (detections,) = decode_predictions(torch.zeros(1, S, S, 5 * B + C), C)
     assert detections["boxes"].shape == (0, 4)
     assert to_voc_array(detections, 10, 10).shape == (0, 6)
+
+
+def test_a_score_must_be_above_the_threshold():
+    pred = torch.zeros(1, 1, 1, 5 + 2)
+    pred[0, 0, 0] = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.25])  # scores 0.25 and 0.125, exact in float32
+    (detections,) = decode_predictions(pred, 2, score_threshold=0.125)
+    assert detections["scores"].tolist() == [0.25] and detections["labels"].tolist() == [0]
+
+
+def test_images_of_a_batch_never_suppress_each_other():
+    """The same box in two images, or in two classes of two images, is detected in each: NMS is per image and
+    class, also with more classes than candidates (a 1 x 1 grid of one predictor)."""
+    generator = torch.Generator().manual_seed(5)
+    pred = torch.rand(1, S, S, 5 * B + 20, generator=generator)
+    pred[..., [2, 3, 7, 8]] = 0.8 + 0.2 * pred[..., [2, 3, 7, 8]]  # large boxes: any shift of one overlaps it
+    single = decode_predictions(pred, 20, score_threshold=0.1)[0]
+    for detection in decode_predictions(pred.expand(2, -1, -1, -1), 20, score_threshold=0.1):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(detection[key], single[key]), key
+    tiny = torch.tensor([[[[0.5, 0.5, 0.4, 0.4, 1.0, 0.0, 0.9, 0.0]]], [[[0.5, 0.5, 0.4, 0.4, 1.0, 0.9, 0.0, 0.0]]]])
+    first, second = decode_predictions(tiny, 3)
+    assert first["labels"].tolist() == [1] and second["labels"].tolist() == [0]

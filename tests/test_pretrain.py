@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -86,15 +85,13 @@ def test_pretraining_learns_and_logs_what_it_promises(tmp_path):
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(classification_dir, reference_run, tmp_path):
     out_dir = tmp_path / "killed"
-    process = subprocess.Popen(pretrain_command(classification_dir, out_dir, *RESUMABLE), cwd=ROOT, env=ONE_THREAD,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (out_dir / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # Killed at the start of epoch 2's first optimizer step (tests/instrumented.py), with epoch 1's last.pt on disk.
+    command = [sys.executable, "tests/instrumented.py", "--send_signal=SIGKILL:3",
+               *pretrain_command(classification_dir, out_dir, *RESUMABLE)[1:]]
+    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
     killed_at = torch.load(out_dir / "last.pt", weights_only=True)
-    assert (killed_at["epoch"], killed_at["step"]) == (1, 0), "the kill must land during epoch 2"
+    assert (killed_at["epoch"], killed_at["step"]) == (1, 0)
 
     result = run_script("pretrain.py", f"--data_dir={classification_dir}", f"--out_dir={out_dir}", *RESUMABLE)
     assert "resumed from" in result.stdout
@@ -104,18 +101,13 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(classification_di
 
 def test_sigterm_saves_the_step_and_resume_is_exact(classification_dir, reference_run, tmp_path):
     out_dir = tmp_path / "terminated"
-    process = subprocess.Popen(pretrain_command(classification_dir, out_dir, *RESUMABLE), cwd=ROOT, env=ONE_THREAD,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:  # the handlers are installed once the epochs are announced
-        if line.startswith("training epochs"):
-            break
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 128 + signal.SIGTERM, output
+    # The signal comes at the start of the first optimizer step: that step finishes, and the save is there.
+    command = [sys.executable, "tests/instrumented.py", "--send_signal=SIGTERM:1",
+               *pretrain_command(classification_dir, out_dir, *RESUMABLE)[1:]]
+    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
     saved = torch.load(out_dir / "last.pt", weights_only=True)
-    # The signal lands during step 1 (the save is that step's) or, on a slow machine, during step 2, the
-    # epoch's last (the epoch ends and its save is the stop's): either way the resume below is exact.
-    assert (saved["epoch"], saved["step"]) in {(0, 1), (1, 0)}
+    assert (saved["epoch"], saved["step"]) == (0, 1)
 
     run_script("pretrain.py", f"--data_dir={classification_dir}", f"--out_dir={out_dir}", *RESUMABLE)
     assert_same_weights(final_weights(out_dir), final_weights(reference_run))

@@ -84,10 +84,12 @@ def test_a_file_of_another_kind_is_refused_and_left_alone(tmp_path, header):
     path = tmp_path / "other.csv"
     text = f"{header}\n" + ",".join("x" * (i + 1) for i in range(header.count(",") + 1)) + "\n"
     path.write_text(text)
-    with pytest.raises(ResultsError, match="other.csv has the columns .*move it aside"):
-        check_writable(path, KEY, COLUMNS)
-    with pytest.raises(ResultsError):
-        write_keyed(path, [timing()], KEY, COLUMNS)
+    message = (f"{path} has the columns {header.replace(',', ', ')}, not these rows' {', '.join(COLUMNS)}; move it "
+               f"aside or write to another file.")
+    for check in (lambda: check_writable(path, KEY, COLUMNS), lambda: write_keyed(path, [timing()], KEY, COLUMNS)):
+        with pytest.raises(ResultsError) as raised:
+            check()
+        assert str(raised.value) == message
     assert path.read_text() == text
     assert [p.name for p in tmp_path.iterdir()] == ["other.csv"]
 
@@ -96,3 +98,23 @@ def test_a_row_with_a_field_the_columns_lack_is_a_programming_error(tmp_path):
     with pytest.raises(ValueError, match="notes"):
         write_keyed(tmp_path / "x.csv", [{**timing(), "notes": "n"}], KEY, COLUMNS)
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_an_absent_value_is_written_empty_and_the_folders_are_made(tmp_path):
+    path = tmp_path / "results" / "cpu" / "benchmark.csv"
+    write_keyed(path, [{**timing(), "latency_ms": None}], KEY, COLUMNS)
+    assert path.read_bytes().splitlines()[1] == b"\"AMD EPYC, 2 threads\",resnet18,1,False,,d1"
+
+
+def test_line_breaks_inside_a_value_survive_a_rewrite(tmp_path):
+    path = tmp_path / "benchmark.csv"
+    write_keyed(path, [timing(device_name="GPU\r\nsecond line")], KEY, COLUMNS)
+    write_keyed(path, [timing(backbone="resnet50")], KEY, COLUMNS)
+    assert [row["device_name"] for row in read(path)] == ["GPU\r\nsecond line", "AMD EPYC, 2 threads"]
+
+
+def test_an_empty_file_takes_the_rows(tmp_path):
+    path = tmp_path / "benchmark.csv"
+    path.write_text("")
+    assert write_keyed(path, [timing()], KEY, COLUMNS) == 0
+    assert read(path) == [{name: str(value) for name, value in timing().items()}]

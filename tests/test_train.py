@@ -4,7 +4,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -26,18 +25,8 @@ TINY = ["configs/tiny_model.py", "configs/tiny.py"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 # A short, resumable run: 16 images, 2 optimizer steps of 2 accumulated micro-batches per epoch.
 RESUMABLE = TINY + ["--epochs=2", "--batch_size=8", "--micro_batch_size=4", "--num_workers=1"]
-# `python -c SLOW_CHECKPOINT_WRITES script.py --name=value ...`: the script with every checkpoint write held
-# for 2 s before its first byte, a window in which to kill the process while a write is in progress.
-SLOW_CHECKPOINT_WRITES = """
-import runpy, sys, time, torch
-save = torch.save
-def slow_save(*args, **kwargs):
-    time.sleep(2)
-    save(*args, **kwargs)
-torch.save = slow_save
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+# `python tests/instrumented.py --option ... train.py --name=value ...`: train.py interrupted at a chosen event.
+INSTRUMENTED = [sys.executable, "tests/instrumented.py"]
 
 
 def train_command(data_dir, out_dir, *overrides):
@@ -82,15 +71,11 @@ def test_training_learns_until_the_training_images_are_detected(overfit_run):
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, reference_run, tmp_path):
     out_dir = tmp_path / "killed"
-    process = subprocess.Popen(train_command(data_dir, out_dir, *RESUMABLE), cwd=ROOT, env=ONE_THREAD,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (out_dir / "last.pt").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    command = [*INSTRUMENTED, "--send_signal=SIGKILL:3", *train_command(data_dir, out_dir, *RESUMABLE)[1:]]
+    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr  # at epoch 2's first step
     killed_at = torch.load(out_dir / "last.pt", weights_only=True)
-    assert (killed_at["epoch"], killed_at["step"]) == (1, 0), "the kill must land during epoch 2"
+    assert (killed_at["epoch"], killed_at["step"]) == (1, 0)
 
     result = run_train(data_dir, out_dir, *RESUMABLE)
     assert "resumed from" in result.stdout
@@ -101,17 +86,15 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, referen
 def test_training_goes_on_while_last_pt_is_written_and_a_kill_then_keeps_the_previous_one(data_dir, reference_run,
                                                                                            tmp_path):
     out_dir = tmp_path / "killed_while_saving"
-    command = [sys.executable, "-c", SLOW_CHECKPOINT_WRITES, *train_command(data_dir, out_dir, *RESUMABLE)[1:]]
-    process = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               text=True)
-    # Epoch 2's line comes once its last.pt is handed to the writer: the kill lands while that write waits.
-    for line in process.stdout:
-        if line.startswith("epoch 2 |"):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.communicate(timeout=300)
+    # Each write starts only when the training waits for it: epoch 2's line comes while its last.pt is pending,
+    # and that write is killed after its bytes, before it completes.
+    command = [*INSTRUMENTED, "--slow_disk", "--kill_during_write=last.pt:2",
+               *train_command(data_dir, out_dir, *RESUMABLE)[1:]]
+    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
+    assert "epoch 2 |" in result.stdout
     killed_at = torch.load(out_dir / "last.pt", weights_only=True)
-    assert (killed_at["epoch"], killed_at["step"]) == (1, 0), "epoch 2's last.pt must still be in the writer"
+    assert (killed_at["epoch"], killed_at["step"]) == (1, 0), "the killed write must leave epoch 1's last.pt"
     assert not (out_dir / "done").exists()
 
     result = run_train(data_dir, out_dir, *RESUMABLE)
@@ -120,36 +103,24 @@ def test_training_goes_on_while_last_pt_is_written_and_a_kill_then_keeps_the_pre
 
 
 def test_done_appears_only_once_the_final_last_pt_is_on_disk(data_dir, tmp_path):
+    """With every write held until the training waits for it, marking the run finished before waiting fails."""
     out_dir = tmp_path / "slow_writes"
-    command = [sys.executable, "-c", SLOW_CHECKPOINT_WRITES,
-               *train_command(data_dir, out_dir, *RESUMABLE, "--epochs=1")[1:]]
-    process = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (out_dir / "done").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    command = [*INSTRUMENTED, "--slow_disk", *train_command(data_dir, out_dir, *RESUMABLE, "--epochs=1")[1:]]
+    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
     assert (out_dir / "done").exists()
     assert torch.load(out_dir / "last.pt", weights_only=True)["epoch"] == 1
-    assert process.wait(timeout=300) == 0
 
 
 def test_sigterm_saves_the_step_and_resume_is_exact(data_dir, reference_run, tmp_path):
     out_dir = tmp_path / "terminated"
-    process = subprocess.Popen(train_command(data_dir, out_dir, *RESUMABLE), cwd=ROOT, env=ONE_THREAD,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Once the handlers are installed (train.py then announces the epochs), a SIGTERM lets the current
-    # optimizer step finish and saves there.
-    for line in process.stdout:
-        if line.startswith("training epochs"):
-            break
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 128 + signal.SIGTERM, output
-    assert "rerun the same command to resume" in output
+    # The signal comes at the start of the first optimizer step: that step finishes, and the save is there.
+    command = [*INSTRUMENTED, "--send_signal=SIGTERM:1", *train_command(data_dir, out_dir, *RESUMABLE)[1:]]
+    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
+    assert "rerun the same command to resume" in result.stdout
     saved = torch.load(out_dir / "last.pt", weights_only=True)
-    # The signal lands during step 1 (the save is that step's) or, on a slow machine, during step 2, the
-    # epoch's last (the epoch ends and its save is the stop's): either way the resume below is exact.
-    assert (saved["epoch"], saved["step"]) in {(0, 1), (1, 0)}
+    assert (saved["epoch"], saved["step"]) == (0, 1)
 
     run_train(data_dir, out_dir, *RESUMABLE)
     assert_same_weights(final_weights(out_dir), final_weights(reference_run))
@@ -198,47 +169,20 @@ def test_torchrun_on_two_processes_matches_one_process(data_dir, tmp_path):
             torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def worker_with_rank(launcher_pid, rank):
-    """The pid of the torchrun worker of `rank` (a child of the launcher whose environment says RANK=rank)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rpartition(")")[2].split()[1])
-            environment = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        if parent == launcher_pid and f"RANK={rank}".encode() in environment:
-            return int(stat.parent.name)
-    return None
-
-
-def catches_sigterm(pid):
-    """Whether the process has installed a SIGTERM handler (bit 15 of its caught-signals mask)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
-    return bool(mask >> (signal.SIGTERM - 1) & 1)
-
-
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 def test_a_stop_signalled_to_one_torchrun_process_stops_all_at_one_step(data_dir, reference_run, tmp_path):
     """SIGTERM to rank 1 only: both processes agree on the step, rank 0 saves, and the resume completes the run."""
     out_dir = tmp_path / "ddp_stop"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE]
-    launcher = subprocess.Popen(command, cwd=ROOT, env=ONE_THREAD, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
-    deadline, rank_1 = time.monotonic() + 300, None
-    while time.monotonic() < deadline and launcher.poll() is None:
-        rank_1 = rank_1 or worker_with_rank(launcher.pid, 1)
-        if rank_1 and catches_sigterm(rank_1):
-            break
-        time.sleep(0.05)
-    os.kill(rank_1, signal.SIGTERM)
-    output = launcher.communicate(timeout=300)[0]
+    arguments = [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*torchrun, "tests/instrumented.py", "--send_signal=SIGTERM:1:1", "train.py", *arguments]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    output = result.stdout + result.stderr
     assert output.count("rerun the same command to resume") == 1, output  # said by rank 0 alone
     saved = torch.load(out_dir / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["step"]) < (2, 0), output
+    assert (saved["epoch"], saved["step"]) == (0, 1), output
 
-    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    resumed = subprocess.run([*torchrun, "train.py", *arguments], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600, env=ONE_THREAD)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
     ddp, single = final_weights(out_dir), final_weights(reference_run)
     for name, value in single.items():

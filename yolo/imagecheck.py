@@ -23,19 +23,16 @@ LEAVE_OUT_OF_SPLIT = ("leave them out of the split (VOC: its ImageSets/Main list
 
 def header_size(path: Path) -> tuple[int, int] | str:
     """(width, height) read from the header of `path` (EXIF orientation not applied, as the decoder does not
-    apply it either), or what is wrong with the file."""
+    apply it either), or what is wrong with the file. Pillow opens no image of width or height 0."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                width, height = image.size
+                return image.size
     except FileNotFoundError:
         return "file not found"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         return f"not a readable image ({error})"
-    if width <= 0 or height <= 0:
-        return f"image size {width} x {height}"
-    return width, height
 
 
 def header_problem(path: Path) -> str | None:

@@ -23,8 +23,7 @@ def yolo_loss_terms(pred: torch.Tensor, target: torch.Tensor, lambda_coord: floa
     # The loss is computed in at least fp32, also under autocast.
     dtype = torch.promote_types(pred.dtype, torch.float32)
     pred, target = pred.to(dtype), target.to(dtype)
-    batch_size, grid_size = pred.shape[0], pred.shape[1]
-    pred_boxes = pred[..., :5 * num_boxes].reshape(batch_size, grid_size, grid_size, num_boxes, 5)
+    pred_boxes = pred[..., :5 * num_boxes].unflatten(-1, (num_boxes, 5))
     pred_xywh, pred_conf = pred_boxes[..., :4], pred_boxes[..., 4]
     target_xywh, has_object = target[..., :4], target[..., 4]
 

@@ -15,6 +15,7 @@ order within the image), because both references sort with a stable sort.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import NamedTuple, Sequence
@@ -156,7 +157,7 @@ def _same_image_and_class_pairs(dets: _Detections, gts: _GroundTruths, num_class
     det_groups = dets.image * num_classes + dets.classes
     gt_groups = gts.image * num_classes + gts.classes
     gt_order = np.argsort(gt_groups, kind="stable")
-    first = np.searchsorted(gt_groups[gt_order], det_groups, side="left")
+    first = np.searchsorted(gt_groups[gt_order], det_groups)
     count = np.searchsorted(gt_groups[gt_order], det_groups, side="right") - first
     det = np.repeat(np.arange(len(det_groups)), count)
     slot = np.arange(len(det)) - np.repeat(np.cumsum(count) - count, count)
@@ -226,9 +227,8 @@ def _voc_curves(
             curves.append(None)
             continue
         ranked = order[bounds[c] : bounds[c + 1]]
-        tp = np.cumsum(true_positive[ranked], dtype=np.float64)
-        fp = np.cumsum(false_positive[ranked], dtype=np.float64)
-        precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
+        tp, fp = np.cumsum(true_positive[ranked]), np.cumsum(false_positive[ranked])
+        precision = tp / np.maximum(tp + fp, 1)  # counts: 0 / 1 = 0 where only ignored detections came so far
         curves.append(PrecisionRecall(tp / positives[c], precision))
     return curves
 
@@ -237,7 +237,7 @@ def _voc07_ap(curve: PrecisionRecall) -> float:
     """Mean over t in 0, 0.1, ..., 1 of the highest precision at recall >= t (0 if recall never reaches t)."""
     best_from = np.append(np.maximum.accumulate(curve.precision[::-1])[::-1], 0.0)
     # Recall never decreases, so the points with recall >= t are a suffix starting here.
-    return float(np.mean(best_from[np.searchsorted(curve.recall, VOC07_RECALL_THRESHOLDS, side="left")]))
+    return float(np.mean(best_from[np.searchsorted(curve.recall, VOC07_RECALL_THRESHOLDS)]))
 
 
 def _voc12_ap(curve: PrecisionRecall) -> float:
@@ -249,7 +249,7 @@ def _voc12_ap(curve: PrecisionRecall) -> float:
 
 
 def _mean_over_classes_with_ground_truth(ap: np.ndarray) -> float:
-    return float(np.mean(ap[~np.isnan(ap)])) if not np.isnan(ap).all() else float("nan")
+    return float(np.mean(ap[~np.isnan(ap)])) if not np.isnan(ap).all() else math.nan
 
 
 # --- COCO (pycocotools' COCOeval, iouType 'bbox', area 'all', maxDets 100) -------------------------------------
@@ -267,7 +267,7 @@ def _coco_precision(dets: _Detections, gts: _GroundTruths, pairs: _Pairs, num_cl
     iou = _coco_iou(det_xywh[pairs.det], gt_xywh[pairs.gt], crowd[pairs.gt])
     matched, matched_ignored = _coco_matches(dets, pairs, iou, rank, crowd, gt_ignored, num_classes)
     ignored = matched_ignored | (~matched & _outside_area_range(det_xywh)[:, None])
-    positives = np.bincount(gts.classes[~gt_ignored], minlength=num_classes)
+    positives = np.bincount(gts.classes[~gt_ignored])
 
     # COCOeval.accumulate concatenates images in order and merge-sorts by score: the same stable class order.
     order = dets.by_class_then_score[kept[dets.by_class_then_score]]
@@ -276,14 +276,14 @@ def _coco_precision(dets: _Detections, gts: _GroundTruths, pairs: _Pairs, num_cl
     bounds = _class_bounds(dets.classes[order], num_classes)
     precision = -np.ones((len(COCO_IOU_THRESHOLDS), len(COCO_RECALL_THRESHOLDS), num_classes))
     for c in np.flatnonzero(positives):
-        tp = np.cumsum(true_positive[bounds[c] : bounds[c + 1]], axis=0, dtype=np.float64)
-        fp = np.cumsum(false_positive[bounds[c] : bounds[c + 1]], axis=0, dtype=np.float64)
+        tp = np.cumsum(true_positive[bounds[c] : bounds[c + 1]], axis=0)
+        fp = np.cumsum(false_positive[bounds[c] : bounds[c + 1]], axis=0)
         recall = tp / positives[c]
-        envelope = np.maximum.accumulate((tp / (fp + tp + np.spacing(1)))[::-1], axis=0)[::-1]
+        envelope = np.maximum.accumulate((tp / (fp + tp + np.spacing(1)))[::-1])[::-1]
         # Recall thresholds beyond the last recall reached get precision 0.
         envelope = np.concatenate([envelope, np.zeros((1, len(COCO_IOU_THRESHOLDS)))])
         for t in range(len(COCO_IOU_THRESHOLDS)):
-            precision[t, :, c] = envelope[np.searchsorted(recall[:, t], COCO_RECALL_THRESHOLDS, side="left"), t]
+            precision[t, :, c] = envelope[np.searchsorted(recall[:, t], COCO_RECALL_THRESHOLDS), t]
     return precision
 
 
@@ -309,8 +309,8 @@ def _coco_ranks(dets: _Detections, num_classes: int) -> np.ndarray:
     # Regrouping the class order by image, stably, gives the order by image, class, then score.
     order = dets.by_class_then_score[np.argsort(dets.image[dets.by_class_then_score], kind="stable")]
     groups = (dets.image * num_classes + dets.classes)[order]
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order)) - np.searchsorted(groups, groups, side="left")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order)) - np.searchsorted(groups, groups)
     return rank
 
 
@@ -319,7 +319,7 @@ def _coco_matches(
     gt_ignored: np.ndarray, num_classes: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """COCOeval.evaluateImg for every image and class: (N, T) flags matched, and matched to an ignored GT."""
-    thresholds = np.minimum(COCO_IOU_THRESHOLDS, 1 - 1e-10)
+    thresholds = COCO_IOU_THRESHOLDS  # all below 1, so COCOeval's min(t, 1 - 1e-10) is each t
     matched = np.zeros((len(dets.scores), len(thresholds)), dtype=bool)
     matched_ignored = np.zeros_like(matched)
     # A detection below the lowest threshold with every GT matches nothing: only the others enter the loop.
@@ -349,7 +349,7 @@ def _coco_matches(
     taken = np.zeros((len(group_size), len(thresholds), num_slots), dtype=bool)
 
     # Turn k handles the k-th candidate of every group, at every threshold, at once.
-    by_turn = np.argsort(turn, kind="stable")
+    by_turn = np.argsort(turn)  # a turn holds one row of each group at most: their order does not matter
     turn_bounds = np.searchsorted(turn[by_turn], np.arange(turn.max() + 2))
     for k in range(turn.max() + 1):
         rows = by_turn[turn_bounds[k] : turn_bounds[k + 1]]
@@ -378,4 +378,4 @@ def _last_argmax(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def _coco_mean(precision: np.ndarray) -> float:
     """COCOeval.summarize: mean over every entry of the classes with a counted GT (the others hold -1)."""
     counted = precision[precision > -1]
-    return float(np.mean(counted)) if counted.size else float("nan")
+    return float(np.mean(counted)) if counted.size else math.nan

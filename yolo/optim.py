@@ -48,7 +48,7 @@ def start_momentum(optimizer: torch.optim.Optimizer) -> None:
         for parameter in group["params"]:
             state = optimizer.state[parameter]
             if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = torch.zeros_like(parameter)  # in the parameter's layout
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:

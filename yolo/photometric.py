@@ -30,13 +30,12 @@ def jitter_colours_(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor
     multiply RGB by the exposure factor, clamp to [0, 1]; blend with the image's grey level by the
     saturation factor, clamp again.
     """
-    exposure = factors[:, 0].to(images.dtype).view(-1, 1, 1, 1)
-    saturation = factors[:, 1].to(images.dtype).view(-1, 1, 1, 1)
-    images.mul_(exposure).clamp_(0.0, 1.0)
+    exposure, saturation = factors.view(-1, 2, 1, 1, 1).unbind(1)
+    images.mul_(exposure).clamp_(max=1.0)  # pixels and factors are positive: nothing falls below 0
     # The weights travel as kernel arguments: a tensor made from them would be a copy from the host, which
     # on CUDA waits for the device's queue on every batch.
-    red, green, blue = LUMA_WEIGHTS
-    grey = (images[:, 0:1] * red).add_(images[:, 1:2], alpha=green).add_(images[:, 2:3], alpha=blue)
+    red, green, blue = images.split(1, dim=1)
+    grey = (red * LUMA_WEIGHTS[0]).add_(green, alpha=LUMA_WEIGHTS[1]).add_(blue, alpha=LUMA_WEIGHTS[2])
     return images.mul_(saturation).add_(grey.mul_(1.0 - saturation)).clamp_(0.0, 1.0)
 
 

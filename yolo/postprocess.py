@@ -18,13 +18,12 @@ def decode_boxes_and_scores(pred: torch.Tensor, num_classes: int) -> tuple[torch
     (N, S*S*B, C). Candidates are in cell order (row, column), then predictor. An exported .onnx graph returns
     these two (export.py): NMS on them (`select_detections`) gives the PyTorch path's detections.
     """
-    batch_size, grid_size = pred.shape[0], pred.shape[1]
-    num_boxes = (pred.shape[-1] - num_classes) // 5
+    batch_size, num_boxes = pred.shape[0], (pred.shape[-1] - num_classes) // 5
     pred = pred.float()
-    predictors = pred[..., :5 * num_boxes].reshape(batch_size, grid_size, grid_size, num_boxes, 5)
+    predictors = pred[..., :5 * num_boxes].unflatten(-1, (num_boxes, 5))
     boxes = cell_to_normalized(predictors[..., :4]).clamp(0.0, 1.0).reshape(batch_size, -1, 4)
     class_probs = pred[..., 5 * num_boxes:].unsqueeze(3)
-    scores = (predictors[..., 4:5] * class_probs).reshape(batch_size, -1, num_classes)
+    scores = (predictors[..., 4].unsqueeze(-1) * class_probs).reshape(batch_size, -1, num_classes)
     return boxes, scores
 
 
@@ -46,7 +45,7 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, score_threshold
     kept_images = image_index[keep]
     counts = torch.bincount(kept_images, minlength=batch_size)
     first_of_image = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(keep), device=keep.device) - first_of_image[kept_images]
+    rank = torch.ones_like(keep).cumsum(0) - 1 - first_of_image[kept_images]  # 0, 1, ... on keep's device
     keep = keep[rank < max_detections]
     counts = counts.clamp(max=max_detections).tolist()
     return [

@@ -24,7 +24,7 @@ def as_text(value) -> str:
 
 def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """The header and rows of a CSV file as text; an absent or empty file has neither."""
-    if not path.exists() or path.stat().st_size == 0:
+    if not path.exists():
         return [], []
     with path.open(newline="") as file:
         reader = csv.DictReader(file)
@@ -80,7 +80,7 @@ def write_keyed(path: str | Path, rows: list[dict], key: tuple[str, ...], column
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with partial.open("w", newline="") as file:
-            writer = csv.DictWriter(file, columns, restval="")
+            writer = csv.DictWriter(file, columns)  # an absent field is written empty
             writer.writeheader()
             writer.writerows(merged)
         os.replace(partial, path)

@@ -24,22 +24,21 @@ def encode_target(boxes: torch.Tensor, labels: torch.Tensor, grid_size: int, num
         return torch.from_numpy(target)
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2 * grid_size
     # A centre exactly on the far edge (1.0) belongs to the last cell, not to a cell outside the grid.
-    cells = np.floor(centres).astype(np.int64).clip(0, grid_size - 1)
+    cells = np.minimum(np.floor(centres).astype(np.int64), grid_size - 1)
     flat_cells = cells[:, 1] * grid_size + cells[:, 0]
     sizes = boxes[:, 2:] - boxes[:, :2]
 
-    # Deterministic "largest wins" without relying on scatter order with duplicate indices: order the
-    # boxes by descending area (stable, so earlier wins ties), group them by cell (stable again), and
-    # keep the first box of each group. The winners then have distinct cells and plain indexing is safe.
-    by_area = np.argsort(-(sizes[:, 0] * sizes[:, 1]), kind="stable")
-    grouped = by_area[np.argsort(flat_cells[by_area], kind="stable")]
+    # Deterministic "largest wins" without relying on scatter order with duplicate indices: sort the boxes by
+    # cell, then by descending area (lexsort is stable: the earlier box wins a tie), and keep the first box of
+    # each cell. The winners then have distinct cells and plain indexing is safe.
+    grouped = np.lexsort((-(sizes[:, 0] * sizes[:, 1]), flat_cells))
     grouped_cells = flat_cells[grouped]
     first_in_cell = np.ones(len(grouped), dtype=bool)
     first_in_cell[1:] = grouped_cells[1:] != grouped_cells[:-1]
     winners = grouped[first_in_cell]
 
     rows, cols = cells[winners, 1], cells[winners, 0]
-    target[rows, cols, 0:2] = centres[winners] - cells[winners].astype(np.float32)
+    target[rows, cols, 0:2] = centres[winners] - cells[winners]  # exact: a float32 minus its integer part
     target[rows, cols, 2:4] = sizes[winners]
     target[rows, cols, 4] = 1.0
     target[rows, cols, 5 + np.asarray(labels)[winners]] = 1.0
@@ -48,7 +47,7 @@ def encode_target(boxes: torch.Tensor, labels: torch.Tensor, grid_size: int, num
 
 def decode_target(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, S, 5 + C) target -> (normalised x1, y1, x2, y2 boxes (K, 4), class indices (K,)), row-major cells."""
-    occupied = target[..., 4] > 0.5
+    occupied = target[..., 4] != 0
     boxes = cell_to_normalized(target[..., None, :4])[..., 0, :]
     labels = target[..., 5:].argmax(dim=-1)
     return boxes[occupied], labels[occupied]

@@ -1,0 +1,110 @@
+"""Runs train.py or pretrain.py with instruments that put an interruption at a chosen event, not at a time:
+
+    python tests/instrumented.py [--send_signal=SIGTERM:STEP[:RANK]] [--slow_disk] [--kill_during_write=NAME:N] \
+        script.py --name=value ...
+
+--send_signal=NAME:STEP[:RANK]  the process sends itself the signal at the start of the STEP-th optimizer step
+    it runs (from 1), once every checkpoint handed to its writer before then is on disk; under torchrun, only
+    the process of that RANK does.
+--slow_disk  a checkpoint write starts only when the training waits for it (the writer's `wait`, or its next
+    `save`): the slowest a disk can be. A run that marks itself finished while one of its writes has not started
+    stops with an error.
+--kill_during_write=NAME:N  the N-th write of the file NAME (last.pt, best.pt) is killed with SIGKILL once its
+    bytes are written, before the write is complete.
+"""
+import argparse
+import os
+import runpy
+import signal
+import sys
+import threading
+from pathlib import Path
+
+
+def parse_arguments(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--send_signal", help="NAME:STEP[:RANK]")
+    parser.add_argument("--slow_disk", action="store_true")
+    parser.add_argument("--kill_during_write", help="NAME:N")
+    parser.add_argument("script")
+    parser.add_argument("script_arguments", nargs=argparse.REMAINDER)
+    return parser.parse_args(argv)
+
+
+def main(argv):
+    arguments = parse_arguments(argv)
+    script = Path(arguments.script).resolve()
+    sys.path[0] = str(script.parent)  # the script's imports, as when it runs itself
+
+    import torch
+    import yolo.checkpoint
+    import yolo.engine
+    import yolo.run
+
+    writers, unwaited, gates, writes, lock = [], set(), {}, {}, threading.Lock()
+    original_save, original_wait = yolo.checkpoint.CheckpointWriter.save, yolo.checkpoint.CheckpointWriter.wait
+    save_checkpoint, torch_save = yolo.checkpoint.save_checkpoint, torch.save
+    original_mark_finished, original_set_learning_rate = yolo.run.mark_finished, yolo.engine.set_learning_rate
+
+    def gate(path):  # made by whichever comes first: the write, or the wait that lets it start
+        with lock:
+            return gates.setdefault(path, threading.Event())
+
+    def save(writer, state, path):
+        if writer not in writers:
+            writers.append(writer)
+        original_save(writer, state, path)  # waits for the previous write first
+        writer.held_path = str(path)
+        unwaited.add(str(path))
+
+    def wait(writer):
+        path = getattr(writer, "held_path", None)
+        if path is not None and arguments.slow_disk:
+            writer.held_path = None
+            unwaited.discard(path)
+            gate(path).set()
+        original_wait(writer)
+
+    def instrumented_save_checkpoint(state, path):
+        if arguments.slow_disk:
+            gate(str(path)).wait()
+            with lock:
+                gates.pop(str(path))
+        name = Path(path).name
+        writes[name] = writes.get(name, 0) + 1
+        if arguments.kill_during_write == f"{name}:{writes[name]}":
+            def save_then_die(obj, file, *args, **kwargs):
+                torch_save(obj, file, *args, **kwargs)
+                file.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            torch.save = save_then_die
+        save_checkpoint(state, path)
+
+    def mark_finished(*args, **kwargs):
+        if arguments.slow_disk and unwaited:
+            for path in unwaited:
+                gate(path).set()  # the process can then end
+            raise RuntimeError(f"the run marked itself finished with checkpoint writes not started: {sorted(unwaited)}")
+        original_mark_finished(*args, **kwargs)
+
+    signal_name, signal_step, *signal_rank = arguments.send_signal.split(":") if arguments.send_signal else ("", "0")
+    steps = [0]
+
+    def set_learning_rate(*args, **kwargs):  # called at the start of each optimizer step
+        steps[0] += 1
+        if steps[0] == int(signal_step) and (not signal_rank or os.environ.get("RANK") == signal_rank[0]):
+            for writer in writers:
+                writer.wait()
+            os.kill(os.getpid(), getattr(signal, signal_name))
+        return original_set_learning_rate(*args, **kwargs)
+
+    yolo.checkpoint.CheckpointWriter.save, yolo.checkpoint.CheckpointWriter.wait = save, wait
+    yolo.checkpoint.save_checkpoint, yolo.run.mark_finished = instrumented_save_checkpoint, mark_finished
+    yolo.engine.set_learning_rate = set_learning_rate
+
+    sys.argv = [str(script), *arguments.script_arguments]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
