@@ -43,3 +43,9 @@ def test_iou_by_hand_and_never_above_one():
     tiny = torch.tensor([[0.5, 0.5, 0.5 + 1e-5, 0.5 + 1e-5]], dtype=torch.float64)
     iou = paired_iou(tiny, tiny)
     assert 0 <= iou.item() <= 1
+
+
+def test_cells_are_decoded_on_the_boxes_device():
+    """The meta device stands in for a GPU: a grid of cell offsets made on the CPU could not be added."""
+    boxes = cell_to_normalized(torch.zeros(2, 3, 3, 2, 4, device="meta"))
+    assert boxes.device.type == "meta" and boxes.shape == (2, 3, 3, 2, 4)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from yolo.checkpoint import ARCHITECTURE_KEYS
-from yolo.config import (ConfigError, apply_overrides, at_least, check_rules, commented_settings, constants, one_of,
-                         read_preset, resolve_config)
+from yolo.config import (ConfigError, apply_overrides, at_least, between, check_rules, commented_settings, constants,
+                         format_config, one_of, read_preset, resolve_config, resolve_out_dir, settings_help,
+                         writable_folder, OVERRIDES_HELP)
 from yolo.model import YOLOv1
 from yolo.optim import build_optimizer
 from yolo.sampling import GlobalBatchSampler
@@ -32,17 +33,20 @@ def test_a_float_setting_accepts_an_integer():
     assert apply_overrides(DEFAULTS, ["--lr=1"])["lr"] == 1.0
 
 
-@pytest.mark.parametrize("argument, message", [
-    ("--epoch=3", "unknown setting. Valid names: backbone, epochs, lr, pretrained, milestones"),
-    ("--epochs=three", "expected a value of type int"),
-    ("--pretrained=maybe", "expected true or false"),
-    ("--epochs", "--name=value"),
-    ("epochs=3", "--name=value"),
-    ("--milestones=1,x", "expected a value of type int"),
+@pytest.mark.parametrize("arguments, message", [
+    (["--epoch=3"], "--epoch: unknown setting. Valid names: backbone, epochs, lr, pretrained, milestones."),
+    (["--epochs=three"], "--epochs=three: expected a value of type int (default 145)."),
+    (["--epochs", "three"], "--epochs=three: expected a value of type int (default 145)."),
+    (["--pretrained=maybe"], "--pretrained=maybe: expected true or false."),
+    (["--epochs"], "--epochs: no value given; overrides are written --name=value or --name value."),
+    (["epochs=3"], "'epochs=3': overrides are written --name=value or --name value (presets: a configs/*.py path)."),
+    (["-e.py"], "'-e.py': overrides are written --name=value or --name value (presets: a configs/*.py path)."),
+    (["--milestones=1,x"], "--milestones=x: expected a value of type int (default 85)."),
 ])
-def test_bad_overrides_are_clear_errors(argument, message):
-    with pytest.raises(ConfigError, match=message):
-        apply_overrides(DEFAULTS, [argument])
+def test_bad_overrides_are_clear_errors(arguments, message):
+    with pytest.raises(ConfigError) as raised:
+        apply_overrides(DEFAULTS, arguments)
+    assert str(raised.value) == message
 
 
 @pytest.mark.parametrize("spaced, joined", [
@@ -211,3 +215,110 @@ def test_a_missing_gpu_is_a_setting_error():
         resolve_config({"device": "auto"}, ["--device=cuda"], rules={"device": resolve_device})
     with pytest.raises(SystemExit, match=r"--device='tpu': not a device"):
         resolve_config({"device": "auto"}, ["--device=tpu"], rules={"device": resolve_device})
+
+
+def test_dashes_in_a_name_are_underscores():
+    assert apply_overrides({"num_workers": 2}, ["--num-workers=3"]) == {"num_workers": 3}
+
+
+@pytest.mark.parametrize("default", [(), ("x",)])
+def test_a_list_setting_takes_its_elements_type_from_its_default_or_its_first_value(tmp_path, default):
+    defaults = {"names": default, "sizes": (), "milestones": (85, 115)}
+    assert apply_overrides(defaults, ["--names=a,b,"])["names"] == ("a", "b")
+    preset = tmp_path / "preset.py"
+    preset.write_text("names = ('a', 'b')\nsizes = (1, 2)\nmilestones = 7\n")
+    assert apply_overrides(defaults, [str(preset)]) == {"names": ("a", "b"), "sizes": (1, 2), "milestones": (7,)}
+    preset.write_text("sizes = ()\n")
+    assert apply_overrides(defaults, [str(preset)])["sizes"] == ()
+    preset.write_text("milestones = (1, 2)\n")
+    assert apply_overrides(defaults, [str(preset)])["milestones"] == (1, 2)
+    for line, message in (("milestones = (1.5, 2)", "milestones = 1.5 is a float; expected a int (default 85)."),
+                          ("sizes = (1, 'x')", "sizes = 'x' is a str; expected a int (default 1).")):
+        preset.write_text(line + "\n")
+        with pytest.raises(ConfigError) as raised:
+            apply_overrides(defaults, [str(preset)])
+        assert str(raised.value) == f"{preset}:1: {message}"
+
+
+def test_a_preset_that_does_not_parse_is_named_with_its_line(tmp_path):
+    preset = tmp_path / "preset.py"
+    preset.write_text("epochs = (\n")
+    with pytest.raises(ConfigError) as raised:
+        apply_overrides(DEFAULTS, [str(preset)])
+    assert str(raised.value) == f"{preset}: cannot read this preset ('(' was never closed ({preset.name}, line 1))."
+
+
+def test_between_includes_both_ends():
+    rule = between(0.0, 1.0)
+    rule(0.0)
+    rule(1.0)
+    with pytest.raises(ValueError) as raised:
+        rule(1.5)
+    assert str(raised.value) == "must be between 0.0 and 1.0"
+
+
+def test_the_resolved_settings_are_printed_aligned():
+    assert format_config({"lr": 0.01, "backbone": "resnet18"}) == "  lr       = 0.01\n  backbone = 'resnet18'"
+
+
+def test_an_output_folder_is_made_or_refused_with_the_reason(tmp_path):
+    nested = tmp_path / "a" / "b"
+    writable_folder(nested)
+    writable_folder(nested)  # again: it exists
+    assert nested.is_dir() and not any(nested.iterdir())
+    (tmp_path / "file").write_text("")
+    for path, message in ((tmp_path / "file", "a file is in the way: give a folder path"),
+                          ("/proc/yolo_test", "cannot write there (No such file or directory): give a writable folder"),
+                          ("/sys", "cannot write there (Permission denied): give a writable folder")):  # even as root
+        with pytest.raises(ValueError) as raised:
+            writable_folder(path)
+        assert str(raised.value) == message
+    assert resolve_out_dir({"out_dir": ""}, tmp_path / "default") == tmp_path / "default"
+    assert (tmp_path / "default").is_dir()
+    assert resolve_out_dir({"out_dir": str(nested)}, tmp_path / "other") == nested
+    with pytest.raises(SystemExit) as raised:
+        resolve_out_dir({"out_dir": str(tmp_path / "file")}, tmp_path)
+    assert str(raised.value) == f"error: --out_dir='{tmp_path / 'file'}': a file is in the way: give a folder path"
+
+
+def test_help_of_a_small_script_line_by_line(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text('"""Do one thing.\n\nMore about it."""\n# --- data\nsize = 3  # pixels\n'
+                      'names = ("a", "b")  # the classes\n# --- run\nlong_folder_name = "' + "x" * 40 + '"  # where\n')
+    namespace = {**runpy.run_path(str(script)), "__file__": str(script), "extra": 1.5}
+    assert settings_help(namespace) == "\n".join([
+        "usage: python script.py [PRESET.py ...] [--name=value ...]",
+        "",
+        "Do one thing.",
+        "",
+        "settings (default, then what it does):",
+        "data:",
+        "  --size=3     pixels",
+        "  --names=a,b  the classes",
+        "run:",
+        "  --long_folder_name=" + "x" * 40,
+        "               where",
+        "  --extra=1.5",
+        "",
+        OVERRIDES_HELP,
+    ])
+    # No docstring: an empty summary.
+    assert settings_help({"size": 3}).startswith("usage: python  [PRESET.py ...] [--name=value ...]\n\n\n\nsettings")
+
+
+@pytest.mark.parametrize("length, lines", [
+    (40, ["  --folder=" + "x" * 31 + "  where", "  --size=3                                  pixels"]),
+    (41, ["  --folder=" + "x" * 32, "            where", "  --size=3  pixels"]),
+])
+def test_help_aligns_the_defaults_up_to_40_characters(tmp_path, length, lines):
+    script = tmp_path / "script.py"
+    script.write_text(f'folder = "{"x" * (length - 9)}"  # where\nsize = 3  # pixels\n')
+    namespace = {**runpy.run_path(str(script)), "__file__": str(script)}
+    assert settings_help(namespace).splitlines()[5:5 + len(lines)] == lines
+
+
+def test_help_with_no_default_short_enough_to_align_on(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(f'folder = "{"x" * 40}"  # where\n')
+    namespace = {**runpy.run_path(str(script)), "__file__": str(script)}
+    assert settings_help(namespace).splitlines()[5:7] == ["  --folder=" + "x" * 40, "    where"]

@@ -39,3 +39,13 @@ def test_the_scratch_copy_is_a_repository_of_the_checkouts_files_with_mutmuts_se
     assert settings["tool"]["mutmut"]["source_paths"] == ["yolo"]
     assert settings["tool"]["mutmut"]["pytest_add_cli_args_test_selection"] == ["tests/test_postprocess.py"]
     assert "tools.mutmut_in_process" in settings["tool"]["mutmut"]["pytest_add_cli_args"]
+
+
+def test_pass_2_runs_only_the_tests_that_start_python_processes():
+    files = mutate.tracked_files()
+    tests = [Path("tests") / name for name in ("test_training_loop.py", "test_checkpoint_writer.py", "test_config.py",
+                                               "test_readme.py", "test_train.py", "test_metrics.py")]
+    # test_config starts table.py itself, test_readme through tests/command_lines.py, test_train through the
+    # conftest fixture that trains the shared model (and itself); the others run in the test process alone.
+    assert [test.name for test in mutate.starting_processes(tests, files)] == [
+        "test_config.py", "test_readme.py", "test_train.py"]

@@ -82,3 +82,19 @@ def test_indexed_samples_carry_their_dataset_index():
     assert indexed[0] == ("c", {"labels": 3, "index": 2})
     assert indexed[1] is None  # an image skipped as unreadable stays skipped
     assert IndexedSamples(samples)[0] == ("a", {"labels": 1, "index": 0})
+
+
+def test_an_epoch_is_the_first_whole_batches_of_a_permutation_seeded_by_seed_and_epoch():
+    """The order every earlier run used, so that a resumed run repeats it: epoch e of seed s is
+    torch.randperm(N) seeded with s * 1_000_003 + e; the incomplete last batch is what is left of it."""
+    for seed, epoch in ((0, 0), (4, 3)):
+        sampler = GlobalBatchSampler(27, 12, 2, seed=seed)
+        sampler.set_epoch(epoch)
+        order = torch.randperm(27, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        assert [index for index, _ in sampler] == order[:24]
+    assert list(GlobalBatchSampler(27, 12, 2)) == list(GlobalBatchSampler(27, 12, 2, seed=0))
+
+
+def test_a_training_set_of_exactly_one_batch_is_served():
+    sampler = GlobalBatchSampler(8, 8, 4)
+    assert sampler.steps_per_epoch == 1 and sorted(index for index, _ in sampler) == list(range(8))

@@ -3,11 +3,15 @@ import copy
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from yolo.engine import LOSS_TERMS, NonFiniteLossError, apply_update, detection_loss, train_one_epoch
+import yolo.engine
+from yolo.data import ImageDecodeError
+from yolo.engine import (LOSS_TERMS, NonFiniteLossError, apply_update, detection_loss, ground_truth_array,
+                         train_one_epoch)
 from yolo.optim import build_optimizer, load_optimizer_state, skips_on_device
 from yolo.photometric import jitter_colours_
 from yolo.run import load_scaler_state, training_parts
@@ -246,3 +250,87 @@ def test_the_colour_jitter_reaches_the_model_in_training():
     assert torch.equal(plain, images.float() / 255)
     assert torch.equal(jittered, jitter_colours_(images.float() / 255, factors))
     assert not torch.allclose(jittered, plain, atol=0.05)
+
+
+def test_a_non_finite_loss_at_the_very_first_step_is_named_and_nothing_is_applied():
+    torch.manual_seed(0)
+    initial = TinyDetector().state_dict()
+    for fused in (True, False):
+        model, message = run(batches(3, poisoned={0}), fused=fused)
+        assert "NaN or infinite at epoch 1, optimizer step 1." in message
+        for name, value in initial.items():
+            assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_accumulated_micro_batches_make_the_step_of_their_whole_batch():
+    """Two micro-batches of 2 accumulated, against one micro-batch of their 4 images (no BatchNorm here), with a
+    learning rate that changes at every step."""
+    def train(loader, accumulation):
+        torch.manual_seed(0)
+        model = TinyDetector()
+        optimizer = build_optimizer(model, "sgd", 0.1, 0.9, 5e-4)
+        cpu = torch.device("cpu")
+        stats = train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cpu", enabled=False), epoch=0,
+                                start_step=0, accumulation=accumulation, term_names=LOSS_TERMS,
+                                forward_loss=partial(detection_loss, loss_weights=LOSS_WEIGHTS, device=cpu,
+                                                     dtype=torch.float32),
+                                lr_at=lambda step: 0.25 * (step + 2), device=cpu, stop_requested=lambda: False)
+        return model, optimizer, stats
+
+    micro = batches(4)
+    whole = [DetectionBatch(torch.cat([a.images, b.images]), torch.cat([a.grids, b.grids]), None, [])
+             for a, b in zip(micro[::2], micro[1::2])]
+    accumulated, optimizer, stats = train(micro, 2)
+    reference, reference_optimizer, reference_stats = train(whole, 1)
+    assert (stats["steps"], stats["images"]) == (reference_stats["steps"], reference_stats["images"]) == (2, 8)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.75, 0.75]
+    assert [group["lr"] for group in reference_optimizer.param_groups] == [0.75, 0.75]
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(accumulated.state_dict()[name], value, rtol=1e-5, atol=1e-7, msg=name)
+    for name, value in reference_stats["terms"].items():
+        assert stats["terms"][name] == pytest.approx(value, rel=1e-6), name
+
+
+def test_a_micro_batch_of_only_unreadable_images_stops_training_with_the_reason():
+    with pytest.raises(ImageDecodeError) as raised:  # the collate function gives None for such a micro-batch
+        run([None], fused=False)
+    assert str(raised.value) == ("every image of a micro-batch was skipped as unreadable (see the warnings above); a "
+                                 "training step needs at least one")
+
+
+def test_ground_truths_become_the_metrics_rows():
+    annotation = {"boxes": np.array([[1, 2, 30, 40], [5, 6, 7, 8]], dtype=np.float32), "labels": np.array([3, 0]),
+                  "difficult": np.array([False, True])}
+    rows = ground_truth_array(annotation)
+    assert rows.dtype == np.float64
+    np.testing.assert_array_equal(rows, [[1, 2, 30, 40, 3, 0], [5, 6, 7, 8, 0, 1]])
+
+
+class RecordedBar:
+    """tqdm's stand-in: records how the bar was made and what it was told."""
+
+    made = []
+
+    def __init__(self, iterable, **settings):
+        self.iterable, self.settings, self.postfixes = iterable, settings, []
+        RecordedBar.made.append(self)
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **values):
+        self.postfixes.append(values)
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_the_progress_bar_names_the_epoch_and_shows_the_loss_on_the_main_process_only(monkeypatch, main_process):
+    monkeypatch.setattr(yolo.engine, "tqdm", RecordedBar)
+    monkeypatch.setattr(yolo.engine, "is_main_process", lambda: main_process)
+    RecordedBar.made.clear()
+    _, stats = run(batches(2), fused=False, read_every=2)
+    (bar,) = RecordedBar.made
+    # disable=None: tqdm itself hides the bar where the output is not a terminal.
+    assert bar.settings == {"desc": "epoch 1", "leave": False, "dynamic_ncols": True,
+                            "disable": None if main_process else True}
+    loss = sum(stats["terms"].values()) / stats["images"]
+    assert bar.postfixes == [{"loss": f"{loss:.3f}", "lr": "1.00e-01"}]

@@ -9,9 +9,11 @@ WORKDIR/tree; nothing is written into the checkout). Two passes:
 1. mutmut: each mutant runs against those of the chosen tests that call the mutated function in the test process,
    forked from a process that imported torch once (a few mutants a second).
 2. Each mutant that pass 1 did not catch (a failing test, a hang past mutmut's limit, a crash) is written into the
-   scratch copy's file and the chosen test files run in a fresh interpreter until their first failure. Only this
-   pass sees the tests that run scripts in subprocesses (train.py, evaluate.py, ...), which mutmut's switch, read
-   in the test process, does not reach.
+   scratch copy's file and those of the chosen test files that start Python processes (themselves, through a
+   helper module of tests/ or through a conftest.py fixture) run in a fresh interpreter until their first
+   failure. Only this pass sees those processes (train.py, evaluate.py, ... run as scripts), which mutmut's
+   switch, read in the test process, does not reach; a forked DataLoader worker is the test process's copy and
+   is mutated in pass 1 already. Without such a test, pass 2 has nothing to add and is skipped.
 The chosen tests are the test files that import the file's module or name the script (or one that imports the
 module); --tests replaces them. WORKDIR/report.md lists, per file, the mutants, how many each pass killed, and
 each survivor with its diff; docs/mutation.md keeps the project's record of them.
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CAUGHT_BY_MUTMUT = {"killed", "timeout", "segfault", "caught by type check"}
 WHOLE_CHAIN_TESTS = {"test_readme.py", "test_reproduce.py", "test_make_chain.py"}
 TIMEOUT_FACTOR, TIMEOUT_SLACK = 3, 60  # pass 2 gives up on a mutant after this many times the clean run, plus s
+STARTS_PROCESSES = re.compile(r"\bsubprocess\b|\bsys\.executable\b|\bPopen\b")  # a Python process of its own
 
 
 def tracked_files():
@@ -99,6 +102,24 @@ def tests_of(path, files):
     wider = users_of({module, *map(module_name, importers)},
                      script | {file.name for file in importers if file.parts[0] != "yolo"})
     return direct or wider, wider
+
+
+def starting_processes(tests, files):
+    """The test files among `tests` that start Python processes: by their own code, through a helper module of
+    tests/ whose code does, or through a conftest.py fixture whose code does (by naming it)."""
+    helpers, fixtures = set(), set()
+    for file in files:
+        if file.parts[0] != "tests" or file.suffix != ".py" or file.name.startswith("test_"):
+            continue
+        text = source_text(ROOT / file)
+        if file.name == "conftest.py":
+            fixtures |= {node.name for node in ast.parse(text).body if isinstance(node, ast.FunctionDef)
+                         and STARTS_PROCESSES.search(ast.get_source_segment(text, node))}
+        elif STARTS_PROCESSES.search(text):
+            helpers.add(file.stem)
+    return [test for test in tests if STARTS_PROCESSES.search(source_text(ROOT / test))
+            or helpers & imported_modules(ROOT / test)
+            or any(re.search(rf"\b{name}\b", source_text(ROOT / test)) for name in fixtures)]
 
 
 def copy_tree(files, destination):
@@ -200,15 +221,19 @@ def mutate(targets, tests_by_target, files, workdir):
     for target in targets:
         start = time.monotonic()
         tests = tests_by_target[target][0]
+        second_tests = starting_processes(tests, files)
         verdicts = mutmut_verdicts(tree, target)
         first_survivors = sorted(name for name, code in verdicts.items()
                                  if status_by_exit_code[code] not in CAUGHT_BY_MUTMUT)
         print(f"{target}: {len(verdicts)} mutants, pass 1 (mutmut) left {len(first_survivors)}; pass 2 runs "
-              f"{' '.join(map(str, tests))}", flush=True)
-        killed_later = second_pass(tree, target, tests, first_survivors,
-                                   clean_run_seconds(tree, tuple(tests)) if first_survivors else 0)
+              f"{' '.join(map(str, second_tests)) or 'nothing (no test starts a Python process)'}", flush=True)
+        killed_later = set()
+        if first_survivors and second_tests:
+            killed_later = second_pass(tree, target, second_tests, first_survivors,
+                                       clean_run_seconds(tree, tuple(second_tests)))
         survivors = [name for name in first_survivors if name not in killed_later]
-        results.append({"file": str(target), "tests": [str(test) for test in tests], "mutants": len(verdicts),
+        results.append({"file": str(target), "tests": [str(test) for test in tests],
+                        "pass_2_tests": [str(test) for test in second_tests], "mutants": len(verdicts),
                         "killed_by_pass_1": len(verdicts) - len(first_survivors),
                         "killed_by_pass_2": len(killed_later),
                         "survivors": {name: mutant_diff(tree, name) for name in survivors},
@@ -223,7 +248,9 @@ def report(results):
         lines += [f"## {result['file']}", "",
                   f"{result['mutants']} mutants: {result['killed_by_pass_1']} killed in pass 1, "
                   f"{result['killed_by_pass_2']} in pass 2, {len(result['survivors'])} survived ({share:.1%}), "
-                  f"pass 2 {result['pass_2_seconds']} s.", "", "Tests: " + ", ".join(result["tests"]), ""]
+                  f"pass 2 {result['pass_2_seconds']} s.", "", "Tests: " + ", ".join(result["tests"]),
+                  "Pass 2 (the tests that start Python processes): " + (", ".join(result["pass_2_tests"]) or "none"),
+                  ""]
         for name, diff in result["survivors"].items():
             lines += [f"### {name}", "", "```diff", diff, "```", ""]
     return "\n".join(lines)
