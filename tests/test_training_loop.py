@@ -76,17 +76,6 @@ def test_an_optimizer_state_saved_unfused_is_not_taken_for_fused():
     assert not skips_on_device(unfused)
 
 
-def test_only_convolution_and_linear_weights_are_decayed():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-    optimizer = build_optimizer(model, "sgd", 0.1, 0.9, 5e-4)
-    decayed = {id(parameter) for group in optimizer.param_groups if group["weight_decay"] == 5e-4
-               for parameter in group["params"]}
-    not_decayed = {id(parameter) for group in optimizer.param_groups if group["weight_decay"] == 0
-                   for parameter in group["params"]}
-    assert decayed == {id(model[0].weight), id(model[3].weight)}
-    assert not_decayed == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[3].bias)}
-
-
 @pytest.mark.parametrize("fused, dtype", [(True, torch.float32), (False, torch.float16), (False, torch.float32)])
 def test_no_update_is_applied_from_a_non_finite_loss_on(fused, dtype):
     """Steps 2 and 3 of 5 are NaN; with reads every 4 steps the run stops at step 4 having applied step 1 only
