@@ -153,7 +153,8 @@ def write_mutmut_config(tree, targets, tests, files):
 
 
 def run_mutmut(tree, log):
-    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(os.cpu_count() or 1)]
+    # the cores this process may use (taskset and cgroup limits included), not all the machine's
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(len(os.sched_getaffinity(0)))]
     with open(log, "w", encoding="utf-8") as output:
         result = subprocess.run(command, cwd=tree, stdout=output, stderr=subprocess.STDOUT)
     if result.returncode != 0:  # its tracing run of the tests failed, or it did
