@@ -9,8 +9,8 @@ its own generator seeded by (seed, split, index), so `--train 16` is a prefix of
     python data/make_synthetic.py --out data/synthetic --train 800 --val 200 --seed 0   (the defaults)
 
 writes Annotations/*.xml, JPEGImages/*.jpg, ImageSets/Main/{train,val}.txt and classes.txt. `--layout coco`
-and `--layout yolo` write the same images and boxes in those layouts (yolo/formats.py describes all three; YOLO
-has no difficult flag, so difficult objects are ordinary there). With `--layout imagefolder` it writes a
+and `--layout yolo` write the same images and boxes in those layouts (yolo/formats.py describes all three; COCO
+and YOLO have no difficult flag, so difficult objects are ordinary there). With `--layout imagefolder` it writes a
 classification set instead (pretrain.py's input): {train,val}/<class>/*.jpg, square crops of one shape each.
 Crosses carry a `<part>` (their hub), like VOC person parts, which readers must not take for objects.
 """
@@ -244,8 +244,8 @@ class VOCWriter:
 
 
 class COCOWriter:
-    """images/<split>/<id>.jpg and annotations/instances_<split>.json; category ids 1..N as in COCO's files,
-    difficult objects as iscrowd=1."""
+    """images/<split>/<id>.jpg and annotations/instances_<split>.json; category ids 1..N as in COCO's files.
+    Difficult objects are ordinary (iscrowd=1 marks a crowd region, which is not trained on)."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -262,7 +262,7 @@ class COCOWriter:
             x, y, w, h = voc_to_coco(np.array([obj["bndbox"]]))[0].tolist()
             self.annotations.append({"id": len(self.annotations) + 1, "image_id": self.images[-1]["id"],
                                      "category_id": CLASS_NAMES.index(obj["name"]) + 1, "bbox": [x, y, w, h],
-                                     "area": w * h, "iscrowd": int(obj["difficult"])})
+                                     "area": w * h, "iscrowd": 0})
 
     def end_split(self, split, image_ids):
         (self.root / "images" / split).mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,8 @@
 """Own data in the VOC, COCO and YOLO layouts: the same set reads the same in each, and each reader's edge cases."""
+import contextlib
+import io
 import json
+import warnings
 import re
 from pathlib import Path
 
@@ -7,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from data import make_synthetic
 from yolo.data import build_dataset
@@ -14,7 +19,7 @@ from yolo.box_formats import voc_to_yolo, yolo_to_voc
 from yolo.engine import ground_truth_array
 from yolo.formats import AnnotationError, MAX_LISTED_PROBLEMS, detect_format, yolo_label_path
 from yolo.metrics import evaluate_detections
-from yolo.transforms import EvalTransform
+from yolo.transforms import EvalTransform, TrainTransform
 
 CLASSES = ("Stop Sign", "Traffic Light")  # spaces and capitals, as a user's own classes have them
 
@@ -50,11 +55,11 @@ def test_the_same_set_in_the_three_layouts_gives_the_same_targets_and_metrics(tm
         assert datasets[layout].image_ids == [f"train_{index:06d}" for index in range(6)]
     truths = {layout: [ground_truth_array(annotation) for annotation in dataset.annotations]
               for layout, dataset in datasets.items()}
-    assert any(truth[:, 5].any() for truth in truths["voc"])  # difficult objects: COCO's iscrowd carries them
+    assert any(truth[:, 5].any() for truth in truths["voc"])
     for voc, coco, yolo in zip(*truths.values()):
-        np.testing.assert_array_equal(coco, voc)
-        # YOLO has no difficult flag: the same objects, all ordinary.
-        np.testing.assert_array_equal(yolo, np.column_stack([voc[:, :5], np.zeros(len(voc))]))
+        # COCO and YOLO have no difficult flag: the same objects, all ordinary.
+        for other in (coco, yolo):
+            np.testing.assert_array_equal(other, np.column_stack([voc[:, :5], np.zeros(len(voc))]))
     for index in range(6):
         (voc_image, voc_target), *others = (datasets[layout][index] for layout in ("voc", "coco", "yolo"))
         for image, target in others:
@@ -65,10 +70,10 @@ def test_the_same_set_in_the_three_layouts_gives_the_same_targets_and_metrics(tm
     detections = fixed_detections(truths["voc"])
     voc_metrics = evaluate_detections(detections, truths["voc"], num_classes)
     assert 0 < voc_metrics["coco_map"] < voc_metrics["voc12_map"] < 1
-    np.testing.assert_equal(evaluate_detections(detections, truths["coco"], num_classes), voc_metrics)
-    without_difficult = [np.column_stack([truth[:, :5], np.zeros(len(truth))]) for truth in truths["voc"]]
-    np.testing.assert_equal(evaluate_detections(detections, truths["yolo"], num_classes),
-                            evaluate_detections(detections, without_difficult, num_classes))
+    without_difficult = evaluate_detections(
+        detections, [np.column_stack([truth[:, :5], np.zeros(len(truth))]) for truth in truths["voc"]], num_classes)
+    for layout in ("coco", "yolo"):
+        np.testing.assert_equal(evaluate_detections(detections, truths[layout], num_classes), without_difficult)
 
 
 def write_voc(root, items, split="train"):
@@ -271,3 +276,85 @@ def test_the_yolo_bridges_compute_in_float64_whatever_the_input():
     back = voc_to_yolo(boxes.astype(np.float32), 1000, 750)
     assert back.dtype == np.float64
     np.testing.assert_array_equal(back, voc_to_yolo(boxes.astype(np.float32).astype(np.float64), 1000, 750))
+
+
+def test_coco_crowd_regions_are_never_trained_on_and_scored_as_pycocotools_scores_the_file(tmp_path):
+    """Crowd regions (iscrowd=1) are not objects: no training target holds one, with or without difficult
+    objects, and an image that is one whole crowd has an empty grid. In the metrics they are regions where
+    detections count neither way: COCO AP equals pycocotools' run on the file itself."""
+    categories = [{"id": 7, "name": "car"}, {"id": 2, "name": "person"}]  # ids neither 1..N nor sorted
+    images = [{"id": 10 + index, "file_name": f"{index}.jpg", "width": 64, "height": 48} for index in range(3)]
+    for image in images:
+        save_image(tmp_path / "images" / "val" / image["file_name"], 64, 48)
+    boxes = [(10, 7, [4, 5, 20, 16], 0), (10, 7, [30, 20, 25, 20], 0), (10, 2, [0, 30, 40, 18], 1),
+             (11, 2, [0, 0, 64, 48], 1), (12, 7, [2, 2, 30, 30], 0), (12, 2, [35, 10, 20, 30], 0)]
+    annotations = [{"id": number, "image_id": image_id, "category_id": category, "bbox": bbox,
+                    "area": bbox[2] * bbox[3], "iscrowd": crowd, "segmentation": []}
+                   for number, (image_id, category, bbox, crowd) in enumerate(boxes, start=1)]
+    write_coco(tmp_path, "val", images, annotations, categories)
+    dataset = build_dataset("custom", tmp_path, train=False)
+    assert dataset.class_names == ("car", "person")
+    assert [annotation["crowd"].tolist() for annotation in dataset.annotations] == [
+        [False, False, True], [True], [False, False]]
+
+    for use_difficult in (True, False):
+        train = build_dataset("custom", tmp_path, train=False,
+                              transforms=TrainTransform(64, 4, 2, use_difficult=use_difficult))
+        for seed in range(20):
+            torch.manual_seed(seed)
+            targets = [train[index][1] for index in range(3)]
+            assert not targets[1]["grid"].any() and len(targets[1]["labels"]) == 0  # the frame is one crowd
+            assert len(targets[0]["labels"]) <= 2 and not targets[0]["difficult"].any()
+    _, evaluated = build_dataset("custom", tmp_path, train=False, transforms=EvalTransform(64, 4, 2))[1]
+    assert not evaluated["grid"].any() and evaluated["difficult"].tolist() == [True]  # kept for the metrics
+
+    ground_truths = [ground_truth_array(annotation) for annotation in dataset.annotations]
+    # VOC pixels, score, class index: a hit, a detection inside each crowd region, a near miss, a false one.
+    detections = [np.array([[5, 6, 24, 21, 0.9, 0], [2, 32, 30, 46, 0.8, 1], [31, 21, 50, 38, 0.7, 0],
+                            [40, 2, 60, 12, 0.6, 1]]),
+                  np.array([[10, 10, 30, 30, 0.95, 1], [1, 1, 64, 48, 0.5, 1]]),
+                  np.array([[3, 3, 32, 32, 0.85, 0], [36, 11, 55, 40, 0.4, 1], [36, 11, 55, 40, 0.3, 0]])]
+    ours = evaluate_detections(detections, ground_truths, 2)
+    category_ids = [7, 2]
+    results = [{"image_id": images[index]["id"], "category_id": category_ids[int(label)],
+                "bbox": [x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1], "score": score}
+               for index, rows in enumerate(detections) for x1, y1, x2, y2, score, label in rows.tolist()]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(tmp_path / "annotations" / "instances_val.json"))
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    np.testing.assert_allclose([ours["coco_map"], ours["coco_ap50"], ours["coco_ap75"]], evaluator.stats[:3],
+                               rtol=0, atol=1e-12)
+    assert 0 < ours["coco_map"] < 1
+
+
+def test_a_box_under_a_pixel_is_kept_and_one_wholly_outside_is_dropped_by_its_name_in_the_file(tmp_path):
+    """COCO bbox [50.2, 30, 0.6, 12] is 0.6 px wide: an object (a marker's tip, a distant car), kept in the
+    ground truth and the metrics; a YOLO box of 0.2 px likewise. Only a box with no area inside the image is
+    dropped, and the warning names the file and the object as the file writes it."""
+    save_image(tmp_path / "images" / "val" / "a.jpg", 64, 48)
+    write_coco(tmp_path, "val", [{"id": 3, "file_name": "a.jpg", "width": 64, "height": 48}], [
+        {"id": 8, "image_id": 3, "category_id": 1, "bbox": [50.2, 30, 0.6, 12]},
+        {"id": 9, "image_id": 3, "category_id": 1, "bbox": [70, 5, 3, 4]}], [{"id": 1, "name": "marker"}])
+    with pytest.warns(UserWarning, match=r"instances_val\.json \(image id 3\): dropped 1 object\(s\) lying wholly "
+                                         r"outside the 64 x 48 image: annotation id 9 \(bbox \[70, 5, 3, 4\]\)$"):
+        dataset = build_dataset("custom", tmp_path, train=False)
+    np.testing.assert_allclose(dataset.annotations[0]["boxes"], [[51.2, 31, 50.8, 42]], rtol=1e-6)
+    truth = ground_truth_array(dataset.annotations[0])
+    detection = np.array([[51.2, 31, 50.8, 42, 0.9, 0]])
+    assert evaluate_detections([detection], [truth], 1)["voc12_map"] == 1
+    _, target = build_dataset("custom", tmp_path, train=False, transforms=EvalTransform(64, 4, 1))[0]
+    assert target["grid"][:, :, 4].sum() == 1  # the tiny object has its cell
+
+    root = tmp_path / "yolo"
+    (root / "data.yaml").parent.mkdir()
+    (root / "data.yaml").write_text("train: images\nnames: [marker]\n")
+    save_image(root / "images" / "a.png", 40, 30)
+    (root / "labels").mkdir()
+    (root / "labels" / "a.txt").write_text("0 0.5 0.5 0.005 0.5\n")  # 0.2 px wide
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        annotation = build_dataset("custom", root, train=True).annotations[0]
+    np.testing.assert_allclose(annotation["boxes"], [[20.9, 8.5, 20.1, 22.5]], rtol=1e-6)

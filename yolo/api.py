@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 from yolo.checkpoint import load_model
@@ -60,12 +61,13 @@ def image_layout_error(shape: tuple, layouts: str) -> ValueError:
 def as_image(image) -> torch.Tensor:
     """Any accepted image as the uint8 (3, H, W) RGB tensor the detector reads.
 
+    A path or a PIL image is taken as displayed (its EXIF orientation applied); arrays and tensors as they are.
     Floats are rounded to 8 bits, the precision of the images the model was trained on.
     """
     if isinstance(image, (str, os.PathLike)):
         return decode_image(image)
     if isinstance(image, PIL.Image.Image):
-        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        return torch.from_numpy(np.array(PIL.ImageOps.exif_transpose(image).convert("RGB"))).permute(2, 0, 1)
     dtype = str(getattr(image, "dtype", "")).removeprefix("torch.")
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.io
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode
 from torchvision.transforms.v2.functional import to_dtype
 
-from yolo.formats import DATA_FORMATS, detect_format, read_splits
+from yolo.formats import DATA_FORMATS, detect_format, has_area_inside, read_splits
+from yolo.orientation import header_orientation, upright
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -62,19 +63,21 @@ class ImageDecodeError(RuntimeError):
 
 
 def clip_to_image(annotation, width, height, source):
-    """Clip boxes to [1, width] x [1, height]; drop (with a warning naming `source`) those left without area."""
-    boxes = annotation["boxes"].copy()
-    # Only the outer sides are clipped, so a box wholly outside ends with x2 < x1 (or y2 < y1) and is
-    # dropped, rather than shrunk to a sliver on the border. x1 == x2 is one pixel wide, still valid.
+    """Clip boxes to [1, width] x [1, height]; drop those wholly outside, with a warning naming `source` and
+    each object as its file gives it. A box under a pixel is kept, however small."""
+    keep = has_area_inside(annotation["boxes"], width, height)
+    boxes = annotation["boxes"][keep]
+    # Only the outer sides are clipped: a box of under a pixel keeps x2 < x1, the width its file gave it.
     boxes[:, :2] = boxes[:, :2].clip(min=1)
     boxes[:, 2] = boxes[:, 2].clip(max=width)
     boxes[:, 3] = boxes[:, 3].clip(max=height)
-    keep = (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
     if not keep.all():
-        warnings.warn(f"{source}: dropped {int((~keep).sum())} box(es) with no area inside the "
-                      f"{width} x {height} image: {annotation['boxes'][~keep].tolist()}", stacklevel=2)
-    return {**annotation, "boxes": boxes[keep], "labels": annotation["labels"][keep],
-            "difficult": annotation["difficult"][keep], "width": width, "height": height}
+        dropped = [ref for ref, kept in zip(annotation["refs"], keep) if not kept]
+        warnings.warn(f"{source}: dropped {len(dropped)} object(s) lying wholly outside the {width} x {height} "
+                      f"image: {', '.join(dropped)}", stacklevel=2)
+    return {**annotation, "boxes": boxes, "labels": annotation["labels"][keep],
+            "difficult": annotation["difficult"][keep], "crowd": annotation["crowd"][keep],
+            "refs": [ref for ref, kept in zip(annotation["refs"], keep) if kept], "width": width, "height": height}
 
 
 def usable_cores():
@@ -83,7 +86,8 @@ def usable_cores():
 
 
 def decode_image(path):
-    """Image file -> uint8 (3, H, W) RGB tensor; ImageDecodeError names the file.
+    """Image file -> uint8 (3, H, W) RGB tensor, as displayed (EXIF orientation applied, see
+    `yolo.orientation`); ImageDecodeError names the file.
 
     The format is read from the content, not the extension (a PNG named .jpg is still a PNG). JPEG, PNG,
     GIF and WebP go through torchvision's decoder (the fast path, and JPEG is what training reads); anything
@@ -109,8 +113,19 @@ def decode_image(path):
         torchvision_reason = _torchvision_reason(error)
     else:
         image = image[0] if image.ndim == 4 else image
-        return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
+        image = image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
+        return upright(image, _orientation(data))
     return _decode_with_pil(data, path, torchvision_reason)
+
+
+def _orientation(data):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # damaged metadata: read as if it had no tag
+            with Image.open(io.BytesIO(data)) as header:
+                return header_orientation(header)
+    except (OSError, ValueError, SyntaxError):  # torchvision decoded what Pillow cannot open: no tag read
+        return 1
 
 
 def _torchvision_reason(error):
@@ -121,7 +136,8 @@ def _torchvision_reason(error):
 def _decode_with_pil(data, path, torchvision_reason):
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+            displayed = ImageOps.exif_transpose(image)
+            return torch.from_numpy(np.array(displayed.convert("RGB"))).permute(2, 0, 1).contiguous()
     except Image.UnidentifiedImageError:
         reason = "not an image in a format this reads: JPEG, PNG, GIF, WebP, BMP, TIFF and others"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -137,7 +153,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     All annotations are read at construction, so a bad or missing file fails now, named, rather than hours
     into training. Boxes are clipped to the image; one left without area is dropped with a warning naming its
     file. Difficult objects are kept (as the seed did): evaluation needs them to ignore matches, and
-    `TrainTransform(use_difficult=False)` drops them from training targets.
+    `TrainTransform(use_difficult=False)` drops them from training targets. Crowd regions (COCO's iscrowd) are
+    difficult for the metrics and never training targets.
 
     An image whose decoded size disagrees with its annotation's: the decoded pixels are trusted (they are
     what the model sees), the boxes are clipped to them and a warning names the file. `annotations`

@@ -19,7 +19,9 @@ COCO (data_format=coco)
     data_dir/images/<split>/<file_name>     or data_dir/<split>/<file_name> (COCO's own val2017/ beside
                                             annotations/); file_name may hold sub-folders
     Classes are the categories in the file's order; category ids are any distinct integers. iscrowd=1 marks
-    an object as difficult (the metrics ignore it). An image without annotations has no objects.
+    a crowd region: never a training target (whatever use_difficult says), and in the metrics a region where
+    detections are neither right nor wrong, as pycocotools treats it (COCO AP) and as a difficult object
+    (VOC AP). An image without annotations has no objects.
 
 YOLO (data_format=yolo)
     data_dir/data.yaml                      names: a list (class id = position) or a mapping id -> name;
@@ -79,7 +81,8 @@ class AnnotationError(ValueError):
 
 class Sample(NamedTuple):
     """One image of a split. `annotation`: boxes float32 (M, 4) VOC pixels as written (unclipped), labels
-    int64 (M,), difficult bool (M,), width and height of the image."""
+    int64 (M,), difficult bool (M,), crowd bool (M,: COCO's iscrowd; crowd regions are also difficult), refs
+    (M strings: each object as its file names it, for messages), width and height of the image."""
 
     image_id: str
     image_path: Path
@@ -139,10 +142,20 @@ def _names_in(folder):
         return set()
 
 
-def _annotation(boxes, labels, difficult, width, height):
+def _annotation(boxes, labels, difficult, width, height, refs, crowd=None):
+    difficult = np.asarray(difficult, dtype=bool)
     return {"boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-            "labels": np.asarray(labels, dtype=np.int64), "difficult": np.asarray(difficult, dtype=bool),
-            "width": width, "height": height}
+            "labels": np.asarray(labels, dtype=np.int64), "difficult": difficult,
+            "crowd": np.zeros_like(difficult) if crowd is None else np.asarray(crowd, dtype=bool),
+            "refs": list(refs), "width": width, "height": height}
+
+
+def has_area_inside(boxes, width, height):
+    """Which VOC-pixel boxes keep some area inside a width x height image once clipped to it. A box under a
+    pixel wide or high still has area (a COCO bbox of width 0.6 gives x2 = x1 - 0.4); only one wholly outside
+    the image has none."""
+    return ((np.minimum(boxes[:, 2], width) - np.maximum(boxes[:, 0], 1) + 1 > 0)
+            & (np.minimum(boxes[:, 3], height) - np.maximum(boxes[:, 1], 1) + 1 > 0))
 
 
 # --- VOC
@@ -182,7 +195,7 @@ def read_voc(root, split, class_names, problems, annotated=True):
             if isinstance(size, str):
                 problems.append(f"{where}: image {root / 'JPEGImages' / images[0]}: {size}")
                 continue
-            samples.append(Sample(image_id, root / "JPEGImages" / images[0], _annotation([], [], [], *size),
+            samples.append(Sample(image_id, root / "JPEGImages" / images[0], _annotation([], [], [], *size, refs=[]),
                                   str(split_file)))
         else:
             xml_path = root / "Annotations" / f"{image_id}.xml"
@@ -219,8 +232,8 @@ def read_voc_annotation(xml_path, class_names):
     if width is not None and height is not None and (width <= 0 or height <= 0):
         found.append((root, f"image size {width:g} x {height:g} is not positive"))
     class_index = {name: index for index, name in enumerate(class_names)}
-    boxes, labels, difficult = [], [], []
-    for obj in root.findall("object"):
+    boxes, labels, difficult, refs = [], [], [], []
+    for position, obj in enumerate(root.findall("object"), start=1):
         name = (obj.findtext("name") or "").strip()
         if obj.find("bndbox") is None:
             found.append((obj, "<bndbox> missing"))
@@ -236,10 +249,11 @@ def read_voc_annotation(xml_path, class_names):
             boxes.append(box)
             labels.append(class_index[name])
             difficult.append((obj.findtext("difficult") or "0").strip() == "1")
+            refs.append(f"<object> {position} ({name} {' '.join(f'{value:g}' for value in box)})")
     if found:
         line_of = dict(zip(map(id, root.iter()), _start_lines(xml_path)))
         raise AnnotationError([f"{xml_path}:{line_of[id(element)]}: {what}" for element, what in found], class_names)
-    return _annotation(boxes, labels, difficult, int(width), int(height))
+    return _annotation(boxes, labels, difficult, int(width), int(height), refs)
 
 
 def _float(text):
@@ -307,11 +321,12 @@ def read_coco(root, split, class_names, problems):
             image = images[entry["image_id"]]
             image["boxes"].append(entry["bbox"])
             image["labels"].append(class_names.index(category_names[entry["category_id"]]))
-            image["difficult"].append(entry.get("iscrowd", 0) == 1)
+            image["crowd"].append(entry.get("iscrowd", 0) == 1)
+            image["refs"].append(f"annotation id {entry.get('id')} (bbox {entry['bbox']})")
     return class_names, [
         Sample(Path(image["file_name"]).with_suffix("").as_posix(), image_dir / image["file_name"],
                _annotation(coco_to_voc(np.asarray(image["boxes"], dtype=np.float64)), image["labels"],
-                           image["difficult"], image["width"], image["height"]),
+                           image["crowd"], image["width"], image["height"], image["refs"], crowd=image["crowd"]),
                f"{json_path} (image id {image_id})")
         for image_id, image in images.items() if image["usable"]]
 
@@ -344,7 +359,7 @@ def _coco_images(entries, json_path, image_dir, problems):
             problems.append(f"{where}: image {path} not found")
         images[image["id"]] = {"file_name": image["file_name"], "width": image.get("width"),
                                "height": image.get("height"), "usable": size_ok and path.name in listings[path.parent],
-                               "boxes": [], "labels": [], "difficult": []}
+                               "boxes": [], "labels": [], "crowd": [], "refs": []}
     return images
 
 
@@ -409,9 +424,9 @@ def read_yolo(root, split, class_names, problems):
             problems.append(f"{path}: {size}")
             continue
         label_path = yolo_label_path(path)
-        labels, boxes = _yolo_labels(label_path, names, class_names, problems)
+        labels, boxes, refs = _yolo_labels(label_path, names, class_names, problems)
         samples.append(Sample(image_id, path, _annotation(yolo_to_voc(boxes, *size), labels, [False] * len(labels),
-                                                          *size), str(label_path)))
+                                                          *size, refs), str(label_path)))
     return class_names, samples
 
 
@@ -443,15 +458,15 @@ def yolo_label_path(image_path):
 
 
 def _yolo_labels(label_path, names, class_names, problems):
-    """(labels, normalised cx cy w h rows) of one label file; none when the file does not exist."""
+    """(labels, normalised cx cy w h rows, refs) of one label file; none when the file does not exist."""
     try:
         text = label_path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return [], []
+        return [], [], []
     except (OSError, UnicodeDecodeError) as error:
         problems.append(f"{label_path}: cannot read it ({error})")
-        return [], []
-    labels, rows = [], []
+        return [], [], []
+    labels, rows, refs = [], [], []
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         where = f"{label_path}:{number}"
@@ -472,4 +487,5 @@ def _yolo_labels(label_path, names, class_names, problems):
         else:
             labels.append(class_names.index(names[int(values[0])]))
             rows.append(values[1:])
-    return labels, rows
+            refs.append(f"line {number} ({' '.join(fields)})")
+    return labels, rows, refs

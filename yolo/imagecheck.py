@@ -13,6 +13,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from yolo.orientation import displayed_size
+
 # What a folder scan picks up as images; yolo.data.decode_image reads them by content, whatever the extension says.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 CACHE_NAME = ".checked_images.json"
@@ -22,13 +24,14 @@ LEAVE_OUT_OF_SPLIT = ("leave them out of the split (VOC: its ImageSets/Main list
 
 
 def header_size(path: Path) -> tuple[int, int] | str:
-    """(width, height) read from the header of `path` (EXIF orientation not applied, as the decoder does not
-    apply it either), or what is wrong with the file. Pillow opens no image of width or height 0."""
+    """(width, height) of `path` as displayed (EXIF orientation applied, as the decoder applies it), read from
+    its header, or what is wrong with the file. Pillow opens no image of width or height 0."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # damaged metadata ("Corrupt EXIF data"): read without
             with Image.open(path) as image:
-                return image.size
+                return displayed_size(image)
     except FileNotFoundError:
         return "file not found"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:

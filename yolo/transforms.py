@@ -101,9 +101,10 @@ def _normalized_boxes(annotation, keep, width, height):
     return voc_to_normalized(torch.from_numpy(annotation["boxes"][keep]), width, height)
 
 
-def _target(boxes, labels, difficult, annotation, orig_size, grid_size, num_classes):
+def _target(boxes, labels, difficult, annotation, orig_size, grid_size, num_classes, objects=slice(None)):
+    """`objects`: those of the boxes that go into the grid (all but crowd regions)."""
     return {
-        "grid": encode_target(boxes, labels, grid_size, num_classes),
+        "grid": encode_target(boxes[objects], labels[objects], grid_size, num_classes),
         "boxes": boxes,
         "labels": labels,
         "difficult": difficult,
@@ -117,7 +118,8 @@ class TrainTransform:
     colour factors that yolo.photometric applies on the device.
 
     Boxes follow the image, are clipped to it, and are dropped when left under a pixel wide or tall.
-    Difficult objects stay in the targets unless use_difficult=False. Every random draw comes from
+    Difficult objects stay in the targets unless use_difficult=False; crowd regions never do (they are not
+    objects, only regions the metrics ignore). Every random draw comes from
     torch's RNG, in a fixed order: the windows, the flip, the colour factors.
     """
 
@@ -126,7 +128,7 @@ class TrainTransform:
         self.use_difficult = use_difficult
 
     def __call__(self, image, annotation):
-        keep = slice(None) if self.use_difficult else ~annotation["difficult"]
+        keep = ~annotation["crowd"] if self.use_difficult else ~(annotation["crowd"] | annotation["difficult"])
         height, width = image.shape[1:]
         size = self.image_size
         x_window, y_window = random_windows(height, width, size)
@@ -147,7 +149,8 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize only (aspect ratio not kept, as in training); every object, difficult included, is kept."""
+    """Resize only (aspect ratio not kept, as in training); every object, difficult included, is kept for the
+    metrics, and crowd regions left out of the grid (the validation loss's target), as in training."""
 
     def __init__(self, image_size, grid_size, num_classes):
         self.image_size, self.grid_size, self.num_classes = image_size, grid_size, num_classes
@@ -157,7 +160,7 @@ class EvalTransform:
             _normalized_boxes(annotation, slice(None), image.shape[2], image.shape[1]),
             torch.from_numpy(annotation["labels"]),
             torch.from_numpy(annotation["difficult"]), annotation, image.shape[1:], self.grid_size,
-            self.num_classes)
+            self.num_classes, objects=torch.from_numpy(~annotation["crowd"]))
 
 
 class DetectionBatch(NamedTuple):
