@@ -6,7 +6,7 @@
 """
 from yolo.api import load_detector
 
-dependencies = ["torch", "torchvision", "numpy", "PIL"]
+dependencies = ["torch", "torchvision", "numpy", "PIL", "tqdm", "yaml"]  # what `yolo` imports to predict
 
 
 def yolov1(checkpoint: str, device: str = "auto", dtype: str = "auto"):
