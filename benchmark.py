@@ -243,7 +243,7 @@ def benchmark_backbone(backbone: str, config: dict, device: torch.device, dtype_
             images = images.pin_memory()
         runs = {}
         for (name, runtime), detector in detectors.items():
-            inputs = preprocess(images, config["image_size"], detector.dtype, device)
+            inputs = preprocess(images, config["image_size"], detector.input_dtype, device)
             compiled = config["compile"] and runtime == "pytorch"
             runs["forward", name, compiled, runtime] = partial(detector.predict, inputs)
             runs["end_to_end", name, compiled, runtime] = partial(detector, images)

@@ -140,3 +140,12 @@ def test_the_readmes_example_runs_outside_the_repository(overfit_run, image_path
     line = re.compile(r" *(circle|square|triangle|cross|diamond) [01]\.\d\d \(\d+, \d+\) - \(\d+, \d+\)")
     lines = result.stdout.splitlines()
     assert lines and all(line.fullmatch(text) for text in lines), result.stdout
+
+
+def test_a_tensor_image_stays_on_its_device_until_preprocess_moves_it():
+    """A CUDA tensor given to predict is not copied to the host and back: the meta device, which cannot be
+    copied to the host, stands in for the GPU."""
+    from yolo.api import as_image
+    pixels = torch.empty(3, 8, 6, dtype=torch.uint8, device="meta")
+    assert as_image(pixels).device.type == "meta"
+    assert as_image(pixels.permute(1, 2, 0)).shape == (3, 8, 6)

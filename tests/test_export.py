@@ -255,3 +255,28 @@ def test_export_errors_are_one_line_and_keep_what_was_there(overfit_run, tmp_pat
     assert message.startswith(f"error: {run_dir / 'last.pt'}: the model's weights take 0.05 GB in fp32, over "
                               "ONNX's 2 GB limit")
     assert kept.read_bytes() == b"an earlier export" and sorted(tmp_path.iterdir()) == [blocker, kept]
+
+
+def test_a_fixed_batch_graph_serves_any_number_of_images(exported, tmp_path):
+    """export.py --dynamic_batch=false --batch_size=3: the graph takes exactly 3 images; OnnxDetector runs it on
+    slices of 3, the last padded, so evaluate.py's 8 images (two full batches and a partial one) and single
+    images give what the dynamic graph gives."""
+    run_dir, dynamic_path = exported
+    path = tmp_path / "fixed.onnx"
+    run_script(export, f"--checkpoint={run_dir / 'last.pt'}", f"--out={path}", "--dynamic_batch=false",
+               "--batch_size=3")
+    fixed, dynamic = OnnxDetector(path), OnnxDetector(dynamic_path)
+    assert fixed.session.get_inputs()[0].shape[0] == 3 and fixed.fixed_batch == 3 and dynamic.fixed_batch is None
+    pixels = torch.randint(0, 256, (7, 3, fixed.image_size, fixed.image_size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    for count in (1, 3, 7):
+        for got, expected in zip(fixed.infer(pixels[:count]), dynamic.infer(pixels[:count])):
+            assert got.shape == expected.shape and got.shape[0] == count
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    settings = [f"--out_dir={tmp_path}", "--num_workers=0", "--num_examples=0", "--batch_size=3"]
+    run_script(evaluate, f"--checkpoint={dynamic_path}", *settings, "--model_name=dynamic")
+    run_script(evaluate, f"--checkpoint={path}", *settings, "--model_name=fixed")
+    metrics = pd.read_csv(tmp_path / "metrics.csv").set_index("model")
+    assert metrics.loc["fixed", "n_images"] == 8
+    for column in evaluate.METRIC_COLUMNS:
+        assert metrics.loc["fixed", column] == metrics.loc["dynamic", column], column

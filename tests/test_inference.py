@@ -232,3 +232,11 @@ def test_predict_takes_uint8_batches_as_pixels():
                            generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(detector.predict(pixels), detector.predict(pixels.float() / 255))
     assert not torch.allclose(detector.predict(pixels), detector.predict(pixels.float()))
+
+
+def test_preprocess_gives_a_uint8_graph_the_resized_pixels_themselves():
+    images = [torch.randint(0, 256, (3, 75, 100), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+              torch.randint(0, 256, (3, 40, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))]
+    pixels = preprocess(images, IMAGE_SIZE, torch.uint8)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.equal(pixels, preprocess(images, IMAGE_SIZE).mul(255).round().to(torch.uint8))

@@ -76,7 +76,7 @@ def as_image(image) -> torch.Tensor:
     elif isinstance(image, torch.Tensor):
         if image.dim() != 3 or 3 not in (image.shape[0], image.shape[2]):
             raise image_layout_error(tuple(image.shape), "(3, H, W) or (H, W, 3) for a tensor")
-        image = image.detach().cpu()
+        image = image.detach()  # on its device: preprocess moves it to the detector's, once
         image = image if image.shape[0] == 3 else image.permute(2, 0, 1)
     else:
         raise TypeError(f"cannot read an image from a {type(image).__name__}. Accepted: {ACCEPTED_IMAGES}.")
@@ -129,7 +129,7 @@ class ImageDetector:
         images, results = as_image_list(images), []
         for start in range(0, len(images), batch_size):
             group = [as_image(image) for image in images[start:start + batch_size]]
-            batch = preprocess(group, self.detector.image_size, self.detector.dtype, self.detector.device)
+            batch = preprocess(group, self.detector.image_size, self.detector.input_dtype, self.detector.device)
             _, boxes, scores = self.detector.infer(batch)
             decoded = select_detections(boxes, scores, score_threshold, nms_iou, max_detections)
             for image, detection in zip(group, decoded):

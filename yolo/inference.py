@@ -76,7 +76,8 @@ def prepare_for_inference(model: nn.Module, dtype: str | torch.dtype = "auto",
 
 def preprocess(images: torch.Tensor | Sequence[torch.Tensor], image_size: int, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 RGB images -> the model's input: (N, 3, image_size, image_size) in [0, 1], channels-last.
+    """uint8 RGB images -> the model's input: (N, 3, image_size, image_size) in [0, 1], channels-last; with
+    `dtype` uint8, the resized pixels themselves (what an .onnx graph taking uint8 reads).
 
     `images` is a uint8 (N, 3, H, W) batch or a list of uint8 (3, H_i, W_i) images of any sizes. The resize
     is the evaluation transform's (bilinear with antialiasing, aspect ratio not kept): on the CPU it runs
@@ -101,7 +102,10 @@ def preprocess(images: torch.Tensor | Sequence[torch.Tensor], image_size: int, d
         if device.type == "cuda":
             group = group.float()
         resized = F.interpolate(group, size=(image_size, image_size), mode="bilinear", antialias=True)
-        batch[start:start + len(group)] = resized.to(torch.float32).div_(255)
+        if dtype == torch.uint8:
+            batch[start:start + len(group)] = resized if resized.dtype == torch.uint8 else resized.round().clamp(0, 255)
+        else:
+            batch[start:start + len(group)] = resized.to(torch.float32).div_(255)
         start += len(group)
     return batch
 
@@ -121,6 +125,7 @@ class Detector:
         self.image_size, self.grid_size, self.num_classes = model.image_size, model.grid_size, model.num_classes
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.dtype = inference_dtype(dtype, self.device)
+        self.input_dtype = self.dtype  # what `preprocess` makes for it
         self.model = prepare_for_inference(model, self.dtype, self.device, compile)
         self.score_threshold, self.nms_iou, self.max_detections = score_threshold, nms_iou, max_detections
 
@@ -143,7 +148,7 @@ class Detector:
         if images[0].dtype == torch.uint8:
             if original_sizes is None:
                 original_sizes = [tuple(image.shape[-2:]) for image in images]
-            images = preprocess(images, self.image_size, self.dtype, self.device)
+            images = preprocess(images, self.image_size, self.input_dtype, self.device)
         elif original_sizes is None:
             raise ValueError("Preprocessed images need their original (height, width) sizes.")
         _, boxes, scores = self.infer(images)

@@ -205,6 +205,8 @@ class OnnxDetector(Detector):
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.input_dtype = INPUT_TYPES[self.state["input_type"]]
         self.score_threshold, self.nms_iou, self.max_detections = score_threshold, nms_iou, max_detections
+        batch = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) else None  # export.py --dynamic_batch=false: N only
 
     def graph_input(self, batch: torch.Tensor) -> np.ndarray:
         """A batch at the input size, uint8 pixels or floats in [0, 1], as the graph takes it. Floats become pixels
@@ -218,9 +220,23 @@ class OnnxDetector(Detector):
             return np.ascontiguousarray(pixels.cpu().numpy())
         return np.ascontiguousarray(model_input(batch, self.device).numpy())
 
+    def run(self, names: list[str], batch: torch.Tensor) -> list[torch.Tensor]:
+        """The graph's outputs `names` for a batch of any size: a graph exported for a fixed batch size N runs
+        on slices of N, the last one padded with blank images whose outputs are dropped."""
+        inputs = self.graph_input(batch)
+        if self.fixed_batch is None:
+            return [torch.from_numpy(output) for output in self.session.run(names, {INPUT_NAME: inputs})]
+        parts = []
+        for start in range(0, max(len(inputs), 1), self.fixed_batch):
+            chunk = inputs[start:start + self.fixed_batch]
+            count = len(chunk)
+            padding = np.zeros((self.fixed_batch - count, *inputs.shape[1:]), dtype=inputs.dtype)
+            outputs = self.session.run(names, {INPUT_NAME: np.concatenate([chunk, padding])})
+            parts.append([output[:count] for output in outputs])
+        return [torch.from_numpy(np.concatenate(outputs)) for outputs in zip(*parts)]
+
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run([OUTPUT_NAMES[0]], {INPUT_NAME: self.graph_input(batch)})[0])
+        return self.run([OUTPUT_NAMES[0]], batch)[0]
 
     def infer(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        outputs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: self.graph_input(batch)})
-        return tuple(torch.from_numpy(output) for output in outputs)
+        return tuple(self.run(list(OUTPUT_NAMES), batch))
