@@ -7,7 +7,8 @@ Images are any format PIL reads (JPEG, PNG, BMP, TIFF, WebP, ...), decoded by co
 VOC (data_format=voc)
     data_dir/classes.txt                    class names, one per line, in the order the model numbers them
     data_dir/ImageSets/Main/<split>.txt     image ids, one per line (spaces inside an id are kept)
-    data_dir/Annotations/<id>.xml           VOC XML: <size> <width> <height>; per <object>: <name>, optional
+    data_dir/Annotations/<id>.xml           VOC XML: <size> <width> <height> (missing or 0 x 0: the image's
+                                            own, read from its header); per <object>: <name>, optional
                                             <difficult> 1, <bndbox> xmin ymin xmax ymax in 1-based inclusive
                                             pixels (xmax - xmin + 1 columns); <part> boxes are not objects
     data_dir/JPEGImages/<id>.<any extension>  exactly one file per id
@@ -204,6 +205,12 @@ def read_voc(root, split, class_names, problems, annotated=True):
             except AnnotationError as error:
                 problems += error.problems
                 continue
+            if annotation["width"] is None:  # no <size>, or 0 x 0 as some tools write it: the image's own
+                size = header_size(root / "JPEGImages" / images[0])
+                if isinstance(size, str):
+                    problems.append(f"{xml_path}: no <size>, and image {root / 'JPEGImages' / images[0]}: {size}")
+                    continue
+                annotation["width"], annotation["height"] = size
             samples.append(Sample(image_id, root / "JPEGImages" / images[0], annotation, str(xml_path)))
     return class_names, samples
 
@@ -228,7 +235,10 @@ def read_voc_annotation(xml_path, class_names):
             found.append((parent, f"<{path}> missing" if text is None else f"<{path}> is {text!r}, not a number"))
         return value
 
-    width, height = number(root, "size/width"), number(root, "size/height")
+    # A missing <size> or one of 0 x 0 (written by some tools) is left to the caller to take from the image.
+    unsized = root.find("size") is None or [root.findtext(f"size/{side}", "").strip() for side in
+                                            ("width", "height")] in (["0", "0"], ["", ""])
+    width, height = (None, None) if unsized else (number(root, "size/width"), number(root, "size/height"))
     if width is not None and height is not None and (width <= 0 or height <= 0):
         found.append((root, f"image size {width:g} x {height:g} is not positive"))
     class_index = {name: index for index, name in enumerate(class_names)}
@@ -253,7 +263,8 @@ def read_voc_annotation(xml_path, class_names):
     if found:
         line_of = dict(zip(map(id, root.iter()), _start_lines(xml_path)))
         raise AnnotationError([f"{xml_path}:{line_of[id(element)]}: {what}" for element, what in found], class_names)
-    return _annotation(boxes, labels, difficult, int(width), int(height), refs)
+    return _annotation(boxes, labels, difficult, None if unsized else int(width), None if unsized else int(height),
+                       refs)
 
 
 def _float(text):
