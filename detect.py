@@ -8,7 +8,7 @@ detections.
 Writes out_dir/<file name> annotated for each image (out_dir/<name>.mp4 for a video, out_dir/live.mp4 for a
 live source), and out_dir/detections.csv and out_dir/detections.json with one entry per detection (VOC pixel
 coordinates, 1-based inclusive; a box under one pixel is widened to one pixel, so x1 <= x2 and y1 <= y2; `frame`
-is the frame's index in the video or stream). out_dir defaults to detect/ in the checkpoint's folder. The video
+is the frame's index in the video or stream). out_dir defaults to a new folder beside the checkpoint (detect/, then detect2/, ...). The video
 and detections.csv grow as the frames are processed.
 
 A live source (a camera index, a capture device such as /dev/video0, a stream URL such as rtsp://..., or
@@ -25,6 +25,7 @@ Exit status: 0 when every input was processed; 1 on an error (one `error:` line;
 keeps the frames before) or when images were skipped (everything else written).
 """
 import csv
+import itertools
 import json
 import signal
 import sys
@@ -50,13 +51,15 @@ from yolo.visualize import draw_boxes, save_image
 checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint, or an export.py .onnx (ONNX Runtime, CPU)
 source = "data/examples"       # image, image folder, video file, camera index (0), device (/dev/video0), stream URL
 source_format = ""             # FFmpeg input format of a live source (v4l2, lavfi, ...), then read as given
-out_dir = ""                   # annotated media, detections.csv and .json; empty: detect/ in the checkpoint's folder
+out_dir = ""                   # annotated media, detections.csv and .json; empty: detect/ beside the checkpoint,
+                               # or detect2/, detect3/, ...: the first that does not exist, so each run keeps its own
 score_threshold = DISPLAY_SCORE_THRESHOLD  # keep detections with class score at least this (0..1)
 nms_iou = NMS_IOU              # class-wise NMS IoU (0..1)
 max_detections = MAX_DETECTIONS  # detections kept per image
 batch_size = 8                 # images (or video frames) per forward pass, at least 1
 device = "auto"                # auto (cuda if available; an .onnx: cpu) | cpu | cuda
-dtype = "auto"                 # auto (fastest the device computes natively; an .onnx: fp32) | fp32 | bf16 | fp16
+dtype = "fp32"                 # fp32 (evaluate.py's: the same scores) | bf16 | fp16 | auto (fastest the device
+                               # computes natively); an .onnx: fp32
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 LIVE_OPEN_TIMEOUT = 15.0       # seconds a live source may take to open (an unreachable stream URL)
@@ -338,6 +341,12 @@ def file_inputs(source: Path) -> list[Path]:
              "stream URL, or --source_format).")
 
 
+def first_free_folder(base: Path) -> Path:
+    """`base`, or base2, base3, ...: the first that does not exist yet."""
+    return next(folder for folder in (base.with_name(f"{base.name}{number if number > 1 else ''}")
+                                      for number in itertools.count(1)) if not folder.exists())
+
+
 def main(config: dict) -> None:
     print(f"detect.py\n{format_config(config)}", flush=True)
     source = Path(config["source"])
@@ -349,7 +358,10 @@ def main(config: dict) -> None:
         detector, class_names = load_detector(checkpoint_path, config)
     except CheckpointError as error:
         sys.exit(f"error: {error}")
-    out_dir = resolve_out_dir(config, checkpoint_path.parent / "detect")
+    runtime = "ONNX Runtime" if checkpoint_path.suffix == ".onnx" else "PyTorch"
+    print(f"running {checkpoint_path} in {runtime} on {detector.device} in {str(detector.dtype).removeprefix('torch.')}",
+          flush=True)
+    out_dir = resolve_out_dir(config, first_free_folder(checkpoint_path.parent / "detect"))
     if source.is_dir() and out_dir.resolve() == source.resolve():
         sys.exit(f"error: --out_dir={out_dir} is the source folder: the annotated images would replace "
                  "the originals; choose another out_dir.")

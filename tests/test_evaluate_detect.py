@@ -440,3 +440,18 @@ def test_detect_refuses_an_out_dir_that_is_a_file(overfit_run, tmp_path):
                  f"--out_dir={blocker}", expect_success=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"--out_dir='{blocker}': a file is in the way" in result.stderr and blocker.read_text() == "keep me"
+
+
+def test_each_detect_run_keeps_its_own_folder_and_says_how_it_runs(overfit_run, tmp_path):
+    data_dir, run_dir = overfit_run
+    own_run = tmp_path / "own_run"
+    own_run.mkdir()
+    shutil.copy(run_dir / "last.pt", own_run)
+    images = sorted((data_dir / "JPEGImages").glob("*.jpg"))
+    outputs = [run("detect.py", f"--checkpoint={own_run / 'last.pt'}", f"--source={image}").stdout
+               for image in images[:2]]
+    for folder, image in zip(("detect", "detect2"), images):
+        assert [path.name for path in sorted((own_run / folder).iterdir())] == sorted(
+            [image.name, "detections.csv", "detections.json"])
+    # evaluate.py's dtype by default: the scores it measured.
+    assert f"running {own_run / 'last.pt'} in PyTorch on cpu in float32" in outputs[0]

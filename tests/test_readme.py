@@ -72,8 +72,11 @@ LEAVES = {
     SECOND_STAGE: ["runs/fast_small/done"],
     EXPORT: ["runs/demo/resnet18/model.onnx"],
     "python evaluate.py --checkpoint=runs/demo/resnet18/model.onnx": ["runs/demo/resnet18/evaluate/metrics.csv"],
+    # Each detect.py run beside the same checkpoints keeps its own folder.
     "python detect.py --checkpoint=runs/demo/resnet18/model.onnx --source=my_photos/":
-        ["runs/demo/resnet18/detect/photo_1.jpg"],
+        ["runs/demo/resnet18/detect2/photo_1.jpg", "runs/demo/resnet18/detect2/detections.json"],
+    "python detect.py --checkpoint=runs/demo/resnet18/last.pt --source=data/synthetic/JPEGImages/val_000000.jpg":
+        ["runs/demo/resnet18/detect3/val_000000.jpg"],
 }
 PRINTS = {
     "python train.py --help": ["--epochs=145"],
