@@ -213,12 +213,15 @@ def test_empty_annotation_is_valid(tmp_path):
     assert not target["grid"].any()
 
 
-def test_out_of_image_box_clipped_box_wholly_outside_dropped_with_warning(tmp_path):
+def test_out_of_image_box_clipped_box_wholly_outside_dropped_each_listed_once(tmp_path, capsys):
     write_item(tmp_path, "x", [("cat", (-5, 3, 50, 40), False), ("dog", (45, 2, 60, 10), False),
                                ("cat", (7, 7, 7, 7), False)])
-    with pytest.warns(UserWarning, match=r"x\.xml: dropped 1 object\(s\) lying wholly outside the 40 x 30 image: "
-                                         r"<object> 2 \(dog 45 2 60 10\)$"):
-        dataset = dataset_of(tmp_path, ["x"])
+    dataset = dataset_of(tmp_path, ["x"])
+    xml = tmp_path / "Annotations" / "x.xml"
+    assert capsys.readouterr().err == (
+        f"warning: dropped 1 object(s) lying wholly outside their image:\n  {xml}: <object> 2 (dog 45 2 60 10)\n"
+        f"warning: clipped 1 box(es) reaching a pixel or more outside their image to its edges:\n"
+        f"  {xml}: <object> 1 (cat -5 3 50 40)\n")
     annotation = dataset.annotations[0]
     # Clipped to [1, 40] x [1, 30]; a one-pixel box (x1 == x2) is valid under the inclusive convention.
     np.testing.assert_array_equal(annotation["boxes"], [[1, 3, 40, 30], [7, 7, 7, 7]])

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode
 from torchvision.transforms.v2.functional import to_dtype
 
-from yolo.formats import DATA_FORMATS, detect_format, has_area_inside, read_splits
+from yolo.formats import DATA_FORMATS, MAX_LISTED_PROBLEMS, detect_format, has_area_inside, read_splits
 from yolo.orientation import header_orientation, upright
 
 VOC_CLASSES = (
@@ -62,22 +62,32 @@ class ImageDecodeError(RuntimeError):
         return str(self).strip().splitlines()[-1].removeprefix(f"{__name__}.ImageDecodeError: ")
 
 
-def clip_to_image(annotation, width, height, source):
-    """Clip boxes to [1, width] x [1, height]; drop those wholly outside, with a warning naming `source` and
-    each object as its file gives it. A box under a pixel is kept, however small."""
+def clip_to_image(annotation, width, height):
+    """(the annotation with its boxes clipped to [1, width] x [1, height] and those wholly outside dropped, the
+    refs of the objects dropped, the refs of those clipped by a pixel or more). A box under a pixel is kept."""
     keep = has_area_inside(annotation["boxes"], width, height)
-    boxes = annotation["boxes"][keep]
+    written = annotation["boxes"][keep]
     # Only the outer sides are clipped: a box of under a pixel keeps x2 < x1, the width its file gave it.
+    boxes = written.copy()
     boxes[:, :2] = boxes[:, :2].clip(min=1)
     boxes[:, 2] = boxes[:, 2].clip(max=width)
     boxes[:, 3] = boxes[:, 3].clip(max=height)
-    if not keep.all():
-        dropped = [ref for ref, kept in zip(annotation["refs"], keep) if not kept]
-        warnings.warn(f"{source}: dropped {len(dropped)} object(s) lying wholly outside the {width} x {height} "
-                      f"image: {', '.join(dropped)}", stacklevel=2)
-    return {**annotation, "boxes": boxes, "labels": annotation["labels"][keep],
-            "difficult": annotation["difficult"][keep], "crowd": annotation["crowd"][keep],
-            "refs": [ref for ref, kept in zip(annotation["refs"], keep) if kept], "width": width, "height": height}
+    refs = np.array(annotation["refs"], dtype=object).reshape(-1)
+    clipped = refs[keep][(np.abs(boxes - written) >= 1).any(axis=1)].tolist()
+    return ({**annotation, "boxes": boxes, "labels": annotation["labels"][keep],
+             "difficult": annotation["difficult"][keep], "crowd": annotation["crowd"][keep],
+             "refs": refs[keep].tolist(), "width": width, "height": height}, refs[~keep].tolist(), clipped)
+
+
+def report_box_changes(dropped, clipped):
+    """One warning block per kind of change, each object named as its file writes it ('file: object')."""
+    for what, refs in (("dropped {} object(s) lying wholly outside their image", dropped),
+                       ("clipped {} box(es) reaching a pixel or more outside their image to its edges", clipped)):
+        if refs:
+            lines = [f"warning: {what.format(len(refs))}:", *(f"  {ref}" for ref in refs[:MAX_LISTED_PROBLEMS])]
+            if len(refs) > MAX_LISTED_PROBLEMS:
+                lines.append(f"  and {len(refs) - MAX_LISTED_PROBLEMS} more")
+            print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def usable_cores():
@@ -151,8 +161,8 @@ class DetectionDataset(torch.utils.data.Dataset):
     (`samples`, in any of the layouts), served as (uint8 image, annotation dict) or through `transforms`.
 
     All annotations are read at construction, so a bad or missing file fails now, named, rather than hours
-    into training. Boxes are clipped to the image; one left without area is dropped with a warning naming its
-    file. Difficult objects are kept (as the seed did): evaluation needs them to ignore matches, and
+    into training. Boxes are clipped to the image, and those wholly outside it dropped: one warning lists
+    them, each with its file and as the file writes it, and another the boxes clipped by a pixel or more. Difficult objects are kept (as the seed did): evaluation needs them to ignore matches, and
     `TrainTransform(use_difficult=False)` drops them from training targets. Crowd regions (COCO's iscrowd) are
     difficult for the metrics and never training targets.
 
@@ -173,8 +183,14 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.transforms = transforms
         self.skip_unreadable = skip_unreadable
         self.image_ids = [sample.image_id for sample in samples]
-        self.annotations = [clip_to_image(sample.annotation, sample.annotation["width"], sample.annotation["height"],
-                                          sample.source) for sample in samples]
+        self.annotations, dropped, clipped = [], [], []
+        for sample in samples:
+            annotation, lost, moved = clip_to_image(sample.annotation, sample.annotation["width"],
+                                                    sample.annotation["height"])
+            self.annotations.append(annotation)
+            dropped += [f"{sample.source}: {ref}" for ref in lost]
+            clipped += [f"{sample.source}: {ref}" for ref in moved]
+        report_box_changes(dropped, clipped)
         self._image_paths = [sample.image_path for sample in samples]
         self._decoded = None
         repeated = sorted(image_id for image_id, count in Counter(self.image_ids).items() if count > 1)
@@ -228,7 +244,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         if (width, height) != (annotation["width"], annotation["height"]):
             warnings.warn(f"{path}: decoded size {width} x {height} differs from the annotation's "
                           f"{annotation['width']} x {annotation['height']}; using the decoded size")
-            annotation = clip_to_image(annotation, width, height, path)
+            annotation, _, _ = clip_to_image(annotation, width, height)
         if self.transforms is not None:
             return self.transforms(image, annotation)
         return image, annotation
