@@ -28,7 +28,7 @@ from yolo.data import ImageDecodeError, build_dataset, decode_image, has_test_an
 from yolo.device import DTYPES, device_name, resolve_device
 from yolo.engine import evaluate
 from yolo.formats import DATA_FORMATS
-from yolo.imagecheck import require_readable_images
+from yolo.imagecheck import CACHE_NAME, require_readable_images
 from yolo.inference import open_detector
 from yolo.metrics import voc_precision_recall
 from yolo.plots import plot_per_class_ap, plot_precision_recall
@@ -146,7 +146,7 @@ def main(config: dict) -> None:
     try:
         dataset = build_dataset(protocol_name, data_dir, train=False, transforms=transform, class_names=class_names,
                                 data_format=data_format, split=val_split)
-        require_readable_images([dataset.image_path(index) for index in range(len(dataset))])
+        require_readable_images([dataset.image_path(index) for index in range(len(dataset))], out_dir / CACHE_NAME)
     except (FileNotFoundError, ValueError) as error:
         sys.exit(f"error: {error}")
     if list(dataset.class_names) != list(class_names):

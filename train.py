@@ -27,7 +27,7 @@ from yolo.device import DTYPES, autocast_dtype, resolve_device
 from yolo.distributed import backend, barrier, cleanup, init_distributed, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, evaluate, train_one_epoch
 from yolo.formats import CLASS_LIST_ADVICE, DATA_FORMATS
-from yolo.imagecheck import LEAVE_OUT_OF_SPLIT, require_readable_images
+from yolo.imagecheck import CACHE_NAME, LEAVE_OUT_OF_SPLIT, require_readable_images
 from yolo.inference import Detector
 from yolo.model import BACKBONES, PretrainedWeightsError, YOLOv1
 from yolo.optim import OPTIMIZERS, load_optimizer_state
@@ -164,7 +164,8 @@ def main(config: dict) -> None:
         say(f"protocol {config['protocol']}: no validation (the test set's annotations stay on the evaluation "
             f"server); evaluate.py writes the files it scores")
     datasets = [dataset for dataset in (train_set, val_set) if dataset is not None]
-    require_readable_images([dataset.image_path(index) for dataset in datasets for index in range(len(dataset))])
+    require_readable_images([dataset.image_path(index) for dataset in datasets for index in range(len(dataset))],
+                            out_dir / CACHE_NAME)
     model_args = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
     model_args["num_classes"] = len(class_names)
     run_config = {**config, "num_classes": len(class_names)}

@@ -31,14 +31,15 @@ def test_unreadable_files_are_named_with_their_problem(folder):
     assert problems[folder / "gone.jpg"] == "file not found"
 
 
-def test_files_that_passed_are_remembered_until_they_change(folder):
-    good = folder / "good.jpg"
-    assert find_unreadable_images([good]) == []
-    cache = json.loads((folder / CACHE_NAME).read_text())
-    assert list(cache) == ["good.jpg"]
+def test_files_that_passed_are_remembered_in_the_runs_folder_until_they_change(folder, tmp_path_factory):
+    good, cache = folder / "good.jpg", tmp_path_factory.mktemp("run") / "new" / CACHE_NAME
+    listing = sorted(folder.iterdir())
+    assert find_unreadable_images([good], cache) == []
+    assert list(json.loads(cache.read_text())) == [str(good)]
     good.write_text("now broken")  # another size: checked again
-    assert [path for path, _ in find_unreadable_images([good])] == [good]
-    assert "good.jpg" not in json.loads((folder / CACHE_NAME).read_text())
+    assert [path for path, _ in find_unreadable_images([good], cache)] == [good]
+    assert json.loads(cache.read_text()) == {}
+    assert sorted(folder.iterdir()) == listing  # nothing written into the dataset's folder
 
 
 def test_the_error_lists_the_first_files_and_the_way_out(folder):
@@ -65,18 +66,19 @@ def test_a_huge_image_is_read_from_its_header_without_a_warning(tmp_path):
 
 
 def test_a_rerun_reads_no_header_of_an_unchanged_file(folder, monkeypatch):
-    good = folder / "good.jpg"
-    assert find_unreadable_images([good]) == []
+    good, cache = folder / "good.jpg", folder / "run" / CACHE_NAME
+    assert find_unreadable_images([good], cache) == []
     opened = []
     monkeypatch.setattr(imagecheck, "header_problem", lambda path: opened.append(path))
-    assert find_unreadable_images([good]) == [] and opened == []
+    assert find_unreadable_images([good], cache) == [] and opened == []
+    assert find_unreadable_images([good]) == [] and opened == [good]  # without a cache: checked each time
 
 
 def test_a_rewrite_of_the_same_size_is_checked_again(folder):
     """Size alone does not say a file is unchanged: the modification time is part of what is remembered."""
-    good = folder / "good.jpg"
-    assert find_unreadable_images([good]) == []
+    good, cache = folder / "good.jpg", folder / "run" / CACHE_NAME
+    assert find_unreadable_images([good], cache) == []
     size, modified = good.stat().st_size, good.stat().st_mtime_ns
     good.write_bytes(b"\0" * size)
     os.utime(good, ns=(modified + 10 ** 9, modified + 10 ** 9))
-    assert [path for path, _ in find_unreadable_images([good])] == [good]
+    assert [path for path, _ in find_unreadable_images([good], cache)] == [good]

@@ -1,8 +1,8 @@
 """The check a dataset's images pass before training starts: each listed file opens as an image.
 
 Only the header is read (a few hundred bytes per file, in parallel threads), so the whole of VOC takes
-seconds; files that passed are remembered by size and modification time in a cache file beside them, so a
-rerun checks only what changed. A file whose header is fine but whose pixels are damaged is caught later,
+seconds; files that passed are remembered by size and modification time in a cache file in the run's folder
+(never in the dataset's folders), so a rerun checks only what changed. A file whose header is fine but whose pixels are damaged is caught later,
 when the loader decodes it (see `yolo.data`), and skipped there.
 """
 import json
@@ -17,7 +17,7 @@ from yolo.orientation import displayed_size
 
 # What a folder scan picks up as images; yolo.data.decode_image reads them by content, whatever the extension says.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
-CACHE_NAME = ".checked_images.json"
+CACHE_NAME = "checked_images.json"  # in a run's folder: what passed the check there
 THREADS = 16  # header reads wait on the disk, not the CPU
 LEAVE_OUT_OF_SPLIT = ("leave them out of the split (VOC: its ImageSets/Main list; COCO: the JSON's images; YOLO: the "
                       "split's image folder or list)")
@@ -52,49 +52,47 @@ def _signature(path: Path) -> list[int] | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _read_cache(folder: Path) -> dict:
+def _read_cache(cache: Path | None) -> dict:
     try:
-        return json.loads((folder / CACHE_NAME).read_text())
+        return json.loads(cache.read_text()) if cache else {}
     except (OSError, ValueError):
         return {}
 
 
-def _write_cache(folder: Path, entries: dict) -> None:
-    # A read-only dataset folder only loses the cache, not the check.
+def _write_cache(cache: Path, entries: dict) -> None:
+    # A folder that cannot be written only loses the cache, not the check.
     try:
-        temporary = folder / (CACHE_NAME + f".{os.getpid()}.tmp")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(entries))
-        os.replace(temporary, folder / CACHE_NAME)
+        os.replace(temporary, cache)
     except OSError:
         pass
 
 
-def find_unreadable_images(paths: list[Path]) -> list[tuple[Path, str]]:
-    """(path, problem) for every file of `paths` whose header cannot be read, in the order given."""
+def find_unreadable_images(paths: list[Path], cache: Path | None = None) -> list[tuple[Path, str]]:
+    """(path, problem) for every file of `paths` whose header cannot be read, in the order given. `cache`: a JSON
+    file (in the run's folder, never the dataset's) remembering the files that passed, by size and
+    modification time, so that a rerun checks only what changed."""
     paths = [Path(path) for path in paths]
-    by_folder: dict[Path, dict] = {}
-    to_check = []
-    for path in paths:
-        cache = by_folder.setdefault(path.parent, _read_cache(path.parent))
-        signature = _signature(path)
-        if signature is None or cache.get(path.name) != signature:
-            to_check.append(path)
+    remembered = _read_cache(cache)
+    to_check = [path for path in paths
+                if (signature := _signature(path)) is None or remembered.get(str(path.absolute())) != signature]
     with ThreadPoolExecutor(THREADS) as pool:
         problems = dict(zip(to_check, pool.map(header_problem, to_check)))
     for path, problem in problems.items():
         if problem is None:
-            by_folder[path.parent][path.name] = _signature(path)
+            remembered[str(path.absolute())] = _signature(path)
         else:
-            by_folder[path.parent].pop(path.name, None)
-    if problems:
-        for folder, entries in by_folder.items():
-            _write_cache(folder, entries)
+            remembered.pop(str(path.absolute()), None)
+    if problems and cache:
+        _write_cache(cache, remembered)
     return [(path, problems[path]) for path in paths if problems.get(path)]
 
 
-def require_readable_images(paths: list[Path], shown: int = 5) -> None:
+def require_readable_images(paths: list[Path], cache: Path | None = None, shown: int = 5) -> None:
     """ValueError naming the unreadable files among `paths` (the first `shown` of them) and the way out."""
-    unreadable = find_unreadable_images(paths)
+    unreadable = find_unreadable_images(paths, cache)
     if unreadable:
         listing = "; ".join(f"{path}: {problem}" for path, problem in unreadable[:shown])
         more = f" and {len(unreadable) - shown} more" if len(unreadable) > shown else ""
