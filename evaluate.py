@@ -4,7 +4,9 @@
     python evaluate.py --checkpoint=runs/resnet18_voc2012val/last.onnx   # export.py's file, in ONNX Runtime
 
 Writes (rerunning replaces the model's rows and files): a row of out_dir/metrics.csv, its rows of
-out_dir/per_class_ap.csv, out_dir/<model>_pr.png, out_dir/<model>_ap.png and out_dir/<model>_examples.png;
+out_dir/per_class_ap.csv, the detections it scored as a COCO results file out_dir/<model>_detections.json (the
+dataset's own image and category ids, unrounded boxes: pycocotools and other tools score it as they are),
+out_dir/<model>_pr.png, out_dir/<model>_ap.png and out_dir/<model>_examples.png;
 with --submission=true also the VOC test-server files under out_dir/submission/<model>/ and their .tar.gz.
 protocol=voc2012test (the test server's: its annotations stay there) writes those files alone.
 out_dir defaults to evaluate/ in the checkpoint's folder, so an evaluation of one's own model stays with its
@@ -12,6 +14,8 @@ run: the repository's results/ hold only what the Makefile writes there. Prints 
 paths written; `python table.py --results=<out_dir>` prints the folder's tables again.
 """
 import datetime
+import json
+import os
 import shlex
 import sys
 import tarfile
@@ -22,6 +26,7 @@ import pandas as pd
 import torch
 
 from table import per_class_table
+from yolo.box_formats import voc_to_coco
 from yolo.checkpoint import CheckpointError
 from yolo.config import at_least, between, format_config, one_of, resolve_config, resolve_out_dir
 from yolo.data import ImageDecodeError, build_dataset, decode_image, has_test_annotations
@@ -99,6 +104,17 @@ def write_submission(folder: Path, image_ids: list[str], detections: list[np.nda
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder / "results", arcname="results")
     return archive
+
+
+def write_coco_results(path: Path, image_ids: list, detections: list[np.ndarray], class_ids: list) -> None:
+    """The detections scored, as a COCO results file (pycocotools' loadRes reads it): image_id and category_id as
+    the dataset gives them, bbox [x, y, w, h] in 0-based continuous pixels, unrounded."""
+    results = [{"image_id": image_id, "category_id": class_ids[int(label)], "bbox": box, "score": float(score)}
+               for image_id, rows in zip(image_ids, detections)
+               for box, score, label in zip(voc_to_coco(rows[:, :4]).tolist(), rows[:, 4], rows[:, 5])]
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")  # the old file stays whole until the rename
+    temporary.write_text(json.dumps(results))
+    os.replace(temporary, path)
 
 
 def draw_examples(dataset, indices, detections, path: Path, count: int) -> None:
@@ -187,7 +203,10 @@ def main(config: dict) -> None:
     write_keyed(out_dir / "metrics.csv", [row], CSV_KEY, RESULT_CSVS["metrics.csv"])
     write_keyed(out_dir / "per_class_ap.csv", per_class, CSV_KEY, RESULT_CSVS["per_class_ap.csv"])
     pr_figure, ap_figure, examples_figure = (out_dir / f"{model_name}_{kind}.png" for kind in ("pr", "ap", "examples"))
-    written = [*(out_dir / name for name in RESULT_CSVS), pr_figure, ap_figure]
+    detections_path = out_dir / f"{model_name}_detections.json"
+    write_coco_results(detections_path, [dataset.file_ids[index] for index in result["indices"]],
+                       result["detections"], dataset.class_ids)
+    written = [*(out_dir / name for name in RESULT_CSVS), detections_path, pr_figure, ap_figure]
 
     curves = voc_precision_recall(result["detections"], result["ground_truths"], len(class_names))
     plot_precision_recall({name: (curve.recall, curve.precision) for name, curve in zip(class_names, curves)

@@ -133,7 +133,7 @@ def download_or_hang(*args, **kwargs):
 
 def assert_extracted(data_dir):
     assert (data_dir / "archives" / f"{NAME}.extracted").is_file()
-    _, samples = read_splits("voc", [(data_dir / "VOCdevkit" / "VOC2007", "train")], make_synthetic.CLASS_NAMES)
+    _, samples, _ = read_splits("voc", [(data_dir / "VOCdevkit" / "VOC2007", "train")], make_synthetic.CLASS_NAMES)
     assert len(samples) == 3
 
 

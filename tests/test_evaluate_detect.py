@@ -1,4 +1,6 @@
 """evaluate.py and detect.py on a checkpoint trained until it detects its (synthetic) images."""
+import contextlib
+import io
 import json
 import shutil
 import signal
@@ -14,11 +16,14 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 import detect
 import yolo
+from data import make_synthetic
 from yolo.config import resolve_config
-from yolo.data import decode_image
+from yolo.data import build_dataset, decode_image
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +72,9 @@ def test_evaluate_writes_the_metrics_row_and_figures_beside_the_checkpoint(evalu
     ap = dict(zip(per_class["class"], per_class["voc12_ap"]))
     assert "| class | tiny |" in stdout and f"| diamond | {100 * ap['diamond']:.2f} |" in stdout
     written = stdout[stdout.index("wrote:\n"):].splitlines()[1:]
-    assert written == [f"  {out_dir / name}" for name in ("metrics.csv", "per_class_ap.csv", "tiny_pr.png",
-                                                          "tiny_ap.png", "tiny_examples.png", "submission/tiny.tar.gz")]
+    assert written == [f"  {out_dir / name}" for name in ("metrics.csv", "per_class_ap.csv", "tiny_detections.json",
+                                                          "tiny_pr.png", "tiny_ap.png", "tiny_examples.png",
+                                                          "submission/tiny.tar.gz")]
 
 
 def test_rerunning_replaces_the_models_row(evaluated):
@@ -455,3 +461,49 @@ def test_each_detect_run_keeps_its_own_folder_and_says_how_it_runs(overfit_run, 
             [image.name, "detections.csv", "detections.json"])
     # evaluate.py's dtype by default: the scores it measured.
     assert f"running {own_run / 'last.pt'} in PyTorch on cpu in float32" in outputs[0]
+    rows = json.loads((own_run / "detect" / "detections.json").read_text())
+    values = [row[key] for row in rows for key in ("x1", "y1", "x2", "y2", "score")]
+    assert rows and any(abs(value * 1e4 - round(value * 1e4)) > 1e-3 for value in values)  # not rounded
+
+
+def test_the_detections_scored_are_a_coco_results_file_with_the_datasets_own_ids(overfit_run, tmp_path):
+    """The trained set as a CVAT-style COCO export (category ids 3, 8, 13, ..., image ids from 101): evaluate.py's
+    detections file, scored by pycocotools against that export, gives evaluate.py's COCO AP."""
+    import evaluate
+    data_dir, run_dir = overfit_run
+    source = build_dataset("custom", data_dir, train=False)
+    writer = make_synthetic.COCOWriter(tmp_path / "coco")
+    for index, annotation in enumerate(source.annotations):
+        objects = [{"name": source.class_names[label], "bndbox": box.tolist(), "difficult": False}
+                   for box, label in zip(annotation["boxes"], annotation["labels"])]
+        writer.add("val", source.image_ids[index], np.zeros((annotation["height"], annotation["width"], 3),
+                                                            dtype=np.uint8), objects)
+        shutil.copy(source.image_path(index), tmp_path / "coco" / "images" / "val" / f"{source.image_ids[index]}.jpg")
+    writer.end_split("val", source.image_ids)
+    json_path = tmp_path / "coco" / "annotations" / "instances_val.json"
+    document = json.loads(json_path.read_text())
+    for category in document["categories"]:
+        category["id"] = 5 * category["id"] - 2
+    for annotation in document["annotations"]:
+        annotation["category_id"] = 5 * annotation["category_id"] - 2
+        annotation["image_id"] += 100
+    for image in document["images"]:
+        image["id"] += 100
+    json_path.write_text(json.dumps(document))
+
+    overrides = [f"--checkpoint={run_dir / 'last.pt'}", f"--data_dir={tmp_path / 'coco'}", "--val_split=val",
+                 f"--out_dir={tmp_path / 'out'}", "--num_workers=0", "--num_examples=0", "--model_name=tiny"]
+    evaluate.main(resolve_config(vars(evaluate), overrides, rules=evaluate.RULES))
+    results = json.loads((tmp_path / "out" / "tiny_detections.json").read_text())
+    assert {row["category_id"] for row in results} <= {3, 8, 13, 18, 23}
+    assert {row["image_id"] for row in results} == set(range(101, 109))
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO(str(json_path))
+        scored = COCOeval(truth, truth.loadRes(results), "bbox")
+        scored.evaluate()
+        scored.accumulate()
+        scored.summarize()
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv").iloc[0]
+    assert metrics["coco_map"] > 0.5
+    np.testing.assert_allclose([metrics["coco_map"], metrics["coco_ap50"], metrics["coco_ap75"]], scored.stats[:3],
+                               atol=5e-7, rtol=0)  # metrics.csv keeps 6 decimals

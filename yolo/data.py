@@ -162,7 +162,8 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     All annotations are read at construction, so a bad or missing file fails now, named, rather than hours
     into training. Boxes are clipped to the image, and those wholly outside it dropped: one warning lists
-    them, each with its file and as the file writes it, and another the boxes clipped by a pixel or more. Difficult objects are kept (as the seed did): evaluation needs them to ignore matches, and
+    them, each with its file and as the file writes it, and another the boxes clipped by a pixel or more.
+    Difficult objects are kept (as the seed did): evaluation needs them to ignore matches, and
     `TrainTransform(use_difficult=False)` drops them from training targets. Crowd regions (COCO's iscrowd) are
     difficult for the metrics and never training targets.
 
@@ -178,11 +179,15 @@ class DetectionDataset(torch.utils.data.Dataset):
     epoch.
     """
 
-    def __init__(self, class_names, samples, transforms=None, skip_unreadable=False):
+    def __init__(self, class_names, samples, class_ids=None, transforms=None, skip_unreadable=False):
         self.class_names = tuple(class_names)
+        # The dataset's own ids, for files read outside the project (COCO results): its class ids in class order,
+        # its image ids (COCO's own; elsewhere the image id).
+        self.class_ids = list(class_ids) if class_ids is not None else list(range(1, len(class_names) + 1))
         self.transforms = transforms
         self.skip_unreadable = skip_unreadable
         self.image_ids = [sample.image_id for sample in samples]
+        self.file_ids = [sample.image_id if sample.file_id is None else sample.file_id for sample in samples]
         self.annotations, dropped, clipped = [], [], []
         for sample in samples:
             annotation, lost, moved = clip_to_image(sample.annotation, sample.annotation["width"],

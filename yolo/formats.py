@@ -89,6 +89,7 @@ class Sample(NamedTuple):
     image_path: Path
     annotation: dict
     source: str  # the annotation's file, named in warnings about its boxes
+    file_id: int | str | None = None  # the image's id in its file where it has one of its own (COCO's)
 
 
 def detect_format(data_dir) -> str:
@@ -109,22 +110,24 @@ def detect_format(data_dir) -> str:
 
 
 def read_splits(data_format, sources, class_names=None):
-    """(class names, samples) of the (root, split) pairs `sources` in `data_format` (voc, coco or yolo; voc_images:
-    a VOC split's images alone, without annotations).
+    """(class names, samples, class ids) of the (root, split) pairs `sources` in `data_format` (voc, coco or yolo;
+    voc_images: a VOC split's images alone, without annotations).
 
     Without `class_names` the dataset's own list is used (VOC: the first root's classes.txt); with them (a
-    checkpoint's, or the training set's for its validation set) labels are mapped to them by name. Raises
-    AnnotationError listing every problem of every file, FileNotFoundError for a missing split.
+    checkpoint's, or the training set's for its validation set) labels are mapped to them by name. The class
+    ids are the file's own for each class (COCO: category ids; YOLO: data.yaml's names; VOC, which has none:
+    the class's place in the list, from 1). Raises AnnotationError listing every problem of every file,
+    FileNotFoundError for a missing split.
     """
     reader = {"voc": read_voc, "voc_images": partial(read_voc, annotated=False), "coco": read_coco,
               "yolo": read_yolo}[data_format]
-    problems, samples = [], []
+    problems, samples, file_ids = [], [], {}
     for root, split in sources:
-        class_names, split_samples = reader(Path(root), split, class_names, problems)
+        class_names, split_samples = reader(Path(root), split, class_names, problems, file_ids)
         samples += split_samples
     if problems:
         raise AnnotationError(problems, class_names)
-    return tuple(class_names), samples
+    return tuple(class_names), samples, [file_ids.get(name, index + 1) for index, name in enumerate(class_names)]
 
 
 def read_class_names(path):
@@ -161,7 +164,7 @@ def has_area_inside(boxes, width, height):
 
 # --- VOC
 
-def read_voc(root, split, class_names, problems, annotated=True):
+def read_voc(root, split, class_names, problems, file_ids, annotated=True):
     """A VOC-layout split; boxes are VOC's own convention already. Not `annotated`: the split's images alone,
     without objects, sized from their headers (the VOC2012 test set, whose annotations the server keeps)."""
     class_names = class_names or read_class_names(root / "classes.txt")
@@ -287,7 +290,7 @@ def _start_lines(xml_path):
 
 # --- COCO
 
-def read_coco(root, split, class_names, problems):
+def read_coco(root, split, class_names, problems, file_ids):
     """A COCO-layout split. bbox [x, y, w, h] (0-based continuous pixels) -> VOC by yolo.box_formats.coco_to_voc:
     x1 = x + 1, y1 = y + 1, x2 = x + w, y2 = y + h (mmdetection's bridge: whole-pixel boxes round-trip
     exactly; files from converters that write x = xmin, w = xmax - xmin come out within a pixel)."""
@@ -322,6 +325,8 @@ def read_coco(root, split, class_names, problems):
             category_names[category["id"]] = category["name"]
             file_classes.append(category["name"])
     class_names = tuple(class_names or file_classes)
+    for category_id, name in category_names.items():
+        file_ids.setdefault(name, category_id)
     images = _coco_images(data["images"], json_path, image_dir, problems)
     for position, entry in enumerate(data["annotations"]):
         entry = entry if isinstance(entry, dict) else {}
@@ -338,7 +343,7 @@ def read_coco(root, split, class_names, problems):
         Sample(Path(image["file_name"]).with_suffix("").as_posix(), image_dir / image["file_name"],
                _annotation(coco_to_voc(np.asarray(image["boxes"], dtype=np.float64)), image["labels"],
                            image["crowd"], image["width"], image["height"], image["refs"], crowd=image["crowd"]),
-               f"{json_path} (image id {image_id})")
+               f"{json_path} (image id {image_id})", image_id)
         for image_id, image in images.items() if image["usable"]]
 
 
@@ -396,7 +401,7 @@ def _coco_object_problem(entry, images, category_names, class_names):
 
 # --- YOLO
 
-def read_yolo(root, split, class_names, problems):
+def read_yolo(root, split, class_names, problems, file_ids):
     """A YOLO-layout split. cx, cy, w, h normalised -> VOC by yolo.box_formats.yolo_to_voc: the continuous box
     [(cx - w/2) W, (cx + w/2) W] gives x1 = (cx - w/2) W + 1, x2 = (cx + w/2) W (likewise in y), as the COCO
     bridge. The image's width and height, which the labels do not carry, are read from its header."""
@@ -418,6 +423,8 @@ def read_yolo(root, split, class_names, problems):
         return class_names, []
     names = {class_id: str(name) for class_id, name in sorted(names.items())}
     class_names = tuple(class_names or names.values())
+    for class_id, name in names.items():
+        file_ids.setdefault(name, class_id)
     if config.get(split) is None:
         problems.append(f"{yaml_path}: no {split!r} entry (the split's image folder or list of images)")
         return class_names, []

@@ -2,8 +2,8 @@
 
 Only the header is read (a few hundred bytes per file, in parallel threads), so the whole of VOC takes
 seconds; files that passed are remembered by size and modification time in a cache file in the run's folder
-(never in the dataset's folders), so a rerun checks only what changed. A file whose header is fine but whose pixels are damaged is caught later,
-when the loader decodes it (see `yolo.data`), and skipped there.
+(never in the dataset's folders), so a rerun checks only what changed. A file whose header is fine but whose
+pixels are damaged is caught later, when the loader decodes it (see `yolo.data`), and skipped there.
 """
 import json
 import os

@@ -19,8 +19,9 @@ def header_orientation(image: Image.Image) -> int:
     """The orientation tag (1-8) of an opened image, 1 when it has none or an invalid one.
 
     Only the header is read; open the image with Pillow's warnings about damaged metadata ignored (see
-    `yolo.imagecheck.header_size`), or each read repeats them. A PNG's tag counts when it comes before the pixels, where the PNG specification
-    puts it and torchvision's decoder reads it; looking for one after them would decode the whole file.
+    `yolo.imagecheck.header_size`), or each read repeats them. A PNG's tag counts when it comes before the
+    pixels, where the PNG specification puts it and torchvision's decoder reads it; looking for one after them
+    would decode the whole file.
     """
     if image.format not in TAGGED_FORMATS or (image.format == "PNG" and "exif" not in image.info):
         return 1
