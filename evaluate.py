@@ -167,6 +167,7 @@ def main(config: dict) -> None:
         sys.exit(f"error: {error}")
     if list(dataset.class_names) != list(class_names):
         sys.exit(f"error: the checkpoint's classes {class_names} differ from the dataset's {dataset.class_names}.")
+    print(f"{dataset.classes_line()}\n{dataset.summary(val_split)}", flush=True)
     try:
         loader = build_loader(IndexedSamples(dataset), config["batch_size"], shuffle=False,
                               num_workers=num_loader_workers(config["num_workers"]),

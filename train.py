@@ -164,11 +164,15 @@ def main(config: dict) -> None:
         say(f"protocol {config['protocol']}: no validation (the test set's annotations stay on the evaluation "
             f"server); evaluate.py writes the files it scores")
     datasets = [dataset for dataset in (train_set, val_set) if dataset is not None]
+    say("\n".join([train_set.classes_line(), *(dataset.summary(split) for split, dataset in
+                                                zip((config["train_split"], config["val_split"]), datasets))]))
     require_readable_images([dataset.image_path(index) for dataset in datasets for index in range(len(dataset))],
                             out_dir / CACHE_NAME)
     model_args = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
     model_args["num_classes"] = len(class_names)
-    run_config = {**config, "num_classes": len(class_names)}
+    # The classes with their ids in the dataset's files, in config.json and every checkpoint.
+    run_config = {**config, "num_classes": len(class_names), "class_names": list(class_names),
+                  "class_ids": train_set.class_ids}
 
     if config["cache_images"]:
         say(f"decoding {sum(map(len, datasets))} images into RAM "

@@ -64,6 +64,11 @@ def test_evaluate_writes_the_metrics_row_and_figures_beside_the_checkpoint(evalu
     final = pd.read_csv(run_dir / "log.csv").iloc[-1]
     assert row["voc12_map"] == pytest.approx(final["val_voc12_map"], abs=1e-4)
     assert row["voc12_map"] >= 0.9 and 0 < row["coco_map"] <= row["coco_ap50"]
+    assert "data: voc layout, 5 classes (their ids in the files): circle (1), square (2)" in stdout
+    assert "val: 8 images, " in stdout
+    saved = json.loads((run_dir / "config.json").read_text())  # the classes and their ids, kept with the run
+    assert saved["class_names"] == ["circle", "square", "triangle", "cross", "diamond"]
+    assert saved["class_ids"] == [1, 2, 3, 4, 5]
     per_class = pd.read_csv(out_dir / "per_class_ap.csv")
     assert list(per_class["class"]) == ["circle", "square", "triangle", "cross", "diamond"]
     for figure in ("tiny_pr.png", "tiny_ap.png", "tiny_examples.png"):

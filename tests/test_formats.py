@@ -293,6 +293,8 @@ def test_coco_crowd_regions_are_never_trained_on_and_scored_as_pycocotools_score
     write_coco(tmp_path, "val", images, annotations, categories)
     dataset = build_dataset("custom", tmp_path, train=False)
     assert dataset.class_names == ("car", "person")
+    assert dataset.classes_line() == "data: coco layout, 2 classes (their ids in the files): car (7), person (2)"
+    assert dataset.summary("val") == "val: 3 images, 6 objects: car 3, person 3"
     assert [annotation["crowd"].tolist() for annotation in dataset.annotations] == [
         [False, False, True], [True], [False, False]]
 

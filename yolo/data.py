@@ -179,13 +179,15 @@ class DetectionDataset(torch.utils.data.Dataset):
     epoch.
     """
 
-    def __init__(self, class_names, samples, class_ids=None, transforms=None, skip_unreadable=False):
+    def __init__(self, class_names, samples, class_ids=None, transforms=None, skip_unreadable=False,
+                 data_format="voc"):
         self.class_names = tuple(class_names)
         # The dataset's own ids, for files read outside the project (COCO results): its class ids in class order,
         # its image ids (COCO's own; elsewhere the image id).
         self.class_ids = list(class_ids) if class_ids is not None else list(range(1, len(class_names) + 1))
         self.transforms = transforms
         self.skip_unreadable = skip_unreadable
+        self.data_format = data_format
         self.image_ids = [sample.image_id for sample in samples]
         self.file_ids = [sample.image_id if sample.file_id is None else sample.file_id for sample in samples]
         self.annotations, dropped, clipped = [], [], []
@@ -205,6 +207,18 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.image_ids)
+
+    def summary(self, split: str) -> str:
+        """One line: the split's images and objects, per class."""
+        labels = np.concatenate([np.zeros(0, dtype=np.int64), *(item["labels"] for item in self.annotations)])
+        counts = np.bincount(labels, minlength=len(self.class_names))
+        return (f"{split}: {len(self)} images, {len(labels)} objects: "
+                + ", ".join(f"{name} {count}" for name, count in zip(self.class_names, counts)))
+
+    def classes_line(self) -> str:
+        """The layout and the classes in the model's order, each with its id in the dataset's files."""
+        return (f"data: {self.data_format} layout, {len(self.class_names)} classes (their ids in the files): "
+                + ", ".join(f"{name} ({class_id})" for name, class_id in zip(self.class_names, self.class_ids)))
 
     def image_path(self, index):
         return self._image_paths[index]
@@ -275,11 +289,13 @@ def build_dataset(protocol, data_dir, train, transforms=None, class_names=None, 
         sources = [(Path(data_dir) / "VOCdevkit" / folder, voc_split)
                    for folder, voc_split in VOC_PROTOCOLS[protocol]["train" if train else "test"]]
         layout = "voc" if train or has_test_annotations(protocol) else "voc_images"
-        return DetectionDataset(*read_splits(layout, sources, class_names or VOC_CLASSES), transforms=transforms)
+        return DetectionDataset(*read_splits(layout, sources, class_names or VOC_CLASSES), transforms=transforms,
+                                data_format="voc")
     if protocol not in CUSTOM_PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOLS)}")
     if data_format not in ("auto", *DATA_FORMATS):
         raise ValueError(f"unknown data_format {data_format!r}; known: auto, {', '.join(DATA_FORMATS)}")
     data_format = detect_format(data_dir) if data_format == "auto" else data_format
     split = split or ("train" if train else "val")
-    return DetectionDataset(*read_splits(data_format, [(data_dir, split)], class_names), transforms=transforms)
+    return DetectionDataset(*read_splits(data_format, [(data_dir, split)], class_names), transforms=transforms,
+                            data_format=data_format)
