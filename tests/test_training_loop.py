@@ -323,3 +323,17 @@ def test_the_progress_bar_names_the_epoch_and_shows_the_loss_on_the_main_process
                             "disable": None if main_process else True}
     loss = sum(stats["terms"].values()) / stats["images"]
     assert bar.postfixes == [{"loss": f"{loss:.3f}", "lr": "1.00e-01"}]
+
+
+def test_a_log_gets_a_progress_line_a_minute_within_an_epoch(monkeypatch, capsys):
+    """Without a terminal (a log file, as here) tqdm's bar is off: a line every LOG_PROGRESS_EVERY_S seconds of a
+    fake clock that moves 25 s per reading says how far the epoch is."""
+    from yolo import engine
+    readings = iter(range(0, 10_000, 25))
+    monkeypatch.setattr(engine, "monotonic", lambda: next(readings))
+    run(batches(6), fused=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1:")]
+    # Readings: 0 at the start, one per step (25, 50, 75: a line), one more for a line printed (100), then 125,
+    # 150, 175: a line.
+    assert [line.split(",")[0] for line in lines] == ["epoch 1: 3/6 micro-batches", "epoch 1: 6/6 micro-batches"]
+    assert all(", loss " in line and ", lr 1.00e-01" in line for line in lines)

@@ -1,5 +1,6 @@
 """The training and evaluation loops, shared by train.py and evaluate.py."""
 from contextlib import nullcontext
+from time import monotonic
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from yolo.optim import set_learning_rate, skips_on_device
 from yolo.photometric import model_input
 
 LOSS_TERMS = ("coord", "obj", "noobj", "cls")
+LOG_PROGRESS_EVERY_S = 60  # where no terminal shows tqdm's bar (a log file), a progress line this often
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,6 +75,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, forward_loss
     check_on_host = not skips_on_device(optimizer) and not scaler.is_enabled()
     progress = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True,
                     disable=None if is_main_process() else True)
+    log_lines = progress.disable and is_main_process()
+    last_line = monotonic()
     for index, batch in enumerate(progress):
         if batch is None:
             raise ImageDecodeError("every image of a micro-batch was skipped as unreadable (see the warnings "
@@ -106,6 +110,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, forward_loss
             [stop_votes, first_non_finite_step.to(stop_votes.dtype), (sums[:-1].sum() / sums[-1]).float()]).tolist()
         raise_if_non_finite(int(non_finite_step), epoch)
         progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if log_lines and monotonic() - last_line >= LOG_PROGRESS_EVERY_S:
+            last_line = monotonic()
+            print(f"epoch {epoch + 1}: {index + 1}/{len(loader)} micro-batches, loss {mean_loss:.3f}, "
+                  f"lr {optimizer.param_groups[0]['lr']:.2e}", flush=True)
         # A stop on the epoch's last step lets the epoch end normally (the caller saves and exits then).
         if votes > 0 and not epoch_ends:
             stopped = True
