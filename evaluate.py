@@ -15,7 +15,6 @@ paths written; `python table.py --results=<out_dir>` prints the folder's tables 
 """
 import datetime
 import json
-import os
 import shlex
 import sys
 import tarfile
@@ -32,6 +31,7 @@ from yolo.config import at_least, between, format_config, one_of, resolve_config
 from yolo.data import ImageDecodeError, build_dataset, decode_image, has_test_annotations
 from yolo.device import DTYPES, device_name, resolve_device
 from yolo.engine import evaluate
+from yolo.files import atomic_write
 from yolo.formats import DATA_FORMATS
 from yolo.imagecheck import CACHE_NAME, require_readable_images
 from yolo.inference import open_detector
@@ -112,9 +112,8 @@ def write_coco_results(path: Path, image_ids: list, detections: list[np.ndarray]
     results = [{"image_id": image_id, "category_id": class_ids[int(label)], "bbox": box, "score": float(score)}
                for image_id, rows in zip(image_ids, detections)
                for box, score, label in zip(voc_to_coco(rows[:, :4]).tolist(), rows[:, 4], rows[:, 5])]
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")  # the old file stays whole until the rename
-    temporary.write_text(json.dumps(results))
-    os.replace(temporary, path)
+    with atomic_write(path, "w") as file:
+        file.write(json.dumps(results))
 
 
 def draw_examples(dataset, indices, detections, path: Path, count: int) -> None:

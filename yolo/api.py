@@ -16,6 +16,7 @@ x1 + 1, y1 + 1, x2, y2.
 what rebuilds the model, named by its SHA-256 as torchvision names its weights.
 """
 import hashlib
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 from yolo.checkpoint import load_model
 from yolo.data import decode_image
 from yolo.device import resolve_device
+from yolo.files import atomic_write
 from yolo.inference import Detector, open_detector, preprocess
 from yolo.model import YOLOv1
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, select_detections
@@ -168,10 +170,9 @@ def export_weights(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) ->
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{checkpoint.resolve().parent.name}_{checkpoint.stem}"
-    temporary = out_dir / f"{stem}.pth.tmp"
-    torch.save({"model": weights, **{key: state[key] for key in WEIGHTS_FILE_KEYS if key in state}}, temporary)
-    with open(temporary, "rb") as file:
-        digest = hashlib.file_digest(file, "sha256").hexdigest()
-    path = out_dir / f"{stem}-{digest[:8]}.pth"
-    os.replace(temporary, path)
+    data = io.BytesIO()  # the name holds the bytes' hash: made in memory first
+    torch.save({"model": weights, **{key: state[key] for key in WEIGHTS_FILE_KEYS if key in state}}, data)
+    path = out_dir / f"{stem}-{hashlib.sha256(data.getbuffer()).hexdigest()[:8]}.pth"
+    with atomic_write(path) as file:
+        file.write(data.getbuffer())
     return path

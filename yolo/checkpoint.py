@@ -2,13 +2,13 @@
 (weights_only), checked against the config."""
 import copy
 import errno
-import os
 import subprocess
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from yolo.files import atomic_write, kept_message
 from yolo.model import YOLOv1
 
 # The settings that build the model.
@@ -42,16 +42,11 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     A failed write removes the temporary file and raises CheckpointError saying why ("disk full" when it is).
     """
     path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
     try:
-        with open(temporary, "wb") as file:
+        with atomic_write(path) as file:
             torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
     except (OSError, RuntimeError) as error:
-        temporary.unlink(missing_ok=True)
-        kept = f"{path} still holds its previous contents" if path.exists() else f"{path} was not written"
+        kept = kept_message(path)
         if _is_disk_full(error):
             raise CheckpointError(f"disk full while saving {path} ({kept}): free some space on that disk, "
                                   f"or choose another out_dir, and rerun to resume.") from error

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from yolo.files import atomic_write
 from yolo.orientation import displayed_size
 
 # What a folder scan picks up as images; yolo.data.decode_image reads them by content, whatever the extension says.
@@ -60,12 +61,12 @@ def _read_cache(cache: Path | None) -> dict:
 
 
 def _write_cache(cache: Path, entries: dict) -> None:
-    # A folder that cannot be written only loses the cache, not the check.
+    # A folder that cannot be written only loses the cache, not the check. One temporary file per process: every
+    # process of a torchrun job checks the same images.
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(entries))
-        os.replace(temporary, cache)
+        with atomic_write(cache, "w", temporary=cache.with_name(f"{cache.name}.{os.getpid()}.tmp")) as file:
+            file.write(json.dumps(entries))
     except OSError:
         pass
 

@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from yolo.checkpoint import CheckpointError, git_commit
+from yolo.files import atomic_write, kept_message
 from yolo.inference import Detector
 from yolo.model import YOLOv1
 from yolo.photometric import model_input
@@ -140,18 +141,12 @@ def export_onnx(model: YOLOv1, state: dict, path: str | os.PathLike, *, opset: i
     except ValueError as error:  # protobuf refuses a message over 2 GB
         raise ExportError(f"the graph is over ONNX's 2 GB limit on one self-contained file ({error}): run the "
                           f"checkpoint itself, or train a smaller head (head_channels, fc_dim) to export.") from None
-    temporary = path.with_name(path.name + ".tmp")
     try:
-        with open(temporary, "wb") as file:
+        with atomic_write(path) as file:
             file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
-        kept = f"{path} still holds its previous contents" if path.exists() else f"{path} was not written"
-        raise ExportError(f"cannot write {path} ({error.strerror or error}); {kept}: free some space or choose "
-                          f"another --out.") from error
+        raise ExportError(f"cannot write {path} ({error.strerror or error}); {kept_message(path)}: free some space "
+                          f"or choose another --out.") from error
 
 
 def open_session(path: Path) -> tuple[onnxruntime.InferenceSession, dict]:

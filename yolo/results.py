@@ -10,6 +10,8 @@ import csv
 import os
 from pathlib import Path
 
+from yolo.files import atomic_write
+
 # Columns added to the results files after rows were written, and the value those rows hold there.
 COLUMN_DEFAULTS = {"runtime": "pytorch"}  # benchmark.csv: every row before the column timed PyTorch
 
@@ -75,15 +77,9 @@ def write_keyed(path: str | Path, rows: list[dict], key: tuple[str, ...], column
             placed.add(row_key)
     merged += [row for row_key, group in replacing.items() if row_key not in placed for row in group]
 
-    # Written beside the file and renamed over it: an interrupted run leaves the old file whole.
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with partial.open("w", newline="") as file:
-            writer = csv.DictWriter(file, columns)  # an absent field is written empty
-            writer.writeheader()
-            writer.writerows(merged)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_write(path, "w", newline="", temporary=path.with_name(f".{path.name}.{os.getpid()}.tmp")) as file:
+        writer = csv.DictWriter(file, columns)  # an absent field is written empty
+        writer.writeheader()
+        writer.writerows(merged)
     return replaced

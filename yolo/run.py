@@ -10,6 +10,7 @@ import torch
 
 from yolo.checkpoint import RESUMABLE_CHANGES, CheckpointWriter, config_differences
 from yolo.distributed import any_process, backend, barrier, cleanup, is_main_process
+from yolo.files import atomic_write
 from yolo.optim import build_optimizer
 
 
@@ -50,7 +51,7 @@ def read_log(path: Path, up_to_epoch: int) -> list[dict]:
 
 
 def write_log(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
-    with open(path, "w", newline="") as file:
+    with atomic_write(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -121,7 +122,8 @@ def start_run_folder(out_dir: Path, run_config: dict, start_epoch: int, log_colu
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "done").unlink(missing_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    with atomic_write(out_dir / "config.json", "w") as file:
+        file.write(json.dumps(run_config, indent=2) + "\n")
     write_log(out_dir / "log.csv", read_log(out_dir / "log.csv", start_epoch), log_columns)
 
 
