@@ -74,6 +74,12 @@ def test_upright_on_a_batch_and_a_damaged_or_missing_tag(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Pillow's "Corrupt EXIF data" is not repeated at every decode
         assert decode_image(path).shape == (3, 4, 8) and header_size(path) == (8, 4)
+    stored = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 8, 3), dtype=np.uint8))
+    for suffix in ("png", "webp"):  # an EXIF block that is not TIFF data: Pillow raises reading it
+        stored.save(tmp_path / f"damaged.{suffix}", exif=b"XX*\x00\x08\x00\x00\x00", lossless=True)
+        with Image.open(tmp_path / f"damaged.{suffix}") as image:
+            assert header_orientation(image) == 1
+        assert torch.equal(decode_image(tmp_path / f"damaged.{suffix}"), pixels_of(stored))
     Image.new("RGB", (8, 4)).save(tmp_path / "plain.png")
     with Image.open(tmp_path / "plain.png") as image:
         assert header_orientation(image) == 1 and image.tile  # its pixels are still to decode: not read to find out

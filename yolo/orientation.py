@@ -12,11 +12,12 @@ SWAPS_SIDES = (5, 6, 7, 8)  # a quarter turn or a transposition: the displayed w
 # (and gives the displayed size from the header); BMP and GIF carry none.
 TAGGED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # MPO: how Pillow names many phones' JPEGs (several pictures)
 # What is left after the transposition of orientations 5-8 (orientation - 4): the dims to flip of (..., H, W).
-FLIPS = {1: (), 2: (-1,), 3: (-2, -1), 4: (-2,)}
+FLIPS = {2: (-1,), 3: (-2, -1), 4: (-2,)}
 
 
-def header_orientation(image: Image.Image) -> int:
-    """The orientation tag (1-8) of an opened image, 1 when it has none or an invalid one.
+def header_orientation(image: Image.Image):
+    """The orientation tag of an opened image: 1 when it has none or a damaged EXIF block, else the tag's value as
+    the file gives it (one that is not 2-8 turns nothing).
 
     Only the header is read; open the image with Pillow's warnings about damaged metadata ignored (see
     `yolo.imagecheck.header_size`), or each read repeats them. A PNG's tag counts when it comes before the
@@ -26,10 +27,9 @@ def header_orientation(image: Image.Image) -> int:
     if image.format not in TAGGED_FORMATS or (image.format == "PNG" and "exif" not in image.info):
         return 1
     try:
-        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+        return image.getexif().get(ExifTags.Base.Orientation, 1)
     except (OSError, ValueError, SyntaxError, KeyError, TypeError):  # a damaged EXIF block: as if it had none
         return 1
-    return value if value in range(1, 9) else 1
 
 
 def displayed_size(image: Image.Image) -> tuple[int, int]:
@@ -38,10 +38,10 @@ def displayed_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if header_orientation(image) in SWAPS_SIDES else (width, height)
 
 
-def upright(pixels, orientation: int):
-    """Stored pixels (a (..., H, W) tensor) turned as `orientation` says: the displayed image, as
-    PIL.ImageOps.exif_transpose gives it."""
+def upright(pixels, orientation):
+    """Stored pixels (a (..., H, W) tensor) turned as `orientation` says (values other than 2-8 turn nothing):
+    the displayed image, as PIL.ImageOps.exif_transpose gives it."""
     if orientation in SWAPS_SIDES:
         pixels, orientation = pixels.transpose(-2, -1), orientation - 4
-    flips = FLIPS.get(orientation, ())
+    flips = FLIPS.get(orientation)
     return pixels.flip(flips) if flips else pixels.contiguous()
