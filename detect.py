@@ -38,13 +38,14 @@ import av
 import numpy as np
 import torch
 
+from yolo.api import open_detector
 from yolo.boxes import at_least_one_pixel
 from yolo.checkpoint import CheckpointError
 from yolo.config import at_least, between, format_config, one_of, resolve_config, resolve_out_dir
 from yolo.data import ImageDecodeError, decode_image
 from yolo.device import DTYPES, resolve_device
 from yolo.imagecheck import IMAGE_SUFFIXES
-from yolo.inference import Detector, open_detector
+from yolo.inference import Detector
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.visualize import draw_boxes, save_image
 

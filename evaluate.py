@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from table import per_class_table
+from yolo.api import open_detector
 from yolo.box_formats import voc_to_coco
 from yolo.checkpoint import CheckpointError
 from yolo.config import at_least, between, format_config, one_of, resolve_config, resolve_out_dir
@@ -34,7 +35,6 @@ from yolo.engine import evaluate
 from yolo.files import atomic_write
 from yolo.formats import DATA_FORMATS
 from yolo.imagecheck import CACHE_NAME, require_readable_images
-from yolo.inference import open_detector
 from yolo.metrics import voc_precision_recall
 from yolo.plots import plot_per_class_ap, plot_precision_recall
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU

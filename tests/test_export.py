@@ -19,7 +19,8 @@ from yolo import onnx_model
 from yolo.checkpoint import CheckpointError, git_commit, load_checkpoint, load_model
 from yolo.config import resolve_config
 from yolo.data import decode_image
-from yolo.inference import Detector, open_detector, preprocess
+from yolo.api import open_detector
+from yolo.inference import Detector, preprocess
 from yolo.onnx_model import OnnxDetector
 from yolo.postprocess import NMS_IOU, select_detections
 

@@ -27,11 +27,11 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from yolo.checkpoint import load_model
+from yolo.checkpoint import CheckpointError, load_model
 from yolo.data import decode_image
 from yolo.device import resolve_device
 from yolo.files import atomic_write
-from yolo.inference import Detector, open_detector, preprocess
+from yolo.inference import Detector, preprocess
 from yolo.model import YOLOv1
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, select_detections
 
@@ -141,6 +141,30 @@ class ImageDetector:
                                           detection["scores"].float().cpu(), labels,
                                           [self.class_names[label] for label in labels.tolist()]))
         return results
+
+
+def open_detector(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+                  **postprocess) -> tuple[Detector, dict]:
+    """The Detector of a model file, and what the file says of the model: model_args, class_names, config (the
+    training run's settings), epoch and git_commit where it has them.
+
+    A train.py checkpoint or an export_weights.py file runs in PyTorch on `device` (auto: CUDA when available) in
+    `dtype` (auto: see `inference_dtype`); an export.py `.onnx` file runs in ONNX Runtime on the CPU in fp32.
+    `postprocess`: Detector's score_threshold, nms_iou and max_detections. A file that cannot be read as what
+    its name says is a CheckpointError naming it.
+    """
+    if Path(path).suffix == ".onnx":
+        try:
+            from yolo.onnx_model import OnnxDetector  # onnxruntime is loaded only for an .onnx file
+        except ImportError as error:
+            raise CheckpointError(f"{path}: an .onnx file runs in ONNX Runtime, which this environment lacks "
+                                  f"({error}); install the pinned requirements (pip install -r requirements.txt) "
+                                  f"or pip install -e '.[onnx]'") from error
+        detector = OnnxDetector(path, device, dtype, **postprocess)
+        return detector, detector.state
+    model, state = load_model(path)
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    return Detector(model, dtype, device, **postprocess), state
 
 
 def load_detector(checkpoint: str | os.PathLike, device: str | torch.device = "auto",

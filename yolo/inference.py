@@ -4,14 +4,11 @@
 VOC-pixel detections per image out. Its model is `prepare_for_inference(model)`: BatchNorm folded into
 the convolution before it (one op instead of two, no statistics to read), weights and activations
 channels-last (oneDNN's and cuDNN's native layout, so no reorder around every convolution), the fastest
-dtype the device computes natively, and no autograd. `open_detector` gives the Detector of a model file:
-a checkpoint runs in PyTorch, an export.py .onnx file in ONNX Runtime (yolo/onnx_model.py), alike for the
-scripts.
+dtype the device computes natively, and no autograd. `yolo.api.open_detector` gives the Detector of a model
+file: a checkpoint runs in PyTorch, an export.py .onnx file in ONNX Runtime (yolo/onnx_model.py).
 """
 import copy
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,8 +17,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from yolo.checkpoint import CheckpointError, load_model
-from yolo.device import inference_dtype, resolve_device
+from yolo.device import inference_dtype
 from yolo.photometric import model_input
 from yolo.postprocess import (EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_boxes_and_scores,
                               select_detections, to_voc_array)
@@ -160,27 +156,3 @@ class Detector:
         detections = select_detections(boxes, scores, self.score_threshold, self.nms_iou, self.max_detections)
         return [to_voc_array(detection, int(width), int(height))
                 for detection, (height, width) in zip(detections, original_sizes)]
-
-
-def open_detector(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-                  **postprocess) -> tuple[Detector, dict]:
-    """The Detector of a model file, and what the file says of the model: model_args, class_names, config (the
-    training run's settings), epoch and git_commit where it has them.
-
-    A train.py checkpoint or an export_weights.py file runs in PyTorch on `device` (auto: CUDA when available) in
-    `dtype` (auto: see `inference_dtype`); an export.py `.onnx` file runs in ONNX Runtime on the CPU in fp32.
-    `postprocess`: Detector's score_threshold, nms_iou and max_detections. A file that cannot be read as what
-    its name says is a CheckpointError naming it.
-    """
-    if Path(path).suffix == ".onnx":
-        try:
-            from yolo.onnx_model import OnnxDetector  # onnxruntime is loaded only for an .onnx file
-        except ImportError as error:
-            raise CheckpointError(f"{path}: an .onnx file runs in ONNX Runtime, which this environment lacks "
-                                  f"({error}); install the pinned requirements (pip install -r requirements.txt) "
-                                  f"or pip install -e '.[onnx]'") from error
-        detector = OnnxDetector(path, device, dtype, **postprocess)
-        return detector, detector.state
-    model, state = load_model(path)
-    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    return Detector(model, inference_dtype(dtype, device), device, **postprocess), state
