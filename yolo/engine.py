@@ -7,6 +7,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+# tqdm's monitor thread would run beside the loader workers forked later (a fork while a thread holds a lock
+# can hang the child); the bars refresh as they advance without it.
+tqdm.monitor_interval = 0
+
 from yolo.data import ImageDecodeError
 from yolo.distributed import all_reduce_sum, gather_to_main, is_main_process
 from yolo.inference import Detector

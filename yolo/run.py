@@ -2,6 +2,7 @@
 log.csv, the run folder, the finished-run marker, which checkpoint to resume from, and the training wrapper."""
 import csv
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -20,14 +21,19 @@ def say(*args) -> None:
 
 
 class StopRequest:
-    """Turns SIGINT and SIGTERM into a flag the loop reads at its read points (see train.py's docstring)."""
+    """Turns SIGINT and SIGTERM into a flag the loop reads at its read points (see train.py's docstring).
+
+    Loader workers forked from the process inherit the handler; in them it does nothing (Ctrl-C reaches the
+    whole process group): the process that installed it stops them."""
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.pid = None, os.getpid()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self.request)
 
     def request(self, signum, frame) -> None:
+        if os.getpid() != self.pid:
+            return
         if self.signal is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
