@@ -126,54 +126,29 @@ def unreadable_image_advice(config: dict) -> str:
     return "Replace the file, or rerun with --bad_images=skip to go on without it"
 
 
-def main(config: dict) -> None:
-    device = resolve_device(config["device"], 0)
-    rank, local_rank, world_size = init_distributed(device.type)
-    device = resolve_device(config["device"], local_rank)
-    dtype = autocast_dtype(config["dtype"], device)
-    out_dir = Path(config["out_dir"])
-    if config["backbone_weights"] and config["pretrained"]:
-        sys.exit("error: --backbone_weights replaces the ImageNet weights: add --pretrained=false.")
-    process_group = f" in a {backend()} process group" if backend() else ""
-    say(f"train.py on {world_size} process(es){process_group}, device {device}, "
-        f"dtype {str(dtype).removeprefix('torch.')}\n{format_config(config)}")
-
-    unreached = [milestone for milestone in milestone_epochs(config) if milestone >= config["epochs"]]
-    if unreached:
-        say(f"warning: the learning rate would drop at epochs {', '.join(f'{m:g}' for m in unreached)}, which a "
-            f"run of {config['epochs']} epochs never reaches: set --lr_milestones (or lr_milestones_unit=fraction "
-            f"with fractions of the run, as configs/small_data.py does)")
-    random.seed(config["seed"])
-    torch.manual_seed(config["seed"])
+def open_datasets(config: dict, out_dir: Path):
+    """(training set, validation set or None where the protocol's test annotations stay on the server), with their
+    transforms, summarised, their images checked and (cache_images) decoded into RAM."""
     train_set = build_dataset(config["protocol"], config["data_dir"], train=True, data_format=config["data_format"],
                               split=config["train_split"])
-    train_set.skip_unreadable = config["bad_images"] == "skip"
     class_names = train_set.class_names
-    if config["augment"]:
-        train_set.transforms = TrainTransform(config["image_size"], config["grid_size"], len(class_names),
-                                              use_difficult=config["use_difficult"])
-    else:
-        train_set.transforms = EvalTransform(config["image_size"], config["grid_size"], len(class_names))
+    sizes = (config["image_size"], config["grid_size"], len(class_names))
+    train_set.transforms = (TrainTransform(*sizes, use_difficult=config["use_difficult"]) if config["augment"]
+                            else EvalTransform(*sizes))
     val_set = None
     if has_test_annotations(config["protocol"]):
-        val_set = build_dataset(config["protocol"], config["data_dir"], train=False,
-                                transforms=EvalTransform(config["image_size"], config["grid_size"], len(class_names)),
+        val_set = build_dataset(config["protocol"], config["data_dir"], train=False, transforms=EvalTransform(*sizes),
                                 class_names=class_names, data_format=config["data_format"], split=config["val_split"])
-        val_set.skip_unreadable = config["bad_images"] == "skip"
     else:
         say(f"protocol {config['protocol']}: no validation (the test set's annotations stay on the evaluation "
             f"server); evaluate.py writes the files it scores")
     datasets = [dataset for dataset in (train_set, val_set) if dataset is not None]
+    for dataset in datasets:
+        dataset.skip_unreadable = config["bad_images"] == "skip"
     say("\n".join([train_set.classes_line(), *(dataset.summary(split) for split, dataset in
                                                 zip((config["train_split"], config["val_split"]), datasets))]))
     require_readable_images([dataset.image_path(index) for dataset in datasets for index in range(len(dataset))],
                             out_dir / CACHE_NAME)
-    model_args = {key: config[key] for key in ARCHITECTURE_KEYS if key in config}
-    model_args["num_classes"] = len(class_names)
-    # The classes with their ids in the dataset's files, in config.json and every checkpoint.
-    run_config = {**config, "num_classes": len(class_names), "class_names": list(class_names),
-                  "class_ids": train_set.class_ids}
-
     if config["cache_images"]:
         say(f"decoding {sum(map(len, datasets))} images into RAM "
             f"({sum(dataset.cached_bytes() for dataset in datasets) / 1e9:.1f} GB)")
@@ -182,7 +157,11 @@ def main(config: dict) -> None:
                 dataset.cache_images()
         except ImageDecodeError as error:
             sys.exit(f"error: {error}")
+    return train_set, val_set
 
+
+def build_loaders(config: dict, train_set, val_set, rank: int, world_size: int, device: torch.device):
+    """(the global batch sampler, the training loader copying to the device, the validation loader or None)."""
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
     loading = {"num_workers": num_loader_workers(config["num_workers"]), "prefetch_factor": config["prefetch_factor"],
@@ -197,131 +176,191 @@ def main(config: dict) -> None:
     val_loader = None if val_set is None else build_loader(
         IndexedSamples(val_set, range(rank, len(val_set), world_size)), config["micro_batch_size"], shuffle=False,
         shared_memory_kept_by_others=training_buffers, **loading)
+    return sampler, train_loader, val_loader
 
-    model = YOLOv1(**model_args, pretrained=config["pretrained"], zero_init_residual=config["zero_init_residual"])
-    model = model.to(device, memory_format=torch.channels_last)
-    optimizer, scaler = training_parts(model, config["optimizer"], config, device, dtype)
-    start_epoch, start_step, best_map = 0, 0, -1.0
-    carried = None  # the loss sums, images and seconds of the part of an epoch done before an interruption
 
-    checkpoint_path = find_checkpoint(config, out_dir)
-    if checkpoint_path is None and config["backbone_weights"]:
+class Run:
+    """One training run's parts and progress: what each epoch trains, validates and saves."""
+
+    def __init__(self, config: dict, run_config: dict, model_args: dict, class_names, model, optimizer, scaler,
+                 device: torch.device, dtype: torch.dtype):
+        self.config, self.run_config, self.model_args, self.class_names = config, run_config, model_args, class_names
+        self.model, self.optimizer, self.scaler, self.device = model, optimizer, scaler, device
+        self.out_dir = Path(config["out_dir"])
+        self.start_epoch, self.start_step, self.best_map = 0, 0, -1.0
+        self.carried = None  # the loss sums, images and seconds of the part of an epoch done before an interruption
+        self.loss_weights = {"lambda_coord": config["lambda_coord"], "lambda_noobj": config["lambda_noobj"]}
+        self.forward_loss = partial(detection_loss, loss_weights=self.loss_weights, device=device, dtype=dtype)
+        self.stop, self.writer = None, None
+
+    def resume(self, checkpoint_path: Path | None) -> None:
+        """Weights (--backbone_weights, or a checkpoint's), optimizer, scaler, RNG and progress of a rerun."""
+        config = self.config
+        if checkpoint_path is None:
+            if config["backbone_weights"]:
+                try:
+                    load_backbone_weights(self.model, config["backbone_weights"])
+                except CheckpointError as error:
+                    sys.exit(f"error: --backbone_weights: {error}")
+                say(f"backbone from {config['backbone_weights']}; the detection head starts fresh")
+            return
         try:
-            load_backbone_weights(model, config["backbone_weights"])
-        except CheckpointError as error:
-            sys.exit(f"error: --backbone_weights: {error}")
-        say(f"backbone from {config['backbone_weights']}; the detection head starts fresh")
-    if checkpoint_path is not None:
-        try:
-            checkpoint = load_checkpoint(checkpoint_path, map_location=device)
+            checkpoint = load_checkpoint(checkpoint_path, map_location=self.device)
         except CheckpointError as error:
             sys.exit(f"error: {error}")
-        refuse_other_settings(checkpoint_path, checkpoint["config"], run_config, constants(globals()),
-                              schedule_follows_epochs=config["lr_milestones_unit"] == "fraction")
-        if list(checkpoint["class_names"]) != list(class_names):
+        if list(checkpoint["class_names"]) != list(self.class_names):
             sys.exit(f"error: {checkpoint_path} was trained on the classes {list(checkpoint['class_names'])}, in "
-                     f"that order; the dataset now has {list(class_names)}. Restore the dataset's class list "
+                     f"that order; the dataset now has {list(self.class_names)}. Restore the dataset's class list "
                      f"({CLASS_LIST_ADVICE}), or choose another out_dir to start a new run.")
-        model.load_state_dict(checkpoint["model"])
+        # The classes are compared above; their ids in the files may change (and a checkpoint from before they were
+        # kept has none).
+        saved, current = ({key: value for key, value in settings.items() if key not in ("class_names", "class_ids")}
+                          for settings in (checkpoint["config"], self.run_config))
+        refuse_other_settings(checkpoint_path, saved, current, constants(globals()),
+                              schedule_follows_epochs=config["lr_milestones_unit"] == "fraction")
+        self.model.load_state_dict(checkpoint["model"])
         if "optimizer" in checkpoint:
-            load_optimizer_state(optimizer, checkpoint["optimizer"])
-            load_scaler_state(scaler, checkpoint["scaler"], checkpoint["config"].get("dtype"))
-            start_epoch, start_step, best_map = checkpoint["epoch"], checkpoint["step"], checkpoint["best_map"]
-            carried = checkpoint.get("partial_epoch")
+            load_optimizer_state(self.optimizer, checkpoint["optimizer"])
+            load_scaler_state(self.scaler, checkpoint["scaler"], checkpoint["config"].get("dtype"))
+            self.start_epoch, self.start_step = checkpoint["epoch"], checkpoint["step"]
+            self.best_map, self.carried = checkpoint["best_map"], checkpoint.get("partial_epoch")
             torch.set_rng_state(checkpoint["rng"]["torch"].cpu())
             random.setstate(checkpoint["rng"]["python"])
-            say(f"resumed from {checkpoint_path}: epoch {start_epoch + 1}, step {start_step}")
+            say(f"resumed from {checkpoint_path}: epoch {self.start_epoch + 1}, step {self.start_step}")
         else:  # best.pt: weights only
-            start_epoch, best_map = checkpoint["epoch"], checkpoint["val_voc12_map"]
-            say(f"warm start from the weights of {checkpoint_path} (epoch {start_epoch}) with a fresh optimizer: "
+            self.start_epoch, self.best_map = checkpoint["epoch"], checkpoint["val_voc12_map"]
+            say(f"warm start from the weights of {checkpoint_path} (epoch {self.start_epoch}) with a fresh optimizer: "
                 f"momentum starts again from zero, so the run will not equal an uninterrupted one")
-    if finished_already(out_dir, start_epoch, config["epochs"]):
-        return
-    start_run_folder(out_dir, run_config, start_epoch, LOG_COLUMNS)
-    train_model = training_wrapper(model, device, local_rank, config["compile"])
 
-    def checkpoint_state(epoch: int, step: int) -> dict:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "step": step, "best_map": best_map, "config": run_config,
-                "model_args": model_args, "class_names": list(class_names), "git_commit": git_commit(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
+    def checkpoint_state(self, epoch: int, step: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step, "best_map": self.best_map,
+                "config": self.run_config, "model_args": self.model_args, "class_names": list(self.class_names),
+                "git_commit": git_commit(), "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}
 
-    loss_weights = {"lambda_coord": config["lambda_coord"], "lambda_noobj": config["lambda_noobj"]}
-    forward_loss = partial(detection_loss, loss_weights=loss_weights, device=device, dtype=dtype)
+    def fail(self, message: str) -> None:
+        self.writer.wait()
+        cleanup()
+        sys.exit(f"error: {message}")
 
-    def lr_at(epoch: int, step: int) -> float:
-        return learning_rate(epoch + step / sampler.steps_per_epoch, config)
-
-    stop = StopRequest()
-    writer = CheckpointWriter()
-    read_every = config["log_every"] if device.type == "cuda" else 1
-    announce_epochs(start_epoch, config["epochs"], sampler)
-    for epoch in range(start_epoch, config["epochs"]):
-        sampler.set_epoch(epoch, start_step)
+    def train_epoch(self, train_model, loader, sampler, epoch: int) -> tuple[dict, float]:
+        """(the epoch's loss sums, images and steps, its seconds), a resumed epoch's earlier part included. A stop
+        saves the step reached into last.pt and exits."""
+        sampler.set_epoch(epoch, self.start_step)
         started = time.perf_counter()
+        read_every = self.config["log_every"] if self.device.type == "cuda" else 1
         try:
             stats = train_one_epoch(
-                train_model, train_loader, optimizer, scaler, forward_loss=forward_loss, term_names=LOSS_TERMS,
-                epoch=epoch, start_step=start_step, accumulation=sampler.accumulation, device=device,
-                stop_requested=stop, lr_at=lambda step: lr_at(epoch, step), read_every=read_every)
+                train_model, loader, self.optimizer, self.scaler, forward_loss=self.forward_loss,
+                term_names=LOSS_TERMS, epoch=epoch, start_step=self.start_step, accumulation=sampler.accumulation,
+                device=self.device, stop_requested=self.stop, read_every=read_every,
+                lr_at=lambda step: learning_rate(epoch + step / sampler.steps_per_epoch, self.config))
         except NonFiniteLossError as error:
-            writer.wait()
-            cleanup()
-            sys.exit(f"error: {error}")
+            self.fail(str(error))
         except ImageDecodeError as error:
-            writer.wait()
-            cleanup()
-            sys.exit(f"error: {error.reason}. {unreadable_image_advice(config)} (last.pt holds the last completed "
-                     f"epoch).")
+            self.fail(f"{error.reason}. {unreadable_image_advice(self.config)} (last.pt holds the last completed "
+                      f"epoch).")
         seconds = time.perf_counter() - started
-        if carried is not None:
-            stats["terms"] = {name: value + carried["terms"][name] for name, value in stats["terms"].items()}
-            stats["images"] += carried["images"]
-            seconds += carried["seconds"]
-            carried = None
+        if self.carried is not None:
+            stats["terms"] = {name: value + self.carried["terms"][name] for name, value in stats["terms"].items()}
+            stats["images"] += self.carried["images"]
+            seconds += self.carried["seconds"]
+            self.carried = None
         if stats["stopped"]:
+            last = self.out_dir / "last.pt"
             if is_main_process():
-                writer.save({**checkpoint_state(epoch, stats["steps"]), "partial_epoch": {
-                    "terms": stats["terms"], "images": stats["images"], "seconds": seconds}}, out_dir / "last.pt")
-            exit_for_stop(stop, writer, f"saved {out_dir / 'last.pt'} at epoch {epoch + 1}, step {stats['steps']}: "
-                                        f"rerun the same command to resume")
-        start_step = 0
-        row = {"epoch": epoch + 1, "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
-               **{name: f"{value / stats['images']:.6f}" for name, value in stats["terms"].items()},
-               "train_loss": f"{sum(stats['terms'].values()) / stats['images']:.6f}",
-               "images_per_s": f"{stats['images'] / seconds:.2f}", "seconds": f"{seconds:.1f}",
-               "skipped_images": round(stats["steps"] * config["batch_size"] - stats["images"]),
-               "val_loss": "", "val_voc07_map": "", "val_voc12_map": ""}
+                self.writer.save({**self.checkpoint_state(epoch, stats["steps"]), "partial_epoch": {
+                    "terms": stats["terms"], "images": stats["images"], "seconds": seconds}}, last)
+            exit_for_stop(self.stop, self.writer, f"saved {last} at epoch {epoch + 1}, step {stats['steps']}: "
+                                                  f"rerun the same command to resume")
+        self.start_step = 0
+        return stats, seconds
+
+    def validate(self, val_loader, val_set, epoch: int, row: dict) -> None:
+        """The validation loss and mAP into `row`; best.pt where the mAP is the best yet."""
+        try:
+            # fp32 weights: bf16 scores take 128 values in [0.5, 1), and their ties would rank by image order.
+            validation = evaluate(Detector(self.model, torch.float32, self.device), val_loader, val_set,
+                                  loss_weights=self.loss_weights, desc=f"validate {epoch + 1}")
+        except ImageDecodeError as error:  # keep the epoch just trained, unvalidated
+            if is_main_process():
+                append_log(self.out_dir / "log.csv", row, LOG_COLUMNS)
+                self.writer.save(self.checkpoint_state(epoch + 1, 0), self.out_dir / "last.pt")
+            self.fail(f"validating epoch {epoch + 1}: {error.reason}. {unreadable_image_advice(self.config)} "
+                      f"(last.pt holds epoch {epoch + 1}, not validated).")
+        row["val_loss"] = f"{validation['loss']:.6f}"
+        if is_main_process():
+            metrics = validation["metrics"]
+            row["val_voc07_map"] = f"{metrics['voc07_map']:.6f}"
+            row["val_voc12_map"] = f"{metrics['voc12_map']:.6f}"
+            if metrics["voc12_map"] > self.best_map:
+                self.best_map = metrics["voc12_map"]
+                self.writer.save({"model": self.model.state_dict(), "model_args": self.model_args, "epoch": epoch + 1,
+                                  "class_names": list(self.class_names), "config": self.run_config,
+                                  "val_voc12_map": self.best_map, "git_commit": git_commit()},
+                                 self.out_dir / "best.pt")
+
+
+def epoch_row(epoch: int, stats: dict, seconds: float, lr: float, batch_size: int) -> dict:
+    """The epoch's log.csv row, validation columns empty."""
+    return {"epoch": epoch + 1, "lr": f"{lr:.6g}",
+            **{name: f"{value / stats['images']:.6f}" for name, value in stats["terms"].items()},
+            "train_loss": f"{sum(stats['terms'].values()) / stats['images']:.6f}",
+            "images_per_s": f"{stats['images'] / seconds:.2f}", "seconds": f"{seconds:.1f}",
+            "skipped_images": round(stats["steps"] * batch_size - stats["images"]),
+            "val_loss": "", "val_voc07_map": "", "val_voc12_map": ""}
+
+
+def main(config: dict) -> None:
+    device = resolve_device(config["device"], 0)
+    rank, local_rank, world_size = init_distributed(device.type)
+    device = resolve_device(config["device"], local_rank)
+    dtype = autocast_dtype(config["dtype"], device)
+    out_dir = Path(config["out_dir"])
+    if config["backbone_weights"] and config["pretrained"]:
+        sys.exit("error: --backbone_weights replaces the ImageNet weights: add --pretrained=false.")
+    process_group = f" in a {backend()} process group" if backend() else ""
+    say(f"train.py on {world_size} process(es){process_group}, device {device}, "
+        f"dtype {str(dtype).removeprefix('torch.')}\n{format_config(config)}")
+    unreached = [milestone for milestone in milestone_epochs(config) if milestone >= config["epochs"]]
+    if unreached:
+        say(f"warning: the learning rate would drop at epochs {', '.join(f'{m:g}' for m in unreached)}, which a "
+            f"run of {config['epochs']} epochs never reaches: set --lr_milestones (or lr_milestones_unit=fraction "
+            f"with fractions of the run, as configs/small_data.py does)")
+    random.seed(config["seed"])
+    torch.manual_seed(config["seed"])
+
+    train_set, val_set = open_datasets(config, out_dir)
+    class_names = train_set.class_names
+    model_args = {**{key: config[key] for key in ARCHITECTURE_KEYS if key in config}, "num_classes": len(class_names)}
+    # The classes with their ids in the dataset's files, in config.json and every checkpoint.
+    run_config = {**config, "num_classes": len(class_names), "class_names": list(class_names),
+                  "class_ids": train_set.class_ids}
+    sampler, train_loader, val_loader = build_loaders(config, train_set, val_set, rank, world_size, device)
+    model = YOLOv1(**model_args, pretrained=config["pretrained"], zero_init_residual=config["zero_init_residual"])
+    model = model.to(device, memory_format=torch.channels_last)
+    run = Run(config, run_config, model_args, class_names, model, *training_parts(
+        model, config["optimizer"], config, device, dtype), device, dtype)
+    run.resume(find_checkpoint(config, out_dir))
+    if finished_already(out_dir, run.start_epoch, config["epochs"]):
+        return
+    start_run_folder(out_dir, run_config, run.start_epoch, LOG_COLUMNS)
+    train_model = training_wrapper(model, device, local_rank, config["compile"])
+
+    run.stop, run.writer = StopRequest(), CheckpointWriter()
+    announce_epochs(run.start_epoch, config["epochs"], sampler)
+    for epoch in range(run.start_epoch, config["epochs"]):
+        stats, seconds = run.train_epoch(train_model, train_loader, sampler, epoch)
+        row = epoch_row(epoch, stats, seconds, run.optimizer.param_groups[0]["lr"], config["batch_size"])
         last_epoch = epoch + 1 == config["epochs"]
         if val_set is not None and (last_epoch or (config["eval_every"] > 0
                                                    and (epoch + 1) % config["eval_every"] == 0)):
-            try:
-                # fp32 weights: bf16 scores take 128 values in [0.5, 1), and their ties would rank by image order.
-                validation = evaluate(Detector(model, torch.float32, device), val_loader, val_set,
-                                      loss_weights=loss_weights, desc=f"validate {epoch + 1}")
-            except ImageDecodeError as error:  # keep the epoch just trained, unvalidated
-                if is_main_process():
-                    append_log(out_dir / "log.csv", row, LOG_COLUMNS)
-                    writer.save(checkpoint_state(epoch + 1, 0), out_dir / "last.pt")
-                writer.wait()
-                cleanup()
-                sys.exit(f"error: validating epoch {epoch + 1}: {error.reason}. {unreadable_image_advice(config)} "
-                         f"(last.pt holds epoch {epoch + 1}, not validated).")
-            row["val_loss"] = f"{validation['loss']:.6f}"
-            if is_main_process():
-                metrics = validation["metrics"]
-                row["val_voc07_map"] = f"{metrics['voc07_map']:.6f}"
-                row["val_voc12_map"] = f"{metrics['voc12_map']:.6f}"
-                if metrics["voc12_map"] > best_map:
-                    best_map = metrics["voc12_map"]
-                    writer.save({"model": model.state_dict(), "model_args": model_args, "epoch": epoch + 1,
-                                  "class_names": list(class_names), "config": run_config,
-                                  "val_voc12_map": best_map, "git_commit": git_commit()}, out_dir / "best.pt")
-        save_epoch(writer, out_dir, row, LOG_COLUMNS, checkpoint_state(epoch + 1, 0), plot_training_curve)
+            run.validate(val_loader, val_set, epoch, row)
+        save_epoch(run.writer, out_dir, row, LOG_COLUMNS, run.checkpoint_state(epoch + 1, 0), plot_training_curve)
         say(" | ".join(f"{key} {row[key]}" for key in LOG_COLUMNS if row[key] != ""))
         barrier()
-        stop_if_requested(stop, writer, device, out_dir, epoch, last_epoch)
-    writer.wait()
+        stop_if_requested(run.stop, run.writer, device, out_dir, epoch, last_epoch)
+    run.writer.wait()
     if is_main_process():
         mark_finished(out_dir, config["epochs"])
     say(f"finished: {out_dir / 'last.pt'} holds the final model (best.pt: best validation mAP, for reference only)")
