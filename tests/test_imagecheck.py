@@ -82,3 +82,15 @@ def test_a_rewrite_of_the_same_size_is_checked_again(folder):
     good.write_bytes(b"\0" * size)
     os.utime(good, ns=(modified + 10 ** 9, modified + 10 ** 9))
     assert [path for path, _ in find_unreadable_images([good], cache)] == [good]
+
+
+def test_the_cache_goes_into_a_new_nested_run_folder_written_through_a_file_of_this_process(folder, tmp_path_factory,
+                                                                                           monkeypatch):
+    """train.py checks its images before creating its out_dir (runs/<name> may not exist yet, nor runs/), and
+    every process of a torchrun job checks the same images: each writes through a temporary file of its own."""
+    good, cache = folder / "good.jpg", tmp_path_factory.mktemp("runs") / "new" / "run" / CACHE_NAME
+    renamed, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: renamed.append(str(source)) or replace(source, target))
+    require_readable_images([good], cache)
+    assert list(json.loads(cache.read_text())) == [str(good)]
+    assert renamed == [str(cache.with_name(f"{CACHE_NAME}.{os.getpid()}.tmp"))]
