@@ -49,3 +49,54 @@ def test_pass_2_runs_only_the_tests_that_start_python_processes():
     # conftest fixture that trains the shared model (and itself); the others run in the test process alone.
     assert [test.name for test in mutate.starting_processes(tests, files)] == [
         "test_config.py", "test_readme.py", "test_train.py"]
+
+
+def test_decorated_functions_are_rewritten_so_that_mutmut_mutates_them():
+    """mutmut skips decorated functions: in the scratch copy each decorator is applied after the definition, which
+    is what a decorator does, so the rewritten code behaves the same."""
+    source = '''import functools
+from contextlib import contextmanager
+
+
+def twice(function):
+    return lambda *args: 2 * function(*args)
+
+
+@functools.cache
+@twice
+def square(x):
+    return x * x
+
+
+class Box:
+    @staticmethod
+    def kind():
+        return "box"
+
+    @contextmanager
+    def opened(self, log):
+        log.append("open")
+        yield self
+        log.append("closed")
+
+
+    @property
+    def size(self):
+        return 3
+'''
+    rewritten = mutate.undecorate(source)
+    assert "@functools.cache" not in rewritten and "@contextmanager" not in rewritten
+    assert "square = (functools.cache)((twice)(square))" in rewritten
+    assert "    opened = (contextmanager)(opened)\n" in rewritten
+    assert "@staticmethod" in rewritten and "@property" in rewritten
+    for text in (source, rewritten):
+        namespace, log = {}, []
+        exec(compile(text, "<test>", "exec"), namespace)
+        assert namespace["square"](3) == 18 and namespace["square"].cache_info().currsize == 1
+        box = namespace["Box"]()
+        with box.opened(log) as inside:
+            assert inside is box and log == ["open"]
+        assert log == ["open", "closed"] and box.size == 3 and box.kind() == "box"
+    # The project's decorated functions, rewritten, still import and run as before.
+    assert "evaluate = (torch.inference_mode())(evaluate)" in mutate.undecorate(
+        (ROOT / "yolo/engine.py").read_text())

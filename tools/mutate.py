@@ -134,6 +134,33 @@ def copy_tree(files, destination):
         subprocess.run([*git, *command], cwd=destination, check=True, capture_output=True)
 
 
+def undecorate(source):
+    """The source with each decorated function's decorators applied after its definition instead (`f = deco(f)`),
+    which is what a decorator does. mutmut leaves decorated functions unmutated (their copies for its trampoline
+    would run the decorators again); written this way they are mutated like the others. staticmethod,
+    classmethod (which mutmut handles) and property accessors stay as they are."""
+    lines = source.splitlines(keepends=True)
+    edits = []  # (first line to remove, one past the last, line to insert after, text): applied bottom-up
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not node.decorator_list:
+            continue
+        texts = [ast.get_source_segment(source, decorator) for decorator in node.decorator_list]
+        if any(text in ("staticmethod", "classmethod", "property") or text.endswith((".setter", ".getter",
+                                                                                     ".deleter"))
+               for text in texts):
+            continue
+        indent = " " * node.col_offset
+        applied = node.name
+        for text in reversed(texts):  # the decorator nearest the definition applies first
+            applied = f"({text})({applied})"
+        first = node.decorator_list[0].lineno - 1
+        edits.append((first, node.lineno - 1, node.end_lineno, f"{indent}{node.name} = {applied}\n"))
+    for first, definition, end, text in sorted(edits, reverse=True):
+        lines[end:end] = [text]
+        del lines[first:definition]
+    return "".join(lines)
+
+
 def write_mutmut_config(tree, targets, tests, files):
     """mutmut reads [tool.mutmut] from the pyproject.toml of its working folder: the scratch copy's, whose own
     table (a copy of a scratch copy has one) is replaced."""
@@ -215,6 +242,8 @@ def mutate(targets, tests_by_target, files, workdir):
     """Both passes over the targets in one scratch copy (mutmut traces the tests once for all of them)."""
     tree = workdir / "tree"
     copy_tree(files, tree)
+    for target in targets:
+        (tree / target).write_text(undecorate(source_text(ROOT / target)), encoding="utf-8")
     wider = {test for _, tests in tests_by_target.values() for test in tests}
     write_mutmut_config(tree, targets, wider, files)
     run_mutmut(tree, workdir / "mutmut.log")
