@@ -34,3 +34,14 @@ def test_a_full_disk_raises_and_leaves_nothing_behind(tmp_path):
         with atomic_write(path, "w", temporary=tmp_path / "cache.json.7.tmp") as file:
             file.write("x" * 100_000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_open_arguments_reach_the_file_and_a_failed_open_raises_its_own_error(tmp_path):
+    path = tmp_path / "names.txt"
+    with atomic_write(path, "w", encoding="utf-16") as file:
+        file.write("café")
+    assert path.read_bytes() == "café".encode("utf-16")
+    with pytest.raises(FileNotFoundError) as raised:  # the folder is missing: no temporary file was made
+        with atomic_write(tmp_path / "missing" / "names.txt", "w") as file:
+            file.write("never")
+    assert raised.value.__context__ is None  # the open's error itself, not one from cleaning up after it
