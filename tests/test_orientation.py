@@ -80,6 +80,11 @@ def test_upright_on_a_batch_and_a_damaged_or_missing_tag(tmp_path):
         with Image.open(tmp_path / f"damaged.{suffix}") as image:
             assert header_orientation(image) == 1
         assert torch.equal(decode_image(tmp_path / f"damaged.{suffix}"), pixels_of(stored))
+    exif = Image.Exif()
+    exif[0x010F] = "a camera that writes no orientation"  # Make
+    Image.new("RGB", (8, 4)).save(tmp_path / "untagged.jpg", exif=exif.tobytes())
+    with Image.open(tmp_path / "untagged.jpg") as image:
+        assert header_orientation(image) == 1
     Image.new("RGB", (8, 4)).save(tmp_path / "plain.png")
     with Image.open(tmp_path / "plain.png") as image:
         assert header_orientation(image) == 1 and image.tile  # its pixels are still to decode: not read to find out
