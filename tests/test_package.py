@@ -2,6 +2,7 @@
 example, and torch.hub's entry point declares the same imports."""
 import importlib.metadata
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -38,8 +39,12 @@ def test_the_package_alone_with_its_declared_dependencies_predicts_and_loads_thr
     """A fresh environment whose site-packages hold the project's wheel and links to the installed files of its
     declared dependencies' closure, and nothing else: an import the package makes without declaring it fails."""
     data_dir, run_dir = overfit_run
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ and *.egg-info there
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "yolo"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "wheel"), str(ROOT)], check=True, capture_output=True)
+                    str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True)
     (site_packages,) = (tmp_path / "env" / "lib").glob("python3*/site-packages")
     for distribution in installed_closure(declared_dependencies()):
