@@ -24,15 +24,15 @@ from torch.utils.data import Subset, default_collate
 from yolo.checkpoint import CheckpointError, CheckpointWriter, git_commit, load_checkpoint
 from yolo.classification import BackboneClassifier, classification_loss, evaluate_classifier, image_folders
 from yolo.config import at_least, between, constants, format_config, one_of, resolve_config, writable_folder
-from yolo.device import DTYPES, autocast_dtype, resolve_device
-from yolo.distributed import barrier, cleanup, init_distributed, is_main_process
+from yolo.device import DTYPES, resolve_device
+from yolo.distributed import barrier, cleanup, is_main_process
 from yolo.engine import NonFiniteLossError, train_one_epoch
 from yolo.model import BACKBONES
 from yolo.optim import load_optimizer_state
 from yolo.plots import plot_classification_curve
 from yolo.run import (StopRequest, announce_epochs, exit_for_stop, find_checkpoint, finished_already,
-                      load_scaler_state, mark_finished, refuse_other_settings, save_epoch, say, start_run_folder,
-                      stop_if_requested, training_parts, training_wrapper)
+                      load_scaler_state, mark_finished, refuse_other_settings, save_epoch, say, start_process,
+                      start_run_folder, stop_if_requested, training_parts, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, SeededSamples
 from yolo.transforms import DevicePrefetcher, build_loader, check_num_workers, num_loader_workers
 
@@ -82,10 +82,7 @@ def learning_rate(epoch: float, config: dict) -> float:
 
 
 def main(config: dict) -> None:
-    device = resolve_device(config["device"], 0)
-    rank, local_rank, world_size = init_distributed(device.type)
-    device = resolve_device(config["device"], local_rank)
-    dtype = autocast_dtype(config["dtype"], device)
+    device, dtype, rank, local_rank, world_size = start_process(config)
     out_dir = Path(config["out_dir"])
     say(f"pretrain.py on {world_size} process(es), device {device}, dtype {str(dtype).removeprefix('torch.')}\n"
         f"{format_config(config)}")

@@ -23,8 +23,8 @@ from yolo.checkpoint import (ARCHITECTURE_KEYS, CheckpointError, CheckpointWrite
                              load_checkpoint)
 from yolo.config import at_least, between, constants, format_config, one_of, resolve_config, writable_folder
 from yolo.data import PROTOCOLS, ImageDecodeError, build_dataset, has_test_annotations
-from yolo.device import DTYPES, autocast_dtype, resolve_device
-from yolo.distributed import backend, barrier, cleanup, init_distributed, is_main_process
+from yolo.device import DTYPES, resolve_device
+from yolo.distributed import backend, barrier, cleanup, is_main_process
 from yolo.engine import LOSS_TERMS, NonFiniteLossError, detection_loss, evaluate, train_one_epoch
 from yolo.formats import CLASS_LIST_ADVICE, DATA_FORMATS
 from yolo.imagecheck import CACHE_NAME, LEAVE_OUT_OF_SPLIT, require_readable_images
@@ -33,8 +33,8 @@ from yolo.model import BACKBONES, PretrainedWeightsError, YOLOv1
 from yolo.optim import OPTIMIZERS, load_optimizer_state
 from yolo.plots import plot_training_curve
 from yolo.run import (StopRequest, announce_epochs, append_log, exit_for_stop, find_checkpoint, finished_already,
-                      load_scaler_state, mark_finished, refuse_other_settings, save_epoch, say, start_run_folder,
-                      stop_if_requested, training_parts, training_wrapper)
+                      load_scaler_state, mark_finished, refuse_other_settings, save_epoch, say, start_process,
+                      start_run_folder, stop_if_requested, training_parts, training_wrapper)
 from yolo.sampling import GlobalBatchSampler, IndexedSamples, SeededSamples
 from yolo.transforms import (DevicePrefetcher, EvalTransform, TrainTransform, build_loader, check_num_workers,
                              num_loader_workers, reused_buffer_bytes)
@@ -312,10 +312,7 @@ def epoch_row(epoch: int, stats: dict, seconds: float, lr: float, batch_size: in
 
 
 def main(config: dict) -> None:
-    device = resolve_device(config["device"], 0)
-    rank, local_rank, world_size = init_distributed(device.type)
-    device = resolve_device(config["device"], local_rank)
-    dtype = autocast_dtype(config["dtype"], device)
+    device, dtype, rank, local_rank, world_size = start_process(config)
     out_dir = Path(config["out_dir"])
     if config["backbone_weights"] and config["pretrained"]:
         sys.exit("error: --backbone_weights replaces the ImageNet weights: add --pretrained=false.")

@@ -10,9 +10,19 @@ from pathlib import Path
 import torch
 
 from yolo.checkpoint import RESUMABLE_CHANGES, CheckpointWriter, config_differences
-from yolo.distributed import any_process, backend, barrier, cleanup, is_main_process
+from yolo.device import autocast_dtype, resolve_device
+from yolo.distributed import any_process, backend, barrier, cleanup, init_distributed, is_main_process
 from yolo.files import atomic_write
 from yolo.optim import build_optimizer
+
+
+def start_process(config: dict) -> tuple[torch.device, torch.dtype, int, int, int]:
+    """This process's part of the run: (its device, its autocast dtype, rank, local rank, world size), the process
+    group joined under torchrun."""
+    device = resolve_device(config["device"], 0)
+    rank, local_rank, world_size = init_distributed(device.type)
+    device = resolve_device(config["device"], local_rank)
+    return device, autocast_dtype(config["dtype"], device), rank, local_rank, world_size
 
 
 def say(*args) -> None:
