@@ -249,6 +249,9 @@ def test_a_non_finite_loss_at_the_very_first_step_is_named_and_nothing_is_applie
         assert "NaN or infinite at epoch 1, optimizer step 1." in message
         for name, value in initial.items():
             assert torch.equal(model.state_dict()[name], value), name
+    # Read after 4 steps, the first two NaN: the error still names the first (step 0 is a step like the others).
+    _, message = run(batches(5, poisoned={0, 1}), fused=True, read_every=4)
+    assert "NaN or infinite at epoch 1, optimizer step 1." in message
 
 
 def test_accumulated_micro_batches_make_the_step_of_their_whole_batch():
@@ -337,3 +340,55 @@ def test_a_log_gets_a_progress_line_a_minute_within_an_epoch(monkeypatch, capsys
     # 150, 175: a line.
     assert [line.split(",")[0] for line in lines] == ["epoch 1: 3/6 micro-batches", "epoch 1: 6/6 micro-batches"]
     assert all(", loss " in line and ", lr 1.00e-01" in line for line in lines)
+
+
+def test_the_loss_weights_reach_the_loss():
+    batch, model, cpu = batches(1)[0], TinyDetector(), torch.device("cpu")
+    weighted, _ = detection_loss(model, batch, loss_weights=LOSS_WEIGHTS, device=cpu, dtype=torch.float32)
+    unweighted, _ = detection_loss(model, batch, loss_weights={"lambda_coord": 1.0, "lambda_noobj": 1.0},
+                                   device=cpu, dtype=torch.float32)
+    for name, factor in (("coord", 5.0), ("noobj", 0.5), ("obj", 1.0), ("cls", 1.0)):
+        torch.testing.assert_close(weighted[name], unweighted[name] * factor)
+
+
+def test_the_epochs_loss_sums_are_kept_in_float64():
+    """A term of 2**24 then one of 1: float32 sums would lose the 1 (2**24 + 1 is not a float32)."""
+    values = iter([2.0 ** 24, 1.0])
+
+    def forward_loss(model, batch):
+        zero = model(batch.images).sum() * 0  # a loss with a gradient, of the value wanted
+        return {name: zero + (next(values) if name == "coord" else 0.0) for name in LOSS_TERMS}, 1
+
+    model = TinyDetector()
+    stats = train_one_epoch(model, batches(2), build_optimizer(model, "sgd", 0.1, 0.9, 0.0, fused=False),
+                            torch.amp.GradScaler("cpu", enabled=False), forward_loss=forward_loss,
+                            term_names=LOSS_TERMS, epoch=0, start_step=0, accumulation=1, lr_at=lambda step: 0.1,
+                            device=torch.device("cpu"), stop_requested=lambda: False)
+    assert stats["terms"]["coord"] == 2.0 ** 24 + 1 and stats["images"] == 2
+
+
+def test_gradients_are_synchronised_only_on_the_micro_batch_that_completes_a_step():
+    """DistributedDataParallel averages gradients across processes on each backward outside `no_sync()`: the loop
+    enters it for every micro-batch but the last of each step. A model with a recording `no_sync` stands in for
+    the wrapped one."""
+    from contextlib import contextmanager
+
+    class RecordingDetector(TinyDetector):
+        def __init__(self):
+            super().__init__()
+            self.backwards_in_no_sync, self.inside = [], False
+            self.linear.weight.register_hook(lambda grad: self.backwards_in_no_sync.append(self.inside))
+
+        @contextmanager
+        def no_sync(self):
+            self.inside = True
+            yield
+            self.inside = False
+
+    model = RecordingDetector()
+    cpu = torch.device("cpu")
+    train_one_epoch(model, batches(6), build_optimizer(model, "sgd", 0.1, 0.9, 0.0, fused=False),
+                    torch.amp.GradScaler("cpu", enabled=False), term_names=LOSS_TERMS, epoch=0, start_step=0,
+                    accumulation=3, lr_at=lambda step: 0.1, device=cpu, stop_requested=lambda: False,
+                    forward_loss=partial(detection_loss, loss_weights=LOSS_WEIGHTS, device=cpu, dtype=torch.float32))
+    assert model.backwards_in_no_sync == [True, True, False, True, True, False]
