@@ -336,8 +336,8 @@ def main(config: dict) -> None:
     sampler, train_loader, val_loader = build_loaders(config, train_set, val_set, rank, world_size, device)
     model = YOLOv1(**model_args, pretrained=config["pretrained"], zero_init_residual=config["zero_init_residual"])
     model = model.to(device, memory_format=torch.channels_last)
-    run = Run(config, run_config, model_args, class_names, model, *training_parts(
-        model, config["optimizer"], config, device, dtype), device, dtype)
+    optimizer, scaler = training_parts(model, config["optimizer"], config, device, dtype)
+    run = Run(config, run_config, model_args, class_names, model, optimizer, scaler, device, dtype)
     run.resume(find_checkpoint(config, out_dir))
     if finished_already(out_dir, run.start_epoch, config["epochs"]):
         return

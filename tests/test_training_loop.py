@@ -305,6 +305,7 @@ class RecordedBar:
 
     def __init__(self, iterable, **settings):
         self.iterable, self.settings, self.postfixes = iterable, settings, []
+        self.disable = settings["disable"] is True  # as tqdm resolves it for a terminal
         RecordedBar.made.append(self)
 
     def __iter__(self):
