@@ -360,3 +360,15 @@ def test_a_box_under_a_pixel_is_kept_and_one_wholly_outside_is_dropped_by_its_na
     annotation = build_dataset("custom", root, train=True).annotations[0]
     np.testing.assert_allclose(annotation["boxes"], [[20.9, 8.5, 20.1, 22.5]], rtol=1e-6)
     assert capsys.readouterr().err == ""  # kept without a word
+
+
+def test_the_errors_advice_on_classes_comes_only_with_a_problem_of_a_class(tmp_path):
+    write_voc(tmp_path, [("a", "a.jpg", [("Stop Sign", (1, 1, 5, 5))])])
+    (tmp_path / "JPEGImages" / "a.jpg").unlink()
+    with pytest.raises(AnnotationError) as raised:
+        build_dataset("custom", tmp_path, train=True)
+    assert str(raised.value).endswith("\nFix them, or leave those images out of the split.")
+    write_voc(tmp_path, [("a", "a.jpg", [("unicorn", (1, 1, 5, 5))])])
+    with pytest.raises(AnnotationError, match=r"Fix them \(an unknown class: the label, or the class list: VOC: "
+                                              r"classes\.txt; .*\), or leave those images out of the split\.$"):
+        build_dataset("custom", tmp_path, train=True)

@@ -62,6 +62,8 @@ MISSING_DATA_HINT = ("run `make download` for VOC, or `python data/make_syntheti
                      "in VOC, COCO or YOLO layout (yolo/formats.py describes them); or check data_dir")
 MAX_LISTED_PROBLEMS = 20
 CLASS_LIST_ADVICE = "VOC: classes.txt; COCO: the JSON's categories; YOLO: data.yaml's names"
+# How the problems with a class read: the class list's advice is for them.
+CLASS_PROBLEMS = ("is not one of the dataset's classes", "is not in data.yaml's names", "is not among the categories")
 
 
 class AnnotationError(ValueError):
@@ -75,8 +77,9 @@ class AnnotationError(ValueError):
         lines += [f"  {problem}" for problem in self.problems[:MAX_LISTED_PROBLEMS]]
         if len(self.problems) > MAX_LISTED_PROBLEMS:
             lines.append(f"  and {len(self.problems) - MAX_LISTED_PROBLEMS} more")
-        lines.append(f"Fix them (an unknown class: the label, or the class list: {CLASS_LIST_ADVICE}), or leave "
-                     f"those images out of the split.")
+        about_classes = any(marker in problem for problem in self.problems for marker in CLASS_PROBLEMS)
+        lines.append("Fix them" + (f" (an unknown class: the label, or the class list: {CLASS_LIST_ADVICE})"
+                                   if about_classes else "") + ", or leave those images out of the split.")
         super().__init__("\n".join(lines))
 
 
