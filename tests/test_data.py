@@ -16,6 +16,7 @@ from torch.utils.data._utils.pin_memory import pin_memory
 from torchvision.transforms import v2
 
 from data import make_synthetic
+import yolo.data
 from yolo import transforms
 from yolo.boxes import normalized_to_voc
 from yolo.data import PROTOCOLS, DetectionDataset, ImageDecodeError, build_dataset, decode_image
@@ -213,7 +214,7 @@ def test_empty_annotation_is_valid(tmp_path):
     assert not target["grid"].any()
 
 
-def test_out_of_image_box_clipped_box_wholly_outside_dropped_each_listed_once(tmp_path, capsys):
+def test_out_of_image_box_clipped_box_wholly_outside_dropped_each_listed_once(tmp_path, capsys, monkeypatch):
     write_item(tmp_path, "x", [("cat", (-5, 3, 50, 40), False), ("dog", (45, 2, 60, 10), False),
                                ("cat", (7, 7, 7, 7), False)])
     dataset = dataset_of(tmp_path, ["x"])
@@ -222,6 +223,9 @@ def test_out_of_image_box_clipped_box_wholly_outside_dropped_each_listed_once(tm
         f"warning: dropped 1 object(s) lying wholly outside their image:\n  {xml}: <object> 2 (dog 45 2 60 10)\n"
         f"warning: clipped 1 box(es) reaching a pixel or more outside their image to its edges:\n"
         f"  {xml}: <object> 1 (cat -5 3 50 40)\n")
+    monkeypatch.setattr(yolo.data, "is_main_process", lambda: False)  # another process of a torchrun job
+    dataset_of(tmp_path, ["x"])
+    assert capsys.readouterr().err == ""
     annotation = dataset.annotations[0]
     # Clipped to [1, 40] x [1, 30]; a one-pixel box (x1 == x2) is valid under the inclusive convention.
     np.testing.assert_array_equal(annotation["boxes"], [[1, 3, 40, 30], [7, 7, 7, 7]])

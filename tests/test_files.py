@@ -1,4 +1,6 @@
 """yolo.files.atomic_write: a file is replaced whole or not at all."""
+import os
+
 import pytest
 
 from file_writes import PREVIOUS, assert_atomic_write, record_file_writes
@@ -27,11 +29,11 @@ def test_a_failure_inside_the_block_keeps_the_old_file_and_removes_the_temporary
 
 
 def test_a_full_disk_raises_and_leaves_nothing_behind(tmp_path):
-    """The temporary file named by `temporary` (one per process) is a link to /dev/full: every write fails."""
+    """The temporary file of this process (`shared`: one per process) is a link to /dev/full: every write fails."""
     path = tmp_path / "cache.json"
-    (tmp_path / "cache.json.7.tmp").symlink_to("/dev/full")
+    (tmp_path / f"cache.json.{os.getpid()}.tmp").symlink_to("/dev/full")
     with pytest.raises(OSError):
-        with atomic_write(path, "w", temporary=tmp_path / "cache.json.7.tmp") as file:
+        with atomic_write(path, "w", shared=True) as file:
             file.write("x" * 100_000)
     assert list(tmp_path.iterdir()) == []
 

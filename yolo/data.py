@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode
 from torchvision.transforms.v2.functional import to_dtype
 
+from yolo.distributed import is_main_process
 from yolo.formats import DATA_FORMATS, MAX_LISTED_PROBLEMS, detect_format, has_area_inside, read_splits
 from yolo.orientation import header_orientation, upright
 
@@ -80,10 +81,11 @@ def clip_to_image(annotation, width, height):
 
 
 def report_box_changes(dropped, clipped):
-    """One warning block per kind of change, each object named as its file writes it ('file: object')."""
+    """One warning block per kind of change, each object named as its file writes it ('file: object'), from the
+    main process alone (every process of a torchrun job reads the same files)."""
     for what, refs in (("dropped {} object(s) lying wholly outside their image", dropped),
                        ("clipped {} box(es) reaching a pixel or more outside their image to its edges", clipped)):
-        if refs:
+        if refs and is_main_process():
             lines = [f"warning: {what.format(len(refs))}:", *(f"  {ref}" for ref in refs[:MAX_LISTED_PROBLEMS])]
             if len(refs) > MAX_LISTED_PROBLEMS:
                 lines.append(f"  and {len(refs) - MAX_LISTED_PROBLEMS} more")

@@ -7,10 +7,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-# tqdm's monitor thread would run beside the loader workers forked later (a fork while a thread holds a lock
-# can hang the child); the bars refresh as they advance without it.
-tqdm.monitor_interval = 0
-
 from yolo.data import ImageDecodeError
 from yolo.distributed import all_reduce_sum, gather_to_main, is_main_process
 from yolo.inference import Detector
@@ -20,6 +16,9 @@ from yolo.optim import set_learning_rate, skips_on_device
 from yolo.photometric import model_input
 
 LOSS_TERMS = ("coord", "obj", "noobj", "cls")
+# tqdm's monitor thread would run beside the loader workers forked later (a fork while a thread holds a lock
+# can hang the child); the bars refresh as they advance without it.
+tqdm.monitor_interval = 0
 LOG_PROGRESS_EVERY_S = 60  # where no terminal shows tqdm's bar (a log file), a progress line this often
 
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", *, temporary: Path | None = None, **open_args):
-    """A file open for writing on a temporary sibling of `path` (`path` + .tmp unless `temporary` names another:
-    one per process where several write the same file); when the block ends it is flushed, synced to disk and
-    renamed over `path`. Until then `path` keeps its previous contents: if the block or the write fails (a
-    kill, a full disk), the temporary file is removed and the error raised."""
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, shared: bool = False, **open_args):
+    """A file open for writing on a temporary sibling of `path` (`path` + .tmp; `shared`, where several processes
+    may write the same file at once: `path` + .<process id>.tmp, one each); when the block ends it is flushed,
+    synced to disk and renamed over `path`. Until then `path` keeps its previous contents: if the block or the
+    write fails (a kill, a full disk), the temporary file is removed and the error raised."""
     path = Path(path)
-    temporary = temporary or path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp" if shared else f"{path.name}.tmp")
     try:
         with open(temporary, mode, **open_args) as file:
             yield file

@@ -6,7 +6,6 @@ seconds; files that passed are remembered by size and modification time in a cac
 pixels are damaged is caught later, when the loader decodes it (see `yolo.data`), and skipped there.
 """
 import json
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,7 +64,7 @@ def _write_cache(cache: Path, entries: dict) -> None:
     # process of a torchrun job checks the same images.
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(cache, "w", temporary=cache.with_name(f"{cache.name}.{os.getpid()}.tmp")) as file:
+        with atomic_write(cache, "w", shared=True) as file:
             file.write(json.dumps(entries))
     except OSError:
         pass
@@ -77,15 +76,17 @@ def find_unreadable_images(paths: list[Path], cache: Path | None = None) -> list
     modification time, so that a rerun checks only what changed."""
     paths = [Path(path) for path in paths]
     remembered = _read_cache(cache)
-    to_check = [path for path in paths
-                if (signature := _signature(path)) is None or remembered.get(str(path.absolute())) != signature]
+    # Each file stated once; what passes is remembered with the signature it had when it was checked.
+    keys = {path: str(path.absolute()) for path in paths}
+    signatures = {path: _signature(path) for path in paths}
+    to_check = [path for path in paths if signatures[path] is None or remembered.get(keys[path]) != signatures[path]]
     with ThreadPoolExecutor(THREADS) as pool:
         problems = dict(zip(to_check, pool.map(header_problem, to_check)))
     for path, problem in problems.items():
         if problem is None:
-            remembered[str(path.absolute())] = _signature(path)
+            remembered[keys[path]] = signatures[path]
         else:
-            remembered.pop(str(path.absolute()), None)
+            remembered.pop(keys[path], None)
     if problems and cache:
         _write_cache(cache, remembered)
     return [(path, problems[path]) for path in paths if problems.get(path)]

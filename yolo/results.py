@@ -7,7 +7,6 @@ were written, so a rerun changes only its own lines. Values are compared as the 
 A column added after rows were written is empty in those rows, unless COLUMN_DEFAULTS says what they measured.
 """
 import csv
-import os
 from pathlib import Path
 
 from yolo.files import atomic_write
@@ -78,7 +77,7 @@ def write_keyed(path: str | Path, rows: list[dict], key: tuple[str, ...], column
     merged += [row for row_key, group in replacing.items() if row_key not in placed for row in group]
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, "w", newline="", temporary=path.with_name(f".{path.name}.{os.getpid()}.tmp")) as file:
+    with atomic_write(path, "w", newline="", shared=True) as file:
         writer = csv.DictWriter(file, columns)  # an absent field is written empty
         writer.writeheader()
         writer.writerows(merged)
