@@ -39,14 +39,13 @@ import numpy as np
 import torch
 
 from yolo.api import open_detector
-from yolo.boxes import at_least_one_pixel
 from yolo.checkpoint import CheckpointError
 from yolo.config import at_least, between, format_config, one_of, resolve_config, resolve_out_dir
 from yolo.data import ImageDecodeError, decode_image
 from yolo.device import DTYPES, resolve_device
 from yolo.imagecheck import IMAGE_SUFFIXES
 from yolo.inference import Detector
-from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
+from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, detection_rows, widen_sub_pixel_boxes
 from yolo.visualize import draw_boxes, save_image
 
 checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint, or an export.py .onnx (ONNX Runtime, CPU)
@@ -169,21 +168,6 @@ class DetectionWriter:
     def __exit__(self, *_):
         self.file.close()
         self.json_path.write_text(json.dumps(self.rows, indent=1) + "\n")
-
-
-def widen_sub_pixel_boxes(detections: np.ndarray) -> np.ndarray:
-    """The detections with boxes under one pixel widened to one pixel (x1 <= x2, y1 <= y2)."""
-    detections = detections.copy()
-    detections[:, :4] = at_least_one_pixel(torch.from_numpy(detections[:, :4])).numpy()
-    return detections
-
-
-def detection_rows(source: str, frame: int, detections: np.ndarray, class_names: list[str]) -> list[dict]:
-    # Unrounded: a box rounded to 0.1 px already moves AP50 in the third decimal.
-    return [{"source": source, "frame": frame, "x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2),
-             "score": float(score),
-             "class_id": int(label), "class_name": class_names[int(label)]}
-            for x1, y1, x2, y2, score, label in detections]
 
 
 def detect(detector: Detector, images: list[torch.Tensor]) -> list[np.ndarray]:

@@ -92,6 +92,9 @@ COVERED_ELSEWHERE = {
     "make reproduce PROTOCOL=voc2007test": "tests/test_reproduce.py::test_make_reproduce_runs_every_stage",
     "make download VOC_ARCHIVES_DIR=~/datasets/voc-tars":
         "tests/test_reproduce.py::test_make_reproduce_runs_every_stage",
+    # The same server on the test model, on a free port rather than 8000, which another program may hold.
+    "python serve.py --checkpoint=runs/demo/resnet18/last.pt":
+        "tests/test_serve.py::test_the_page_shows_an_uploaded_images_detections_and_filters_them_by_score",
     "make download VOC_MIRROR=https://my.mirror/voc/":
         "tests/test_make_chain.py::test_download_passes_paths_with_spaces_and_quotes_as_single_arguments",
     # Its reference_run fixture runs these arguments (the test below holds them to it): two epochs that cost more
@@ -131,7 +134,7 @@ NOT_HERE = {
 }
 
 SETTINGS_SCRIPTS = ("train.py", "evaluate.py", "detect.py", "benchmark.py", "table.py", "pretrain.py",
-                    "export_weights.py", "export.py")
+                    "export_weights.py", "export.py", "serve.py")
 
 
 @pytest.fixture(scope="module")

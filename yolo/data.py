@@ -112,8 +112,14 @@ def decode_image(path):
     except OSError as error:
         raise ImageDecodeError(f"{path}: cannot read the file ({error.strerror}); check the path and its "
                                "permissions") from None
+    return decode_image_bytes(data, path)
+
+
+def decode_image_bytes(data: bytes, name, advice: str = "re-extract or replace the file"):
+    """An image file's bytes -> uint8 (3, H, W) RGB tensor, as `decode_image` reads a file. ImageDecodeError
+    names the image `name` and ends with `advice`."""
     if not data:
-        raise ImageDecodeError(f"{path}: cannot decode image (the file is empty); re-extract or replace the file")
+        raise ImageDecodeError(f"{name}: cannot decode image (the file is empty); {advice}")
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoder in favour of TorchCodec, which the pinned environment
@@ -127,7 +133,7 @@ def decode_image(path):
         image = image[0] if image.ndim == 4 else image
         image = image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
         return upright(image, _orientation(data))
-    return _decode_with_pil(data, path, torchvision_reason)
+    return _decode_with_pil(data, name, torchvision_reason, advice)
 
 
 def _orientation(data):
@@ -145,7 +151,7 @@ def _torchvision_reason(error):
     return re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().splitlines()[0])
 
 
-def _decode_with_pil(data, path, torchvision_reason):
+def _decode_with_pil(data, name, torchvision_reason, advice):
     try:
         with Image.open(io.BytesIO(data)) as image:
             displayed = ImageOps.exif_transpose(image)
@@ -155,7 +161,7 @@ def _decode_with_pil(data, path, torchvision_reason):
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         unsupported_by_torchvision = torchvision_reason.startswith("Unsupported image file")
         reason = str(error) if unsupported_by_torchvision else torchvision_reason
-    raise ImageDecodeError(f"{path}: cannot decode image ({reason}); re-extract or replace the file")
+    raise ImageDecodeError(f"{name}: cannot decode image ({reason}); {advice}")
 
 
 class DetectionDataset(torch.utils.data.Dataset):

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms
 
-from yolo.boxes import cell_to_normalized, normalized_to_voc
+from yolo.boxes import at_least_one_pixel, cell_to_normalized, normalized_to_voc
 
 # The post-processing settings of every script (SPEC section 6); the scripts expose them as constants.
 EVAL_SCORE_THRESHOLD = 0.005  # keeps nearly everything: mAP integrates over all scores
@@ -67,3 +67,20 @@ def to_voc_array(detection: dict[str, torch.Tensor], width: int, height: int) ->
     boxes = normalized_to_voc(detection["boxes"].double().cpu(), width, height)
     return torch.cat([boxes, detection["scores"].double().cpu()[:, None],
                       detection["labels"].double().cpu()[:, None]], dim=1).numpy()
+
+
+def widen_sub_pixel_boxes(detections: np.ndarray) -> np.ndarray:
+    """The detections with boxes under one pixel widened to one pixel (x1 <= x2, y1 <= y2)."""
+    detections = detections.copy()
+    detections[:, :4] = at_least_one_pixel(torch.from_numpy(detections[:, :4])).numpy()
+    return detections
+
+
+def detection_rows(source: str, frame: int, detections: np.ndarray, class_names: list[str]) -> list[dict]:
+    """One dict per detection of a (K, 6) array, as detect.py's detections files and serve.py's answers give them.
+    """
+    # Unrounded: a box rounded to 0.1 px already moves AP50 in the third decimal.
+    return [{"source": source, "frame": frame, "x1": float(x1), "y1": float(y1), "x2": float(x2), "y2": float(y2),
+             "score": float(score),
+             "class_id": int(label), "class_name": class_names[int(label)]}
+            for x1, y1, x2, y2, score, label in detections]

@@ -1,0 +1,335 @@
+"""serve.py: the JSON API against detect.py and `predict`, concurrent clients, every bad input answered with its 4xx
+while the server goes on, the batching of concurrent images, and the page in a real browser (Chromium)."""
+import asyncio
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+import detect
+import serve
+from yolo.api import load_detector, open_detector
+from yolo.data import decode_image
+from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
+from yolo.serving import BatchedDetector, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+BOUNDARY = "test-boundary-7d1f"
+
+
+def multipart(data: bytes, filename: str = "photo.jpg", field: str = "image") -> tuple[bytes, str]:
+    """A multipart/form-data body holding one file, as a browser's FormData sends it, and its content type."""
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    return head + data + f"\r\n--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}"
+
+
+def post(url: str, body: bytes, content_type: str = "application/octet-stream", query: str = "") -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/predict{query}", data=body, headers={"Content-Type": content_type},
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def model(overfit_run):
+    """(checkpoint, its validation images, the PyTorch detector serve.py runs on the CPU in fp32)."""
+    data_dir, run_dir = overfit_run
+    checkpoint = run_dir / "last.pt"
+    images = sorted((data_dir / "JPEGImages").glob("*.jpg"))
+    detector, state = open_detector(checkpoint, "cpu", "fp32", score_threshold=DISPLAY_SCORE_THRESHOLD)
+    return checkpoint, images, detector, state
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """The app on 127.0.0.1 in a thread, with limits small enough to test: 1 MB bodies, 1 megapixel images."""
+    checkpoint, _, detector, state = model
+    app = create_app(detector, serve.model_description(checkpoint, state, detector), max_batch_size=4,
+                     batch_window_ms=5, max_upload_mb=1, max_megapixels=1)
+    listener = socket.create_server(("127.0.0.1", 0))  # listening already: requests wait for the server's start
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=60)
+
+
+def detect_py_rows(model, path: Path, source: str) -> list[dict]:
+    """detect.py's detections.json rows for the image (its functions, at its default settings)."""
+    _, _, detector, state = model
+    return detect.detection_rows(source, 0, detect.detect(detector, [decode_image(path)])[0], state["class_names"])
+
+
+def assert_same_rows(answer: list[dict], expected: list[dict]) -> None:
+    assert [(row["class_id"], row["class_name"], row["source"]) for row in answer] == \
+           [(row["class_id"], row["class_name"], row["source"]) for row in expected]
+    numbers = ["x1", "y1", "x2", "y2", "score"]
+    np.testing.assert_allclose([[row[key] for key in numbers] for row in answer],
+                               [[row[key] for key in numbers] for row in expected], rtol=1e-5, atol=1e-4)
+
+
+def test_an_image_gets_detect_pys_rows_and_predicts_boxes(server, model):
+    checkpoint, images, _, _ = model
+    path = images[0]
+    body, content_type = multipart(path.read_bytes(), filename="photo 1.jpg")
+    status, answer = post(server, body, content_type)
+    assert status == 200, answer
+    expected = detect_py_rows(model, path, "photo 1.jpg")
+    assert expected, "the test model detects nothing on its training image: nothing would be compared"
+    assert_same_rows(answer["detections"], expected)
+    width, height = Image.open(path).size
+    assert (answer["width"], answer["height"], answer["batch_size"]) == (width, height, 1)
+    # predict's boxes are continuous 0-based pixels: the VOC rows are x1 + 1, y1 + 1, x2, y2.
+    predicted = load_detector(checkpoint, "cpu", "fp32").predict(path)[0]
+    voc = predicted.boxes.double() + torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
+    np.testing.assert_allclose([[row[key] for key in ("x1", "y1", "x2", "y2")] for row in answer["detections"]],
+                               voc.numpy(), rtol=1e-5, atol=1e-3)
+    assert [row["class_name"] for row in answer["detections"]] == predicted.names
+
+    # The raw body is the same image, named "upload"; the query parameters are the request's own NMS settings.
+    status, raw = post(server, path.read_bytes())
+    assert status == 200 and [row["source"] for row in raw["detections"]] == ["upload"] * len(expected)
+    status, strict = post(server, path.read_bytes(), query="?score_threshold=0.9&max_detections=1")
+    assert status == 200
+    assert [row["score"] for row in strict["detections"]] == \
+           [row["score"] for row in raw["detections"] if row["score"] >= 0.9][:1]
+    status, loose = post(server, path.read_bytes(), query="?score_threshold=0.01&nms_iou=1")
+    assert status == 200 and len(loose["detections"]) > len(raw["detections"])
+
+
+def test_the_model_and_health_endpoints(server, model):
+    checkpoint, _, detector, state = model
+    described = get(f"{server}/model")
+    assert described["class_names"] == state["class_names"] and described["image_size"] == detector.image_size
+    assert described["name"] == f"{checkpoint.parent.name}/last.pt" and described["runtime"] == "pytorch"
+    assert (described["device"], described["dtype"]) == ("cpu", "float32")
+    assert get(f"{server}/health") == {"status": "ok"}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels, followed by a few bytes of image data: what a
+    decompression bomb looks like before it is decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def jpeg(width: int, height: int) -> bytes:
+    data = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(data, "JPEG")
+    return data.getvalue()
+
+
+BAD_INPUTS = {
+    # name: (body, content type, query, status, what the detail says)
+    "not an image": (b"%PDF-1.7 not an image", "application/pdf", "", 415, "upload is not an image"),
+    "a truncated JPEG": (jpeg(300, 200)[:-200], "image/jpeg", "", 422, "upload: cannot decode image (Image is "
+                         "incomplete or truncated); send the complete file"),
+    "an image over the pixel limit": (png_header(1200, 1000), "image/png", "", 413,
+                                      "upload is 1200 x 1000 pixels, over this server's limit of 1 megapixels"),
+    "a decompression bomb": (png_header(100_000, 100_000), "image/png", "", 413, "decompression bomb"),
+    "a body over the size limit": (b"\xff" * (2**20 + 1), "image/jpeg", "", 413,
+                                   "the request's body is over this server's limit of 1 MB"),
+    "an empty body": (b"", "image/jpeg", "", 400, "no image: the request's body is empty"),
+    "an unknown parameter": (jpeg(30, 20), "image/jpeg", "?score=0.5", 422, "unknown query parameter 'score'"),
+    "a value out of range": (jpeg(30, 20), "image/jpeg", "?nms_iou=1.5", 422, "nms_iou=1.5: must be between 0.0"),
+    "a value of the wrong type": (jpeg(30, 20), "image/jpeg", "?max_detections=ten", 422,
+                                  "max_detections=ten: must be a whole number"),
+    "a repeated parameter": (jpeg(30, 20), "image/jpeg", "?nms_iou=0.3&nms_iou=0.4", 422, "more than once"),
+    "a form without the image field": (*multipart(jpeg(30, 20), field="file"), "", 400,
+                                       "one file in the field 'image' (files found in: file)"),
+    "a damaged form": (b"--nothing", f"multipart/form-data; boundary={BOUNDARY}", "", 400, "form"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_gets_its_4xx_and_the_next_request_is_served(server, model, name):
+    body, content_type, query, status, detail = BAD_INPUTS[name]
+    answer_status, answer = post(server, body, content_type, query)
+    assert (answer_status, len(answer["detail"].splitlines())) == (status, 1), answer
+    assert detail in answer["detail"]
+    status, good = post(server, model[1][1].read_bytes())
+    assert status == 200 and good["detections"]
+
+
+def test_a_body_without_its_length_is_cut_off_at_the_limit(server):
+    """A chunked upload declares no size: it is refused once the bytes received pass the limit."""
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/predict", body=iter([b"\xff" * 2**16] * 20), encode_chunked=True,
+                       headers={"Content-Type": "image/jpeg"})
+    response = connection.getresponse()
+    assert response.status == 413 and "over this server's limit" in json.load(response)["detail"]
+    connection.close()
+
+
+def test_concurrent_clients_get_the_answers_of_single_requests(server, model):
+    """8 clients, 40 requests in all, every one answered with its image's detections."""
+    images = model[1]
+    expected = {path.name: detect_py_rows(model, path, "upload") for path in images}
+
+    def ask(index: int) -> tuple[str, int, dict]:
+        path = images[index % len(images)]
+        return (path.name, *post(server, path.read_bytes()))
+
+    with ThreadPoolExecutor(8) as clients:
+        answers = list(clients.map(ask, range(40)))
+    for name, status, answer in answers:
+        assert status == 200, answer
+        assert_same_rows(answer["detections"], expected[name])
+    assert all(1 <= answer["batch_size"] <= 4 for _, _, answer in answers)
+
+
+def test_images_waiting_together_run_as_one_batch_and_each_gets_its_own_settings(model):
+    """The images queued before a batch starts go through the network together (up to the maximum), and each
+    is post-processed with its own request's settings: the same detections as one at a time."""
+    _, images, detector, state = model
+    decoded = [decode_image(path) for path in images]
+    settings = [{"score_threshold": threshold, "nms_iou": NMS_IOU, "max_detections": MAX_DETECTIONS}
+                for threshold in (0.2, 0.6, 0.9, 0.05, 0.2, 0.3, 0.5)]
+
+    async def run(max_batch_size: int):
+        batched = BatchedDetector(detector, max_batch_size, batch_window_s=0)
+        jobs = [asyncio.ensure_future(batched(image, setting)) for image, setting in zip(decoded, settings)]
+        await asyncio.sleep(0)  # every image is queued
+        loop = asyncio.create_task(batched.run())
+        done = await asyncio.gather(*jobs)
+        loop.cancel()
+        batched.network_thread.shutdown()
+        return done
+
+    for max_batch_size, sizes in ((8, [7] * 7), (3, [3, 3, 3, 3, 3, 3, 1])):
+        jobs = asyncio.run(run(max_batch_size))
+        assert [job.batch_size for job in jobs] == sizes
+        for job, image, setting in zip(jobs, decoded, settings):
+            alone = BatchedDetector(detector, 1, 0).detect([type(job)(image, setting, None)])[0]
+            np.testing.assert_allclose(job.future.result(), alone, rtol=1e-5, atol=1e-4)
+            assert (job.future.result()[:, 4] >= setting["score_threshold"]).all()
+
+
+def test_a_body_declared_far_over_the_limit_is_refused_before_it_is_sent(server):
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.putrequest("POST", "/predict")
+    connection.putheader("Content-Type", "image/jpeg")
+    connection.putheader("Content-Length", str(2**40))
+    connection.endheaders()  # and not a byte of the body
+    response = connection.getresponse()
+    assert response.status == 413 and "over this server's limit of 1 MB" in json.load(response)["detail"]
+    connection.close()
+
+
+def chromium() -> str:
+    """Debian's Chromium (or the CHROMIUM environment variable's), or the reason the browser test cannot run."""
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if not path:
+        pytest.skip("no Chromium to drive: install Debian's chromium package (apt-get install chromium), or set "
+                    "CHROMIUM to a Chromium or Chrome executable")
+    return path
+
+
+@pytest.fixture
+def serve_py(model, tmp_path):
+    """serve.py on the test model, started as a user starts it, on a free port: its URL."""
+    checkpoint = model[0]
+    process = subprocess.Popen([sys.executable, "serve.py", f"--checkpoint={checkpoint}", "--port=0", "--device=cpu"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:  # it prints the address once it listens
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        address = re.search(r"at (http://\S+) ", lines[-1] if lines else "")
+        assert address, "".join(lines)
+        yield address.group(1)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+# Chromium as root, offline: no sandbox, and none of its calls to Google's hosts.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def test_the_page_shows_an_uploaded_images_detections_and_filters_them_by_score(serve_py, model):
+    executable = chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the pinned requirements")
+    _, images, _, state = model
+    chosen = images[:2]
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(serve_py)
+            page.wait_for_function("document.getElementById('model-details').textContent.includes('classes')")
+            assert all(name in page.text_content("#model-details") for name in state["class_names"])
+            page.set_input_files("#files", [str(path) for path in chosen])
+            page.wait_for_function("document.querySelectorAll('.result.done').length === 2")
+            shown = {}
+            for card in page.query_selector_all(".result.done"):
+                name = card.query_selector("h2").text_content().split()[0]
+                rows = [[cell.text_content() for cell in row.query_selector_all("td")]
+                        for row in card.query_selector_all("tbody tr")]
+                shown[name] = (rows, len(card.query_selector_all(".box")))
+            for path in chosen:
+                expected = [row for row in detect_py_rows(model, path, path.name)
+                            if row["score"] >= DISPLAY_SCORE_THRESHOLD]
+                assert expected
+                rows, boxes = shown[path.name]
+                assert rows == [[row["class_name"], f"{row['score']:.3f}",
+                                 *(f"{row[key]:.1f}" for key in ("x1", "y1", "x2", "y2"))] for row in expected]
+                assert boxes == len(expected)
+            # The slider filters what was answered: above every score, nothing is left drawn.
+            page.fill("#threshold", "1")
+            page.wait_for_function("document.querySelectorAll('.result.done .box').length === 0")
+            assert page.query_selector_all(".result.done tbody tr") == []
+        finally:
+            browser.close()
+
+
+def test_a_bad_checkpoint_or_a_taken_port_is_one_error_line(model, tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        for arguments, message in (([f"--checkpoint={bad}"], f"error: {bad}"),
+                                   ([f"--checkpoint={model[0]}", f"--port={taken.getsockname()[1]}"],
+                                    f"error: cannot listen on 127.0.0.1:{taken.getsockname()[1]}")):
+            result = subprocess.run([sys.executable, "serve.py", *arguments, "--device=cpu"], cwd=ROOT,
+                                    capture_output=True, text=True, timeout=300)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1, result.stderr
+    finally:
+        taken.close()
