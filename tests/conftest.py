@@ -1,12 +1,12 @@
 """Shared fixtures: a tiny synthetic VOC-layout dataset and a briefly trained checkpoint, made once per session."""
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
+from command_lines import run_python
 from data import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,6 @@ def overfit_run(request, tmp_path_factory):
             shutil.copy(data_dir / "ImageSets/Main/train.txt", data_dir / "ImageSets/Main/val.txt")
             command = [sys.executable, "train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}",
                        *OVERFIT_SETTINGS]
-            result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+            result = run_python(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
             assert result.returncode == 0, result.stdout + result.stderr
     return data_dir, out_dir

@@ -1,6 +1,5 @@
 import csv
 import re
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 import benchmark
+from command_lines import run_python
 from yolo import transforms
 from yolo.config import resolve_config
 from yolo.model import YOLOv1
@@ -32,8 +32,8 @@ def test_rows_follow_the_schema_and_a_rerun_replaces_its_own(tmp_path):
     def run(*settings):
         # One thread (part of device_name, so of the key): on a busy machine, synchronising two threads
         # costs more than these tiny ops.
-        subprocess.run([sys.executable, "benchmark.py", *TINY, *settings, "--threads=1", f"--out={out}"], cwd=ROOT,
-                       check=True, capture_output=True)
+        run_python([sys.executable, "benchmark.py", *TINY, *settings, "--threads=1", f"--out={out}"], cwd=ROOT,
+                       check=True, capture_output=True, text=True)
 
     run("--batch_sizes=1,2", "--dtypes=fp32,bf16", "--emulated_dtypes=true")
     _, *first = read_rows(out)
@@ -91,7 +91,7 @@ def test_onnx_runtime_is_timed_beside_pytorch_into_a_file_written_before_runtime
 def test_a_file_with_other_columns_is_refused_before_timing(tmp_path):
     out = tmp_path / "old.csv"
     out.write_text("backbone,fps\nresnet18,97.88\n")
-    result = subprocess.run([sys.executable, "benchmark.py", *TINY, "--batch_sizes=1", f"--out={out}"], cwd=ROOT,
+    result = run_python([sys.executable, "benchmark.py", *TINY, "--batch_sizes=1", f"--out={out}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: --out: {out} has the columns backbone, fps, not these "
@@ -192,7 +192,7 @@ def test_loader_modes_time_both_pipelines_on_a_generated_set_in_the_same_schema(
 
 
 def test_loader_modes_name_a_missing_data_dir(tmp_path):
-    result = subprocess.run([sys.executable, "benchmark.py", "--device=cpu", "--modes=loader", "--protocol=voc2007test",
+    result = run_python([sys.executable, "benchmark.py", "--device=cpu", "--modes=loader", "--protocol=voc2007test",
                              f"--data_dir={tmp_path}", f"--out={tmp_path / 'x.csv'}"], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode != 0 and "error: split list" in result.stderr and "VOC2007" in result.stderr

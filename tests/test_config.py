@@ -1,12 +1,12 @@
 import re
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from command_lines import run_python
 from yolo.checkpoint import ARCHITECTURE_KEYS
 from yolo.config import (ConfigError, apply_overrides, at_least, between, check_rules, commented_settings, constants,
                          format_config, one_of, read_preset, resolve_config, resolve_out_dir, settings_help,
@@ -121,7 +121,7 @@ def test_help_shows_the_usage_the_defaults_and_the_headings(capsys):
 
 
 def test_help_exits_0_from_the_command_line():
-    result = subprocess.run([sys.executable, "table.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = run_python([sys.executable, "table.py", "-h"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and not result.stderr
     assert result.stdout.startswith("usage: python table.py") and "--results=results " in result.stdout
 

@@ -2,7 +2,6 @@ import hashlib
 import io
 import os
 import re
-import subprocess
 import sys
 import tarfile
 import threading
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from command_lines import run_python
 from data import download_voc
 from data import make_synthetic
 from data.download_voc import DownloadError, download_voc as download
@@ -211,11 +211,11 @@ def test_host_that_never_answers_is_given_up(tmp_path, server, serve, voc_tar):
 def test_cli_gives_up_on_a_trickling_mirror_without_traceback(tmp_path, server, serve, voc_tar):
     serve(voc_tar)
     server.trickle[NAME] = 0.05
-    result = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path), "--mirror", server.url,
+    result = run_python([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path), "--mirror", server.url,
                              "--stall-timeout", "5", "--deadline", "0.3"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"error: {server.url}/{NAME}: not downloaded within 0.3 s (--deadline)" in result.stderr
-    result = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path), "--stall-timeout", "0"],
+    result = run_python([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path), "--stall-timeout", "0"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "argument --stall-timeout: '0' is not a number of seconds > 0" in result.stderr
 
@@ -293,7 +293,7 @@ def test_network_error_names_url_and_remedies(tmp_path, server):
 
 def test_cli_reports_a_failing_mirror_without_traceback(tmp_path, server):
     environment = {**os.environ, "VOC_MIRROR": f"{server.url}/nowhere"}
-    result = subprocess.run([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path)], env=environment,
+    result = run_python([sys.executable, str(SCRIPT), "--data-dir", str(tmp_path)], env=environment,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert f"error: HTTP 404 Not Found: Could not download {server.url}/nowhere/{NAME}" in result.stderr

@@ -21,6 +21,7 @@ from pycocotools.cocoeval import COCOeval
 
 import detect
 import yolo
+from command_lines import run_python
 from data import make_synthetic
 from yolo.config import resolve_config
 from yolo.data import build_dataset, decode_image
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(script, *overrides, expect_success=True):
-    result = subprocess.run([sys.executable, script, *overrides], cwd=ROOT, capture_output=True, text=True,
+    result = run_python([sys.executable, script, *overrides], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     if expect_success:
         assert result.returncode == 0, result.stdout + result.stderr

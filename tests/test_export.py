@@ -1,6 +1,5 @@
 """export.py's ONNX file in ONNX Runtime: PyTorch's outputs, detections and metrics, from the scripts and the API."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import detect
 import evaluate
 import export
 import yolo
+from command_lines import run_python
 from yolo import onnx_model
 from yolo.checkpoint import CheckpointError, git_commit, load_checkpoint, load_model
 from yolo.config import resolve_config
@@ -209,7 +209,7 @@ def test_a_missing_malformed_or_foreign_onnx_file_is_one_error_line(overfit_run,
     broken.write_bytes(b"not an onnx model")
     assert f"{broken} is not a readable ONNX model (" in script_error(evaluate, f"--checkpoint={broken}")
     # The command line itself: one error line, no traceback.
-    result = subprocess.run([sys.executable, "detect.py", f"--checkpoint={broken}", source,
+    result = run_python([sys.executable, "detect.py", f"--checkpoint={broken}", source,
                              f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith(f"error: {broken} is not a readable ONNX model (")
@@ -235,7 +235,7 @@ def test_the_scripts_and_the_package_load_without_onnx():
     # needs them.
     code = ("import sys, benchmark, detect, evaluate, train, yolo; "
             "print(sorted({name.split('.')[0] for name in sys.modules} & {'onnx', 'onnxruntime', 'onnxscript'}))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_python([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 

@@ -3,7 +3,6 @@ failing check does not stop the ones after it), the plan and its budget, the com
 the in-process checks train on, and the command line. (Its refusal without CUDA is tested with the Makefile in
 test_make_chain.)"""
 import csv
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 import gpu_check
 import yolo.photometric
+from command_lines import run_python
 from yolo.config import resolve_config
 from yolo.engine import detection_loss
 from yolo.model import YOLOv1
@@ -170,7 +170,7 @@ def test_non_finite_state_names_the_weights_and_momentum_holding_nan_or_inf():
     ("--micro_batch_size=0", "error: --micro_batch_size=0: must be at least 1"),
     ("--sync_check_steps=1", "error: --sync_check_steps=1: must be at least 2")])
 def test_a_bad_command_line_is_one_error_line(argument, message):
-    result = subprocess.run([sys.executable, "gpu_check.py", argument], cwd=ROOT, capture_output=True, text=True,
+    result = run_python([sys.executable, "gpu_check.py", argument], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1 and result.stderr.startswith(message)
     assert "Traceback" not in result.stderr and result.stdout == ""

@@ -4,7 +4,6 @@ import os
 import runpy
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from command_lines import run_python
 from data import make_synthetic
 import pretrain
 from yolo.checkpoint import load_backbone_weights, save_checkpoint
@@ -31,7 +31,7 @@ DETECTION = ["configs/tiny_model.py", "configs/tiny.py", "--backbone=fast", "--e
 
 
 def run_script(script, *arguments, expect_success=True):
-    result = subprocess.run([sys.executable, script, *map(str, arguments)], cwd=ROOT, capture_output=True,
+    result = run_python([sys.executable, script, *map(str, arguments)], cwd=ROOT, capture_output=True,
                             text=True, timeout=600, env=ONE_THREAD)
     if expect_success:
         assert result.returncode == 0, result.stdout + result.stderr
@@ -88,7 +88,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(classification_di
     # Killed at the start of epoch 2's first optimizer step (tests/instrumented.py), with epoch 1's last.pt on disk.
     command = [sys.executable, "tests/instrumented.py", "--send_signal=SIGKILL:3",
                *pretrain_command(classification_dir, out_dir, *RESUMABLE)[1:]]
-    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    result = run_python(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
     killed_at = torch.load(out_dir / "last.pt", weights_only=True)
     assert (killed_at["epoch"], killed_at["step"]) == (1, 0)
@@ -104,7 +104,7 @@ def test_sigterm_saves_the_step_and_resume_is_exact(classification_dir, referenc
     # The signal comes at the start of the first optimizer step: that step finishes, and the save is there.
     command = [sys.executable, "tests/instrumented.py", "--send_signal=SIGTERM:1",
                *pretrain_command(classification_dir, out_dir, *RESUMABLE)[1:]]
-    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    result = run_python(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
     assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
     saved = torch.load(out_dir / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 1)
@@ -118,7 +118,7 @@ def test_torchrun_on_two_processes_matches_one_process(classification_dir, refer
     out_dir = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py",
                f"--data_dir={classification_dir}", f"--out_dir={out_dir}", *RESUMABLE]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    result = run_python(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("| train_loss") == 2  # rank 0 alone prints the epoch lines
     ddp, single = final_weights(out_dir), final_weights(reference_run)

@@ -26,6 +26,7 @@ from PIL import Image
 
 import detect
 import serve
+from command_lines import run_python
 from yolo.api import load_detector, open_detector
 from yolo.data import decode_image
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
@@ -327,7 +328,7 @@ def test_a_bad_checkpoint_or_a_taken_port_is_one_error_line(model, tmp_path):
         for arguments, message in (([f"--checkpoint={bad}"], f"error: {bad}"),
                                    ([f"--checkpoint={model[0]}", f"--port={taken.getsockname()[1]}"],
                                     f"error: cannot listen on 127.0.0.1:{taken.getsockname()[1]}")):
-            result = subprocess.run([sys.executable, "serve.py", *arguments, "--device=cpu"], cwd=ROOT,
+            result = run_python([sys.executable, "serve.py", *arguments, "--device=cpu"], cwd=ROOT,
                                     capture_output=True, text=True, timeout=300)
             assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
             assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1, result.stderr

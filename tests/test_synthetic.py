@@ -1,11 +1,11 @@
 import hashlib
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from PIL import Image
 
+from command_lines import run_python
 from data import make_synthetic
 from yolo.data import build_dataset
 from yolo.formats import detect_format, read_class_names, read_voc_annotation
@@ -25,9 +25,9 @@ def split_ids(root, split):
 def test_same_seed_same_bytes_and_cli(tmp_path, synthetic_root):
     # The CLI with the fixture's arguments (seed 0) must reproduce the fixture byte for byte.
     out = tmp_path / "again"
-    subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--seed", "0",
+    run_python([sys.executable, str(SCRIPT), "--out", str(out), "--seed", "0",
                     "--train", str(len(split_ids(synthetic_root, "train"))),
-                    "--val", str(len(split_ids(synthetic_root, "val")))], check=True, capture_output=True)
+                    "--val", str(len(split_ids(synthetic_root, "val")))], check=True, capture_output=True, text=True)
     assert file_hashes(out) == file_hashes(synthetic_root)
 
 
@@ -82,8 +82,8 @@ def test_easy_difficulty_has_fewer_larger_objects(tmp_path):
 
 def test_classification_crops_are_deterministic_and_cover_every_class_in_both_splits(tmp_path):
     make_synthetic.generate_classification(tmp_path / "a", train=12, val=5, seed=0, size=48)
-    subprocess.run([sys.executable, str(SCRIPT), "--layout", "imagefolder", "--out", str(tmp_path / "b"),
-                    "--train", "12", "--val", "5", "--seed", "0", "--size", "48"], check=True, capture_output=True)
+    run_python([sys.executable, str(SCRIPT), "--layout", "imagefolder", "--out", str(tmp_path / "b"),
+                    "--train", "12", "--val", "5", "--seed", "0", "--size", "48"], check=True, capture_output=True, text=True)
     assert file_hashes(tmp_path / "a") == file_hashes(tmp_path / "b")
     for split, count in (("train", 12), ("val", 5)):
         folders = sorted(path.name for path in (tmp_path / "a" / split).iterdir())

@@ -1,5 +1,4 @@
 """table.py regenerates the README tables from the CSVs alone, and only when they change."""
-import subprocess
 import sys
 from pathlib import Path
 
@@ -7,6 +6,7 @@ import pandas as pd
 
 import benchmark
 import table
+from command_lines import run_python
 from yolo.results import write_keyed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def write_results(folder: Path, voc12_map: float) -> None:
 
 
 def make_table(tmp_path):
-    result = subprocess.run([sys.executable, "table.py", f"--readme={tmp_path / 'README.md'}",
+    result = run_python([sys.executable, "table.py", f"--readme={tmp_path / 'README.md'}",
                              f"--results={tmp_path / 'voc'}", f"--demo_results={tmp_path / 'demo'}",
                              f"--gpu_results={tmp_path / 'voc' / 'gpu'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -73,7 +73,7 @@ def test_the_table_comes_from_the_csvs_and_is_stable(tmp_path):
 
 def test_a_readme_without_markers_is_a_clear_error(tmp_path):
     (tmp_path / "README.md").write_text("# No markers\n")
-    result = subprocess.run([sys.executable, "table.py", f"--readme={tmp_path / 'README.md'}",
+    result = run_python([sys.executable, "table.py", f"--readme={tmp_path / 'README.md'}",
                              f"--results={tmp_path}", f"--demo_results={tmp_path}", f"--gpu_results={tmp_path}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "markers" in result.stderr
@@ -178,7 +178,7 @@ def test_one_folders_tables_stand_alone(tmp_path):
     metrics.assign(made_by="python evaluate.py --checkpoint=x/last.pt").to_csv(tmp_path / "mine/metrics.csv",
                                                                                 index=False)
     command = [sys.executable, "table.py", f"--results={tmp_path / 'mine'}"]
-    printed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    printed = run_python(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.splitlines()
     assert ("| resnet18 | resnet18 | synthetic val (128 images) | 50.00 | 45.67 | 20.00 | 50.00 | 10.00 | 50.0 (fp32, "
@@ -189,13 +189,13 @@ def test_one_folders_tables_stand_alone(tmp_path):
                                                             "False |")
     assert "seed" not in printed.stdout  # another work's figures belong to the README's table only
 
-    written = subprocess.run([*command, f"--out={tmp_path / 'tables/mine.md'}"], cwd=ROOT, capture_output=True,
+    written = run_python([*command, f"--out={tmp_path / 'tables/mine.md'}"], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
     assert written.returncode == 0 and (tmp_path / "tables/mine.md").read_text() == printed.stdout
     assert sorted(path.name for path in (tmp_path / "mine").iterdir()) == [
         "benchmark.csv", "metrics.csv", "per_class_ap.csv", "resnet18_log.csv"]
 
-    empty = subprocess.run([sys.executable, "table.py", f"--results={tmp_path / 'tables'}"], cwd=ROOT,
+    empty = run_python([sys.executable, "table.py", f"--results={tmp_path / 'tables'}"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
     assert empty.returncode == 1 and "holds no metrics.csv or benchmark.csv" in empty.stderr
 

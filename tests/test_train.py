@@ -2,7 +2,6 @@
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from command_lines import run_python
 from data import make_synthetic
 import train
 from yolo.checkpoint import config_differences
@@ -34,7 +34,7 @@ def train_command(data_dir, out_dir, *overrides):
 
 
 def run_train(data_dir, out_dir, *overrides, expect_success=True):
-    result = subprocess.run(train_command(data_dir, out_dir, *overrides), cwd=ROOT, capture_output=True, text=True,
+    result = run_python(train_command(data_dir, out_dir, *overrides), cwd=ROOT, capture_output=True, text=True,
                             timeout=600, env=ONE_THREAD)
     if expect_success:
         assert result.returncode == 0, result.stdout + result.stderr
@@ -72,7 +72,7 @@ def test_training_learns_until_the_training_images_are_detected(overfit_run):
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(data_dir, reference_run, tmp_path):
     out_dir = tmp_path / "killed"
     command = [*INSTRUMENTED, "--send_signal=SIGKILL:3", *train_command(data_dir, out_dir, *RESUMABLE)[1:]]
-    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    result = run_python(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr  # at epoch 2's first step
     killed_at = torch.load(out_dir / "last.pt", weights_only=True)
     assert (killed_at["epoch"], killed_at["step"]) == (1, 0)
@@ -90,7 +90,7 @@ def test_training_goes_on_while_last_pt_is_written_and_a_kill_then_keeps_the_pre
     # and that write is killed after its bytes, before it completes.
     command = [*INSTRUMENTED, "--slow_disk", "--kill_during_write=last.pt:2",
                *train_command(data_dir, out_dir, *RESUMABLE)[1:]]
-    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    result = run_python(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
     assert "epoch 2 |" in result.stdout
     killed_at = torch.load(out_dir / "last.pt", weights_only=True)
@@ -106,7 +106,7 @@ def test_done_appears_only_once_the_final_last_pt_is_on_disk(data_dir, tmp_path)
     """With every write held until the training waits for it, marking the run finished before waiting fails."""
     out_dir = tmp_path / "slow_writes"
     command = [*INSTRUMENTED, "--slow_disk", *train_command(data_dir, out_dir, *RESUMABLE, "--epochs=1")[1:]]
-    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    result = run_python(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (out_dir / "done").exists()
     assert torch.load(out_dir / "last.pt", weights_only=True)["epoch"] == 1
@@ -116,7 +116,7 @@ def test_sigterm_saves_the_step_and_resume_is_exact(data_dir, reference_run, tmp
     out_dir = tmp_path / "terminated"
     # The signal comes at the start of the first optimizer step: that step finishes, and the save is there.
     command = [*INSTRUMENTED, "--send_signal=SIGTERM:1", *train_command(data_dir, out_dir, *RESUMABLE)[1:]]
-    result = subprocess.run(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    result = run_python(command, cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
     assert result.returncode == 128 + signal.SIGTERM, result.stdout + result.stderr
     assert "rerun the same command to resume" in result.stdout
     saved = torch.load(out_dir / "last.pt", weights_only=True)
@@ -159,7 +159,7 @@ def test_torchrun_on_two_processes_matches_one_process(data_dir, tmp_path):
     run_train(data_dir, single_dir, *settings)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                f"--data_dir={data_dir}", f"--out_dir={ddp_dir}", *settings]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    result = run_python(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(2 accumulated micro-batches per process)" in result.stdout
     assert result.stdout.count("| train_loss") == 1  # rank 0 alone prints the epoch lines
@@ -175,13 +175,13 @@ def test_a_stop_signalled_to_one_torchrun_process_stops_all_at_one_step(data_dir
     arguments = [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command = [*torchrun, "tests/instrumented.py", "--send_signal=SIGTERM:1:1", "train.py", *arguments]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    result = run_python(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     output = result.stdout + result.stderr
     assert output.count("rerun the same command to resume") == 1, output  # said by rank 0 alone
     saved = torch.load(out_dir / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 1), output
 
-    resumed = subprocess.run([*torchrun, "train.py", *arguments], cwd=ROOT, capture_output=True, text=True,
+    resumed = run_python([*torchrun, "train.py", *arguments], cwd=ROOT, capture_output=True, text=True,
                              timeout=600, env=ONE_THREAD)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
     ddp, single = final_weights(out_dir), final_weights(reference_run)
@@ -194,7 +194,7 @@ def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path
     out_dir = tmp_path / "ddp1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
                f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE, "--epochs=1"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    result = run_python(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "train.py on 1 process(es) in a gloo process group" in result.stdout
     assert (out_dir / "done").exists()
@@ -250,7 +250,7 @@ def test_imagenet_weights_out_of_reach_are_one_error_line(data_dir, tmp_path):
                "HTTPS_PROXY": "http://127.0.0.1:9"}
     command = train_command(data_dir, tmp_path / "run", *TINY, "--batch_size=8", "--micro_batch_size=8",
                             "--pretrained=true")
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=offline)
+    result = run_python(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=offline)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("error: Could not load the ImageNet weights of resnet18")
     assert "--pretrained=false" in result.stderr and str(tmp_path / "hub" / "hub" / "checkpoints") in result.stderr
