@@ -4,12 +4,8 @@ import asyncio
 import http.client
 import io
 import json
-import os
-import re
-import shutil
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import urllib.error
@@ -27,6 +23,8 @@ from PIL import Image
 import detect
 import serve
 from command_lines import run_python
+from tools.page_screenshot import find_chromium, open_browser
+from tools.serve_process import start_server
 from yolo.api import load_detector, open_detector
 from yolo.data import decode_image
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
@@ -250,47 +248,24 @@ def test_a_body_declared_far_over_the_limit_is_refused_before_it_is_sent(server)
     connection.close()
 
 
-def chromium() -> str:
-    """Debian's Chromium (or the CHROMIUM environment variable's), or the reason the browser test cannot run."""
-    path = os.environ.get("CHROMIUM") or shutil.which("chromium")
-    if not path:
-        pytest.skip("no Chromium to drive: install Debian's chromium package (apt-get install chromium), or set "
-                    "CHROMIUM to a Chromium or Chrome executable")
-    return path
-
-
 @pytest.fixture
-def serve_py(model, tmp_path):
+def serve_py(model):
     """serve.py on the test model, started as a user starts it, on a free port: its URL."""
-    checkpoint = model[0]
-    process = subprocess.Popen([sys.executable, "serve.py", f"--checkpoint={checkpoint}", "--port=0", "--device=cpu"],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines = []
-        for line in process.stdout:  # it prints the address once it listens
-            lines.append(line)
-            if line.startswith("serving "):
-                break
-        address = re.search(r"at (http://\S+) ", lines[-1] if lines else "")
-        assert address, "".join(lines)
-        yield address.group(1)
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-
-
-# Chromium as root, offline: no sandbox, and none of its calls to Google's hosts.
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+    process, url = start_server(model[0], "--device=cpu")
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
 
 
 def test_the_page_shows_an_uploaded_images_detections_and_filters_them_by_score(serve_py, model):
-    executable = chromium()
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the pinned requirements")
+    if not find_chromium():
+        pytest.skip("no Chromium to drive: install Debian's chromium package (apt-get install chromium), or set "
+                    "CHROMIUM to a Chromium or Chrome executable")
+    from playwright.sync_api import sync_playwright
     _, images, _, state = model
     chosen = images[:2]
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+    with sync_playwright() as playwright:
+        browser = open_browser(playwright)
         try:
             page = browser.new_page()
             page.goto(serve_py)

@@ -9,8 +9,6 @@ not 200 or whose detections differ from the loop's. Then stops the server and ti
 a time. Prints images per second of both; exits 1 when any request failed.
 """
 import json
-import re
-import subprocess
 import sys
 import time
 import urllib.error
@@ -23,6 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tools.serve_process import start_server  # noqa: E402
 from yolo.api import load_detector  # noqa: E402
 from yolo.config import at_least, resolve_config  # noqa: E402
 from yolo.imagecheck import IMAGE_SUFFIXES  # noqa: E402
@@ -35,19 +34,6 @@ device = "cpu"                 # serve.py's and the loop's device
 timeout_s = 120.0              # seconds a request may take before it counts as failed
 
 RULES = {"requests": at_least(1), "clients": at_least(1), "timeout_s": at_least(0.1)}
-
-
-def start_server(config: dict) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "serve.py", f"--checkpoint={config['checkpoint']}", "--port=0",
-                                f"--device={config['device']}"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    output = []
-    for line in process.stdout:  # the address, once it listens
-        output.append(line)
-        found = re.search(r"^serving .* at (http://\S+) ", line)
-        if found:
-            return process, found.group(1)
-    sys.exit("error: serve.py stopped before serving:\n" + "".join(output))
 
 
 def send(url: str, data: bytes, timeout: float) -> tuple[int, list]:
@@ -84,7 +70,7 @@ def main(config: dict) -> None:
                                           result.labels.numpy()])
     loop_rate = len(chosen) / (time.perf_counter() - started)
 
-    process, url = start_server(config)
+    process, url = start_server(config["checkpoint"], f"--device={config['device']}")
     try:
         send(url, data[chosen[0]], config["timeout_s"])  # the first request after start pays for warm-up
         started = time.perf_counter()
