@@ -2,7 +2,9 @@
 import contextlib
 import io
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from command_lines import ROOT, run_python
 from data import make_synthetic
 from yolo.data import build_dataset
 from yolo.box_formats import voc_to_yolo, yolo_to_voc
 from yolo.engine import ground_truth_array
-from yolo.formats import AnnotationError, MAX_LISTED_PROBLEMS, detect_format, yolo_label_path
+from yolo.formats import (AnnotationError, MAX_LISTED_PROBLEMS, detect_format, has_area_inside, read_splits,
+                          read_voc_annotation, yolo_label_path)
 from yolo.metrics import evaluate_detections
 from yolo.transforms import EvalTransform, TrainTransform
 
@@ -139,6 +143,7 @@ def test_coco_bridge_category_ids_iscrowd_and_cocos_own_image_folder(tmp_path):
     assert annotation["labels"].tolist() == [1, 0, 0]
     assert annotation["difficult"].tolist() == [False, True, False]
     assert len(dataset.annotations[1]["labels"]) == 0 and dataset[1][0].shape == (3, 20, 50)
+    assert dataset.annotations[1]["labels"].dtype == np.int64 and dataset.annotations[1]["crowd"].dtype == bool
     # A checkpoint's class order: the labels follow the names.
     reordered = build_dataset("custom", tmp_path, train=False, split="val2017", class_names=CLASSES)
     assert reordered.annotations[0]["labels"].tolist() == [0, 1, 1]
@@ -372,3 +377,316 @@ def test_the_errors_advice_on_classes_comes_only_with_a_problem_of_a_class(tmp_p
     with pytest.raises(AnnotationError, match=r"Fix them \(an unknown class: the label, or the class list: VOC: "
                                               r"classes\.txt; .*\), or leave those images out of the split\.$"):
         build_dataset("custom", tmp_path, train=True)
+
+
+def test_a_voc_split_of_images_alone_is_sized_from_their_headers(tmp_path):
+    """voc_images (the VOC2012 test set, whose annotations the server keeps): no Annotations folder is needed;
+    each listed image is a sample without objects, of its header's size, from the split file. Every unreadable
+    image is a problem naming its line and file."""
+    write_voc(tmp_path, [("a", "a.jpg", []), ("b", "b.png", [])])
+    for path in (tmp_path / "Annotations").iterdir():
+        path.unlink()
+    (tmp_path / "Annotations").rmdir()
+    save_image(tmp_path / "JPEGImages" / "b.png", 50, 20)
+    split_file = tmp_path / "ImageSets/Main/train.txt"
+    class_names, samples, class_ids = read_splits("voc_images", [(tmp_path, "train")])
+    assert (class_names, class_ids) == (CLASSES, [1, 2])
+    assert [(sample.image_id, sample.image_path, sample.source, sample.annotation["width"],
+             sample.annotation["height"]) for sample in samples] == [
+        ("a", tmp_path / "JPEGImages/a.jpg", str(split_file), 40, 30),
+        ("b", tmp_path / "JPEGImages/b.png", str(split_file), 50, 20)]
+    for sample in samples:
+        annotation = sample.annotation
+        assert annotation["boxes"].shape == (0, 4) and annotation["boxes"].dtype == np.float32
+        assert len(annotation["labels"]) == len(annotation["difficult"]) == len(annotation["crowd"]) == 0
+        assert annotation["refs"] == []
+
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "JPEGImages" / name).write_bytes(b"not an image")
+    with pytest.raises(AnnotationError) as raised:
+        read_splits("voc_images", [(tmp_path, "train")])
+    assert [problem.partition(": not a readable")[0] for problem in raised.value.problems] == [
+        f"{split_file}:1: image {tmp_path}/JPEGImages/a.jpg", f"{split_file}:2: image {tmp_path}/JPEGImages/b.png"]
+
+    for path in (tmp_path / "JPEGImages").iterdir():
+        path.unlink()
+    (tmp_path / "JPEGImages").rmdir()
+    with pytest.raises(FileNotFoundError, match=rf"^folder {tmp_path}/JPEGImages not found; run `make download`"):
+        read_splits("voc_images", [(tmp_path, "train")])
+    split_file.write_text("\n \n")
+    with pytest.raises(ValueError, match=rf"^{split_file} lists no images: add image ids to it"):
+        read_splits("voc_images", [(tmp_path, "train")])
+
+
+def write_xml(path, text):
+    path.write_text(f"<annotation>\n{text}\n</annotation>\n")
+    return path
+
+
+def test_a_voc_size_missing_empty_or_0_x_0_is_the_images_own_and_any_other_bad_size_is_a_problem(tmp_path):
+    write_voc(tmp_path, [("a", "a.jpg", []), ("b", "b.jpg", []), ("c", "c.jpg", [])])
+    sizes = {"a": "", "b": "<size><width></width><height></height></size>",
+             "c": "<size><width>0</width><height>0</height></size>"}
+    for image_id, size in sizes.items():
+        write_xml(tmp_path / "Annotations" / f"{image_id}.xml", size)
+    _, samples, _ = read_splits("voc", [(tmp_path, "train")])
+    assert [(sample.annotation["width"], sample.annotation["height"]) for sample in samples] == [(40, 30)] * 3
+
+    for image_id in ("a", "b"):  # and the image's header cannot tell it either
+        (tmp_path / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"not an image")
+    with pytest.raises(AnnotationError) as raised:
+        read_splits("voc", [(tmp_path, "train")])
+    assert [problem.partition(": not a readable")[0] for problem in raised.value.problems] == [
+        f"{tmp_path}/Annotations/{image_id}.xml: no <size>, and image {tmp_path}/JPEGImages/{image_id}.jpg"
+        for image_id in ("a", "b")]
+
+    for width, height in ((0, 10), (10, 0), (-1, -1)):
+        path = write_xml(tmp_path / "bad.xml", f"<size><width>{width}</width><height>{height}</height></size>")
+        with pytest.raises(AnnotationError) as raised:
+            read_voc_annotation(path, CLASSES)
+        assert raised.value.problems == [f"{path}:1: image size {width} x {height} is not positive"]
+    path = write_xml(tmp_path / "one.xml", "<size><width>1</width><height>1</height></size>")
+    assert (read_voc_annotation(path, CLASSES)["width"], read_voc_annotation(path, CLASSES)["height"]) == (1, 1)
+
+
+def test_each_problem_of_a_voc_file_is_named_with_its_line_and_the_classes(tmp_path):
+    path = write_xml(tmp_path / "a.xml", "\n".join([
+        "<size><width>40</width><height>30</height></size>",
+        "<object><name>Stop Sign</name></object>",
+        "<object><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>4</xmax><ymax>4</ymax></bndbox></object>",
+        "<object><name>Stop Sign</name><bndbox><xmin>1</xmin><ymin>abc</ymin><xmax>4</xmax></bndbox></object>"]))
+    with pytest.raises(AnnotationError) as raised:
+        read_voc_annotation(path, CLASSES)
+    assert raised.value.problems == [f"{path}:3: <bndbox> missing",
+                                     f"{path}:4: class '' is not one of the dataset's classes",
+                                     f"{path}:5: <bndbox/ymin> is 'abc', not a number",
+                                     f"{path}:5: <bndbox/ymax> missing"]
+    assert "(its classes: Stop Sign, Traffic Light)" in str(raised.value)
+
+    broken = tmp_path / "broken.xml"
+    broken.write_text("<annotation>\n  <size>\n    <width>40</wid>\n</annotation>\n")
+    unreadable = tmp_path / "folder.xml"
+    unreadable.mkdir()
+    for path, problem in ((broken, f"{broken}:3: cannot parse the XML (mismatched tag: line 3, column 15); "
+                                   f"re-extract or fix it"),
+                          (unreadable, f"{unreadable}: cannot read it (Is a directory)")):
+        with pytest.raises(AnnotationError) as raised:
+            read_voc_annotation(path, CLASSES)
+        assert raised.value.problems == [problem]
+        assert "(its classes: Stop Sign, Traffic Light)" in str(raised.value)
+
+
+def test_every_problem_of_a_coco_files_structure_is_reported_and_the_rest_still_checked(tmp_path):
+    """Each bad image, category and annotation entry is named by its place; the others are still read."""
+    save_image(tmp_path / "images" / "train" / "a.jpg", 40, 30)
+    save_image(tmp_path / "images" / "train" / "b.jpg", 40, 30)
+    json_path = tmp_path / "annotations" / "instances_train.json"
+    write_coco(tmp_path, "train", [
+        {"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
+        {"id": "2", "file_name": "b.jpg"}, {"id": 3, "file_name": ""}, {"id": 4}, {"file_name": "b.jpg"}, "b.jpg",
+        {"id": 1, "file_name": "b.jpg", "width": 40, "height": 30},
+        {"id": 5, "file_name": "b.jpg", "width": 0, "height": 30}, {"id": 6, "file_name": "b.jpg", "width": 40},
+        {"id": 7, "file_name": "b.jpg", "width": True, "height": 30},
+        {"id": 8, "file_name": "b.jpg", "width": 1, "height": 1},
+    ], [
+        {"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 0]},
+        {"id": 11, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 1], "iscrowd": 2},
+        {"id": 12, "image_id": 1, "category_id": "1", "bbox": [1, 2, 3, 4]},
+        {"id": 13, "image_id": True, "category_id": 1, "bbox": [1, 2, 3, 4]},
+        "not an annotation",
+        {"id": 14, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, float("inf")]},
+        {"id": 15, "image_id": 1, "category_id": True, "bbox": [1, 2, 3, 4]},
+    ], [{"id": 1, "name": "Stop Sign"}, {"id": 2, "name": "Stop Sign"}, {"id": 1, "name": "Traffic Light"},
+        {"id": "3", "name": "x"}, {"id": 4, "name": 5}, {"id": 5}, "Yield", {"id": 6, "name": "Traffic Light"}])
+    with pytest.raises(AnnotationError) as raised:
+        read_splits("coco", [(tmp_path, "train")])
+    entry = f"{json_path}: "
+    assert raised.value.problems == [
+        entry + "categories[1]: id 2 or name 'Stop Sign' repeats",
+        entry + "categories[2]: id 1 or name 'Traffic Light' repeats",
+        *(entry + f"categories[{position}]: needs an integer id and a string name" for position in (3, 4, 5, 6)),
+        *(entry + f"images[{position}]: needs an integer id and a string file_name" for position in (1, 2, 3, 4, 5)),
+        entry + "images[6] (id 1): the image id repeats",
+        *(entry + f"images[{position}] (id {position - 2}): width and height must be positive integers"
+          for position in (7, 8, 9)),
+        entry + "annotation id 10 (annotations[0]): degenerate bbox [1, 2, 3, 0]: width and height must be positive",
+        entry + "annotation id 11 (annotations[1]): iscrowd is 2, not 0 or 1",
+        entry + "annotation id 12 (annotations[2]): category_id '1' is not among the categories",
+        entry + "annotation id 13 (annotations[3]): image_id True is not among the images",
+        entry + "annotation id None (annotations[4]): image_id None is not among the images",
+        entry + "annotation id 14 (annotations[5]): bbox [1, 2, 3, inf] is not four numbers [x, y, w, h]",
+        entry + "annotation id 15 (annotations[6]): category_id True is not among the categories",
+    ]
+    message = str(raised.value).splitlines()
+    assert message[0] == "22 problem(s) in the dataset's files (its classes: Stop Sign, Traffic Light):"
+    assert message[MAX_LISTED_PROBLEMS + 1] == "  and 2 more"
+
+    # A one-pixel image and a 1 x 1 box are fine; an annotation with iscrowd 1 or 0, or none, reads as it says.
+    write_coco(tmp_path, "train", [{"id": 8, "file_name": "b.jpg", "width": 1, "height": 1}], [
+        {"id": 1, "image_id": 8, "category_id": 1, "bbox": [0, 0, 1, 1]},
+        {"id": 2, "image_id": 8, "category_id": 1, "bbox": [0, 0, 1, 1], "iscrowd": 1}],
+        [{"id": 1, "name": "Stop Sign"}])
+    _, samples, class_ids = read_splits("coco", [(tmp_path, "train")])
+    assert class_ids == [1] and [sample.file_id for sample in samples] == [8]
+    annotation = samples[0].annotation
+    assert annotation["crowd"].dtype == bool and annotation["crowd"].tolist() == [False, True]
+    assert annotation["labels"].dtype == np.int64 and annotation["boxes"].tolist() == [[1, 1, 1, 1]] * 2
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{\n "images": [\n  1,,\n ]}', ":3: not valid JSON (Expecting value)"),
+    (b'{"images": "\xff"}', ":1: not valid JSON ('utf-8' codec can't decode byte 0xff in position 12: invalid start "
+                            "byte)"),
+    (b'{"images": [], "annotations": []}', ": a COCO instances file is an object with lists images, annotations and "
+                                          "categories"),
+    (b"[]", ": a COCO instances file is an object with lists images, annotations and categories"),
+])
+def test_a_coco_file_that_is_not_an_instances_file_is_one_problem(tmp_path, content, problem):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    json_path = tmp_path / "annotations" / "instances_train.json"
+    json_path.parent.mkdir()
+    json_path.write_bytes(content)
+    with pytest.raises(AnnotationError) as raised:
+        read_splits("coco", [(tmp_path, "train")], class_names=CLASSES)
+    assert raised.value.problems == [f"{json_path}{problem}"]
+
+
+def test_a_coco_split_without_its_file_folder_or_images_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"^COCO annotations {tmp_path}/annotations/instances_train.json not "
+                                                r"found; run `make download`"):
+        read_splits("coco", [(tmp_path, "train")])
+    write_coco(tmp_path, "train", [], [], [{"id": 1, "name": "Stop Sign"}])
+    with pytest.raises(FileNotFoundError, match=rf"^image folder {tmp_path}/images/train \(or {tmp_path}/train\) not "
+                                                r"found; run `make download`"):
+        read_splits("coco", [(tmp_path, "train")])
+    (tmp_path / "train").mkdir()
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/annotations/instances_train.json lists no images: add them"):
+        read_splits("coco", [(tmp_path, "train")])
+
+
+def test_every_problem_of_a_yolo_sets_files_is_named_and_the_class_ids_are_data_yamls(tmp_path):
+    (tmp_path / "data.yaml").write_text("train: [../images/a, images/b, lists/list.txt]\nnames: {3: Stop Sign, 7: "
+                                        "Traffic Light}\n")
+    for name in ("a/one.jpg", "a/two.jpg", "b/three.jpg"):
+        save_image(tmp_path / "images" / name, 40, 30)
+    (tmp_path / "images" / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "list.txt").write_text(f"../images/b/three.jpg\n{tmp_path}/images/a/one.jpg\n")
+    listed_label = f"{tmp_path}/lists/../labels/b/three.txt"
+    labels = tmp_path / "labels"
+    (labels / "a").mkdir(parents=True)
+    (labels / "b").mkdir()
+    (labels / "a" / "one.txt").write_text("7 0.5 0.5 0.2 0.4\n3 0.25 0.25 0.1 0.1\n")
+    (labels / "a" / "two.txt").write_text("3 1.5 0.5 0.2 0.4\n3 0.5 0.5 0.2 0\n3 0.5 0.5 -0.2 0.3\n")
+    (labels / "b" / "three.txt").mkdir()  # a label "file" that cannot be read
+    with pytest.raises(AnnotationError) as raised:
+        read_splits("yolo", [(tmp_path, "train")], class_names=("Stop Sign",))
+    assert raised.value.problems == [
+        f"{labels}/a/one.txt:1: class 'Traffic Light' is not one of the dataset's classes",
+        f"{labels}/a/two.txt:1: cx cy w h must be normalised to [0, 1] by the image's width and height",
+        f"{labels}/a/two.txt:2: degenerate box: w and h must be positive",
+        f"{labels}/a/two.txt:3: cx cy w h must be normalised to [0, 1] by the image's width and height",
+        f"{labels}/b/three.txt: cannot read it ([Errno 21] Is a directory: '{labels}/b/three.txt')",
+        f"{listed_label}: cannot read it ([Errno 21] Is a directory: '{listed_label}')",
+        f"{labels}/a/one.txt:1: class 'Traffic Light' is not one of the dataset's classes",
+    ]
+
+    (labels / "b" / "three.txt").rmdir()
+    (labels / "a" / "two.txt").unlink()
+    class_names, samples, class_ids = read_splits("yolo", [(tmp_path, "train")])
+    assert (class_names, class_ids) == (CLASSES, [3, 7])
+    # A folder's images are named from it, a list's from the list's folder (or whole, outside it).
+    assert [(sample.image_id, sample.source) for sample in samples] == [
+        ("one", f"{labels}/a/one.txt"), ("two", f"{labels}/a/two.txt"), ("three", f"{labels}/b/three.txt"),
+        ("../images/b/three", listed_label), (f"{tmp_path}/images/a/one", f"{labels}/a/one.txt")]
+    assert samples[0].annotation["refs"] == ["line 1 (7 0.5 0.5 0.2 0.4)", "line 2 (3 0.25 0.25 0.1 0.1)"]
+    assert samples[0].annotation["labels"].tolist() == [1, 0]
+
+    for name in ("one.jpg", "two.jpg"):
+        (tmp_path / "images" / "a" / name).write_bytes(b"not an image")
+    with pytest.raises(AnnotationError) as raised:
+        read_splits("yolo", [(tmp_path, "train")])
+    assert [problem.partition(": not a readable")[0] for problem in raised.value.problems] == [
+        f"{tmp_path}/images/a/one.jpg", f"{tmp_path}/images/a/two.jpg", f"{tmp_path}/images/a/one.jpg"]
+
+
+@pytest.mark.parametrize("data_yaml, problem", [
+    ("train: a\nnames: [a\n", ":3: not valid YAML (expected ',' or ']', but got '<stream end>')"),
+    ("train: a\nnames:\n  - a\n - b\n", ":4: not valid YAML (expected <block end>, but found '<block sequence start>')"),
+    ("- a\n- b\n", ": names must be a list of class names or a mapping of class id to name"),
+    ("train: a\nnames: {a: Stop Sign}\n", ": names must be a list of class names or a mapping of class id to name"),
+    ("train: a\nnames: Stop Sign\n", ": names must be a list of class names or a mapping of class id to name"),
+    ("val: a\nnames: [Stop Sign]\n", ": no 'train' entry (the split's image folder or list of images)"),
+])
+def test_a_data_yaml_that_cannot_be_used_is_one_problem(tmp_path, data_yaml, problem):
+    (tmp_path / "data.yaml").write_text(data_yaml)
+    with pytest.raises(AnnotationError) as raised:
+        read_splits("yolo", [(tmp_path, "train")])
+    assert raised.value.problems == [f"{tmp_path / 'data.yaml'}{problem}"]
+
+
+def test_a_yolo_split_that_is_missing_or_empty_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path}/data.yaml not found; run `make download`"):
+        read_splits("yolo", [(tmp_path, "train")])
+    (tmp_path / "data.yaml").write_text("train: images\nnames: [Stop Sign]\n")
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path}/images \('train' in {tmp_path}/data.yaml\) not found: "
+                                                r"the split names an image folder or a \.txt list of images"):
+        read_splits("yolo", [(tmp_path, "train")])
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/data.yaml: split 'train' \(images\) holds no "
+                                         r"\.jpg/\.jpeg/\.png/"):
+        read_splits("yolo", [(tmp_path, "train")])
+
+
+def test_a_box_has_area_inside_the_image_unless_it_lies_wholly_beyond_an_edge():
+    """VOC pixels are 1-based: the image covers [0, W] x [0, H] as continuous boxes, x1 - 1 to x2."""
+    boxes = np.array([[-5, 5, 0, 10], [0.5, 5, 0.8, 10], [41, 5, 45, 10], [40, 5, 45, 10],
+                      [5, -5, 10, 0], [5, 0.5, 10, 0.8], [5, 31, 10, 35], [5, 30, 10, 35], [5, -9, 10, -3]])
+    assert has_area_inside(boxes, 40, 30).tolist() == [False, True, False, True, False, True, False, True, False]
+
+
+def test_the_errors_own_lines_without_classes_and_at_the_listing_limit():
+    assert str(AnnotationError(["a: wrong"])).splitlines() == [
+        "1 problem(s) in the dataset's files:", "  a: wrong", "Fix them, or leave those images out of the split."]
+    at_the_limit = str(AnnotationError([f"p{index}" for index in range(MAX_LISTED_PROBLEMS)], ("x",))).splitlines()
+    assert len(at_the_limit) == MAX_LISTED_PROBLEMS + 2 and "more" not in at_the_limit[-2]
+
+
+def test_missing_data_dir_and_class_list_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=rf"^data_dir {tmp_path}/none not found; run `make download`"):
+        detect_format(tmp_path / "none")
+    write_voc(tmp_path, [("a", "a.jpg", [])])
+    (tmp_path / "classes.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^class list {tmp_path}/classes.txt not found; run `make"):
+        read_splits("voc", [(tmp_path, "train")])
+
+
+# Under the C locale with Python's UTF-8 mode off, a file opened without an encoding is read as ASCII.
+ASCII_LOCALE = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+
+def test_the_class_lists_are_read_as_utf_8_whatever_the_locale(tmp_path):
+    """classes.txt and data.yaml name the classes; the file names are the file system's business."""
+    names = ("Café", "Straße")
+    voc = tmp_path / "voc"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / sub).mkdir(parents=True)
+    (voc / "classes.txt").write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
+    save_image(voc / "JPEGImages" / "creme.jpg", 40, 30)
+    (voc / "Annotations" / "creme.xml").write_text(make_synthetic.annotation_xml(
+        "creme.jpg", 40, 30, [{"name": "Straße", "bndbox": (1, 2, 10, 12), "difficult": False}]), encoding="utf-8")
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("creme\n", encoding="utf-8")
+    yolo = tmp_path / "yolo"
+    save_image(yolo / "images" / "creme.jpg", 40, 30)
+    (yolo / "labels").mkdir()
+    (yolo / "labels" / "creme.txt").write_text("1 0.5 0.5 0.2 0.2\n", encoding="utf-8")
+    (yolo / "data.yaml").write_text("train: images\nnames: [Café, Straße]\n", encoding="utf-8")
+    code = ("import sys; from yolo.formats import read_splits; "
+            "print([(names, [s.image_id for s in samples], [s.annotation['labels'].tolist() for s in samples]) "
+            "for names, samples, _ in (read_splits(layout, [(root, 'train')]) for layout, root in "
+            "(('voc', sys.argv[1]), ('yolo', sys.argv[2])))])")
+    result = run_python([sys.executable, "-c", code, str(voc), str(yolo)], cwd=ROOT,
+                        env={**os.environ, **ASCII_LOCALE, "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str([(names, ["creme"], [[1]]), (names, ["creme"], [[1]])])
