@@ -1,10 +1,12 @@
 import contextlib
 import copy
 import re
+import struct
 import sys
 import time
 import warnings
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -676,3 +678,15 @@ def test_the_prefetcher_passes_batches_through_in_order_on_a_cpu_none_included()
     assert len(prefetched) == 4
     assert [id(batch) for batch in prefetched] == [id(batch) for batch in batches]
     assert [id(batch) for batch in prefetched] == [id(batch) for batch in batches]  # and again, for the next epoch
+
+
+def test_a_png_whose_image_data_stops_short_is_an_error_not_a_crash(tmp_path):
+    """Its zlib stream is whole but holds fewer rows than the header's size: torchvision's decoder ends the process
+    on it (libpng's "Not enough image data"), so PNGs are decoded by Pillow."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path = tmp_path / "short.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 10, 10, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    with pytest.raises(ImageDecodeError, match=r"short\.png: cannot decode image \(.*\); re-extract or replace"):
+        decode_image(path)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
+from fastapi import HTTPException
 from PIL import Image
 
 import detect
@@ -28,7 +29,7 @@ from tools.serve_process import start_server
 from yolo.api import load_detector, open_detector
 from yolo.data import decode_image
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
-from yolo.serving import BatchedDetector, create_app
+from yolo.serving import DISCARD_LIMIT, BatchedDetector, create_app, read_body
 
 ROOT = Path(__file__).resolve().parents[1]
 BOUNDARY = "test-boundary-7d1f"
@@ -309,3 +310,85 @@ def test_a_bad_checkpoint_or_a_taken_port_is_one_error_line(model, tmp_path):
             assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1, result.stderr
     finally:
         taken.close()
+
+
+class Upload:
+    """What read_body reads of a request: its headers and its body's chunks as they arrive."""
+
+    def __init__(self, chunks: list[bytes], declared: int | None = None):
+        self.headers = {} if declared is None else {"content-length": str(declared)}
+        self.chunks, self.read = chunks, 0
+
+    async def stream(self):
+        for chunk in self.chunks:
+            self.read += 1
+            yield chunk
+
+
+def test_a_body_is_read_up_to_its_limit_and_an_over_limit_one_refused_once_read_or_declared():
+    def read(upload: Upload, limit: int):
+        return asyncio.run(read_body(upload, limit))
+
+    assert read(Upload([b"ab", b"cd"], declared=4), 4) == b"abcd"
+    with pytest.raises(HTTPException) as refused:
+        read(Upload([b"ab", b"cde"]), 4)
+    assert refused.value.status_code == 413
+    # Read to its end (the client then gets the answer), up to DISCARD_LIMIT bytes past the limit.
+    upload = Upload([b"x" * 3] * 5, declared=15)
+    with pytest.raises(HTTPException):
+        read(upload, 4)
+    assert upload.read == 5
+    upload = Upload([b"x"] * 3, declared=4 + DISCARD_LIMIT + 1)
+    with pytest.raises(HTTPException):
+        read(upload, 4)
+    assert upload.read == 0  # refused on its declared size, before a byte is read
+    upload = Upload([b"x" * (DISCARD_LIMIT // 2)] * 3 + [b"x"] * 3)
+    with pytest.raises(HTTPException):
+        read(upload, 4)
+    assert upload.read == 3  # past the limit and what is dropped: the rest is not waited for
+
+
+def test_the_pixel_limit_is_inclusive_and_a_form_part_without_a_file_name_is_no_image(server):
+    status, answer = post(server, png_header(1000, 1000), "image/png")  # exactly 1 megapixel: decoded, and damaged
+    assert status == 422 and "cannot decode image" in answer["detail"]
+    body = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"\r\n\r\nnot a file\r\n'
+            f"--{BOUNDARY}--\r\n").encode()
+    status, answer = post(server, body, f"multipart/form-data; boundary={BOUNDARY}")
+    assert status == 400 and answer["detail"].endswith("(files found in: none)")
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        get(f"{server}/page/other.js")
+    assert missing.value.code == 404
+
+
+class FailingDetector:
+    """The test model, whose network fails while `failing` is set."""
+    input_dtype, device = torch.float32, torch.device("cpu")
+
+    def __init__(self, detector):
+        self.detector, self.image_size, self.failing = detector, detector.image_size, True
+
+    def infer(self, batch):
+        if self.failing:
+            raise RuntimeError("out of memory")
+        return self.detector.infer(batch)
+
+
+def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs(model):
+    _, images, detector, _ = model
+    image = decode_image(images[0])
+    settings = {"score_threshold": 0.2, "nms_iou": NMS_IOU, "max_detections": MAX_DETECTIONS}
+    failing = FailingDetector(detector)
+
+    async def run():
+        batched = BatchedDetector(failing, 4, batch_window_s=0)
+        loop = asyncio.create_task(batched.run())
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await batched(image, settings)
+        failing.failing = False
+        job = await batched(image, settings)
+        loop.cancel()
+        batched.network_thread.shutdown()
+        return job
+
+    job = asyncio.run(run())
+    assert job.batch_size == 1 and len(job.future.result())

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.io
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.io import ImageReadMode
 from torchvision.transforms.v2.functional import to_dtype
 
@@ -51,6 +51,9 @@ VOC_PROTOCOLS = {
 # trained under, kept so their configs and checkpoints still read.
 CUSTOM_PROTOCOLS = ("custom", "synthetic")
 PROTOCOLS = (*VOC_PROTOCOLS, *CUSTOM_PROTOCOLS)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class ImageDecodeError(RuntimeError):
@@ -120,6 +123,10 @@ def decode_image_bytes(data: bytes, name, advice: str = "re-extract or replace t
     names the image `name` and ends with `advice`."""
     if not data:
         raise ImageDecodeError(f"{name}: cannot decode image (the file is empty); {advice}")
+    if data.startswith(PNG_SIGNATURE):
+        # torchvision's PNG decoder ends the process (a segmentation fault) on a PNG whose image data stops
+        # short, where libpng says "Not enough image data"; Pillow raises an error instead.
+        return _decode_with_pil(data, name, advice)
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoder in favour of TorchCodec, which the pinned environment
@@ -133,7 +140,7 @@ def decode_image_bytes(data: bytes, name, advice: str = "re-extract or replace t
         image = image[0] if image.ndim == 4 else image
         image = image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
         return upright(image, _orientation(data))
-    return _decode_with_pil(data, name, torchvision_reason, advice)
+    return _decode_with_pil(data, name, advice, torchvision_reason)
 
 
 def _orientation(data):
@@ -151,16 +158,20 @@ def _torchvision_reason(error):
     return re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip().splitlines()[0])
 
 
-def _decode_with_pil(data, name, torchvision_reason, advice):
+def _decode_with_pil(data, name, advice, torchvision_reason=None):
     try:
         with Image.open(io.BytesIO(data)) as image:
-            displayed = ImageOps.exif_transpose(image)
-            return torch.from_numpy(np.array(displayed.convert("RGB"))).permute(2, 0, 1).contiguous()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: its high byte, as torchvision takes
+                grey = torch.from_numpy((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
+                pixels = grey.expand(3, *grey.shape)
+            else:
+                pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        return upright(pixels, _orientation(data)).contiguous()
     except Image.UnidentifiedImageError:
         reason = "not an image in a format this reads: JPEG, PNG, GIF, WebP, BMP, TIFF and others"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        unsupported_by_torchvision = torchvision_reason.startswith("Unsupported image file")
-        reason = str(error) if unsupported_by_torchvision else torchvision_reason
+        reason = str(error) if torchvision_reason is None or torchvision_reason.startswith(
+            "Unsupported image file") else torchvision_reason
     raise ImageDecodeError(f"{name}: cannot decode image ({reason}); {advice}")
 
 

@@ -151,7 +151,7 @@ class BatchedDetector:
     def __init__(self, detector: Detector, max_batch_size: int, batch_window_s: float):
         self.detector, self.max_batch_size, self.batch_window_s = detector, max_batch_size, batch_window_s
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self.network_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detector")
+        self.network_thread = ThreadPoolExecutor(max_workers=1)
 
     async def __call__(self, image: torch.Tensor, settings: dict) -> Job:
         job = Job(image, settings, asyncio.get_running_loop().create_future())
