@@ -4,6 +4,7 @@ import asyncio
 import http.client
 import io
 import json
+import re
 import socket
 import struct
 import sys
@@ -392,3 +393,12 @@ def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs(model):
 
     job = asyncio.run(run())
     assert job.batch_size == 1 and len(job.future.result())
+
+
+def test_the_load_test_compares_concurrent_requests_with_a_loop_of_predict(model):
+    checkpoint, images, _, _ = model
+    result = run_python([sys.executable, "tools/load_test.py", f"--checkpoint={checkpoint}",
+                         f"--images={images[0].parent}", "--requests=12", "--clients=4"], cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^serve\.py: 12 requests from 4 clients: [\d.]+ images/s, 0 failed, 0 with detections unlike "
+                     r"predict's\npredict, one image a call: [\d.]+ images/s \([\d.]+x\)$", result.stdout, re.M)

@@ -49,7 +49,8 @@ def send(url: str, data: bytes, timeout: float) -> tuple[int, list]:
 
 
 def same_detections(answer: list, expected: np.ndarray) -> bool:
-    found = np.array([[row[key] for key in ("x1", "y1", "x2", "y2", "score", "class_id")] for row in answer])
+    found = np.array([[row[key] for key in ("x1", "y1", "x2", "y2", "score", "class_id")] for row in answer],
+                     dtype=np.float64).reshape(-1, 6)
     return found.shape == expected.shape and np.allclose(found, expected, rtol=1e-4, atol=1e-3)
 
 
