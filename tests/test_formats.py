@@ -408,6 +408,8 @@ def test_a_voc_split_of_images_alone_is_sized_from_their_headers(tmp_path):
     assert [problem.partition(": not a readable")[0] for problem in raised.value.problems] == [
         f"{split_file}:1: image {tmp_path}/JPEGImages/a.jpg", f"{split_file}:2: image {tmp_path}/JPEGImages/b.png"]
 
+    with pytest.raises(FileNotFoundError, match=rf"^folder {tmp_path}/Annotations not found; run `make download`"):
+        read_splits("voc", [(tmp_path, "train")])  # annotated: the folder is needed
     for path in (tmp_path / "JPEGImages").iterdir():
         path.unlink()
     (tmp_path / "JPEGImages").rmdir()
@@ -424,13 +426,13 @@ def write_xml(path, text):
 
 
 def test_a_voc_size_missing_empty_or_0_x_0_is_the_images_own_and_any_other_bad_size_is_a_problem(tmp_path):
-    write_voc(tmp_path, [("a", "a.jpg", []), ("b", "b.jpg", []), ("c", "c.jpg", [])])
+    write_voc(tmp_path, [("a", "a.jpg", []), ("b", "b.jpg", []), ("c", "c.jpg", []), ("d", "d.jpg", [])])
     sizes = {"a": "", "b": "<size><width></width><height></height></size>",
-             "c": "<size><width>0</width><height>0</height></size>"}
+             "c": "<size><width>0</width><height>0</height></size>", "d": "<size></size>"}
     for image_id, size in sizes.items():
         write_xml(tmp_path / "Annotations" / f"{image_id}.xml", size)
     _, samples, _ = read_splits("voc", [(tmp_path, "train")])
-    assert [(sample.annotation["width"], sample.annotation["height"]) for sample in samples] == [(40, 30)] * 3
+    assert [(sample.annotation["width"], sample.annotation["height"]) for sample in samples] == [(40, 30)] * 4
 
     for image_id in ("a", "b"):  # and the image's header cannot tell it either
         (tmp_path / "JPEGImages" / f"{image_id}.jpg").write_bytes(b"not an image")
@@ -623,6 +625,15 @@ def test_a_data_yaml_that_cannot_be_used_is_one_problem(tmp_path, data_yaml, pro
     with pytest.raises(AnnotationError) as raised:
         read_splits("yolo", [(tmp_path, "train")])
     assert raised.value.problems == [f"{tmp_path / 'data.yaml'}{problem}"]
+
+
+def test_a_data_yaml_with_a_character_yaml_refuses_is_a_problem_of_its_first_line(tmp_path):
+    """PyYAML's reader error has no line mark and no `problem`: its own message, at line 1."""
+    (tmp_path / "data.yaml").write_text("train: a\nnames: [a\x07]\n")
+    with pytest.raises(AnnotationError) as raised:
+        read_splits("yolo", [(tmp_path, "train")])
+    assert raised.value.problems[0].startswith(f"{tmp_path / 'data.yaml'}:1: not valid YAML (unacceptable character "
+                                               f"#x0007: special characters are not allowed")
 
 
 def test_a_yolo_split_that_is_missing_or_empty_says_so(tmp_path):
