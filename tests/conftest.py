@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny synthetic VOC-layout dataset and a briefly trained checkpoint, made once per session."""
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from command_lines import run_python
 from data import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR_VARIABLE = "YOLO_TEST_SHARED_DIR"
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +35,12 @@ def overfit_run(request, tmp_path_factory):
     """(data_dir, out_dir) of a finished train.py run on 8 synthetic images, validated on the same 8.
 
     Trained once per test session: pytest-xdist's workers share their parent's temporary folder, and the first
-    to take the lock trains while the others wait for it. A run left unfinished (its `done` missing) is redone."""
+    to take the lock trains while the others wait for it. A run left unfinished (its `done` missing) is redone.
+    With YOLO_TEST_SHARED_DIR set (`make mutate` sets it), the run is kept there for every session that names it."""
     shared = tmp_path_factory.getbasetemp()
     if hasattr(request.config, "workerinput"):  # an xdist worker: its base is a sub-folder of the session's
         shared = shared.parent
+    shared = Path(os.environ.get(SHARED_DIR_VARIABLE) or shared)
     root = shared / "overfit"
     data_dir, out_dir = root / "data", root / "run"
     with FileLock(str(shared / "overfit.lock")):

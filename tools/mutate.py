@@ -304,6 +304,11 @@ def main():
     for target, (tests, _) in tests_by_target.items():
         if not tests:
             sys.exit(f"error: no test file imports or runs {target}; name the tests with --tests (TESTS=...)")
+    # The tests' trained model (conftest.py's overfit_run) is trained once for the whole run, by the unmutated
+    # code (the first test process to need it is mutmut's tracing run), instead of once in each mutant's process.
+    shared = (args.workdir / "shared").resolve()
+    shutil.rmtree(shared, ignore_errors=True)
+    os.environ["YOLO_TEST_SHARED_DIR"] = str(shared)
     results = mutate(targets, tests_by_target, files, args.workdir)
     text = report(results)
     (args.workdir / "report.md").write_text(text, encoding="utf-8")
