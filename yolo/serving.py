@@ -18,7 +18,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +142,7 @@ class Job:
     image: torch.Tensor
     settings: dict
     future: asyncio.Future
-    batch_size: int = field(default=0)
+    batch_size: int = 0  # the images its batch held, once run
 
 
 class BatchedDetector:
