@@ -43,8 +43,11 @@ def multipart(data: bytes, filename: str = "photo.jpg", field: str = "image") ->
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}"
 
 
-def post(url: str, body: bytes, content_type: str = "application/octet-stream", query: str = "") -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/predict{query}", data=body, headers={"Content-Type": content_type},
+def post(target, body: bytes, content_type: str = "application/octet-stream", query: str = "") -> tuple[int, dict]:
+    """POST /predict to a server's URL, or to an InProcess app."""
+    if isinstance(target, InProcess):
+        return target.request("POST", "/predict", body, content_type, query)
+    request = urllib.request.Request(f"{target}/predict{query}", data=body, headers={"Content-Type": content_type},
                                      method="POST")
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -53,9 +56,49 @@ def post(url: str, body: bytes, content_type: str = "application/octet-stream", 
         return error.code, json.load(error)
 
 
-def get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return json.load(response)
+def get(target, path: str) -> tuple[int, dict]:
+    if isinstance(target, InProcess):
+        return target.request("GET", path)
+    try:
+        with urllib.request.urlopen(f"{target}{path}", timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+class InProcess:
+    """A new app for each request, called in the test's own thread inside its lifespan: what the server does for
+    a request, with nothing left running between tests (a mutation run forks a process per mutant, which a server
+    thread started earlier would not follow)."""
+
+    def __init__(self, make_app):
+        self.make_app = make_app
+
+    def request(self, method: str, path: str, body: bytes = b"", content_type: str = "", query: str = ""):
+        messages = []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            messages.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
+                 "query_string": query.removeprefix("?").encode(), "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 80),
+                 "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]}
+
+        app = self.make_app()
+
+        async def run():
+            async with app.router.lifespan_context(app):
+                await app(scope, receive, send)
+
+        asyncio.run(run())
+        status = next(message["status"] for message in messages if message["type"] == "http.response.start")
+        return status, json.loads(b"".join(message.get("body", b"") for message in messages
+                                           if message["type"] == "http.response.body"))
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +111,23 @@ def model(overfit_run):
     return checkpoint, images, detector, state
 
 
-@pytest.fixture(scope="module")
-def server(model):
-    """The app on 127.0.0.1 in a thread, with limits small enough to test: 1 MB bodies, 1 megapixel images."""
+def serving_app(model):
+    """The app with limits small enough to test: 1 MB bodies, 1 megapixel images."""
     checkpoint, _, detector, state = model
-    app = create_app(detector, serve.model_description(checkpoint, state, detector), max_batch_size=4,
-                     batch_window_ms=5, max_upload_mb=1, max_megapixels=1)
+    return create_app(detector, serve.model_description(checkpoint, state, detector), max_batch_size=4,
+                      batch_window_ms=5, max_upload_mb=1, max_megapixels=1)
+
+
+@pytest.fixture
+def server(model):
+    return InProcess(lambda: serving_app(model))
+
+
+@pytest.fixture(scope="module")
+def http_server(model):
+    """The app served by uvicorn on 127.0.0.1 in a thread: for concurrent clients and raw HTTP."""
     listener = socket.create_server(("127.0.0.1", 0))  # listening already: requests wait for the server's start
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(serving_app(model), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{listener.getsockname()[1]}"
@@ -128,11 +180,12 @@ def test_an_image_gets_detect_pys_rows_and_predicts_boxes(server, model):
 
 def test_the_model_and_health_endpoints(server, model):
     checkpoint, _, detector, state = model
-    described = get(f"{server}/model")
+    status, described = get(server, "/model")
+    assert status == 200
     assert described["class_names"] == state["class_names"] and described["image_size"] == detector.image_size
     assert described["name"] == f"{checkpoint.parent.name}/last.pt" and described["runtime"] == "pytorch"
     assert (described["device"], described["dtype"]) == ("cpu", "float32")
-    assert get(f"{server}/health") == {"status": "ok"}
+    assert get(server, "/health") == (200, {"status": "ok"})
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -183,9 +236,9 @@ def test_bad_input_gets_its_4xx_and_the_next_request_is_served(server, model, na
     assert status == 200 and good["detections"]
 
 
-def test_a_body_without_its_length_is_cut_off_at_the_limit(server):
+def test_a_body_without_its_length_is_cut_off_at_the_limit(http_server):
     """A chunked upload declares no size: it is refused once the bytes received pass the limit."""
-    host, port = server.removeprefix("http://").split(":")
+    host, port = http_server.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     connection.request("POST", "/predict", body=iter([b"\xff" * 2**16] * 20), encode_chunked=True,
                        headers={"Content-Type": "image/jpeg"})
@@ -194,14 +247,14 @@ def test_a_body_without_its_length_is_cut_off_at_the_limit(server):
     connection.close()
 
 
-def test_concurrent_clients_get_the_answers_of_single_requests(server, model):
+def test_concurrent_clients_get_the_answers_of_single_requests(http_server, model):
     """8 clients, 40 requests in all, every one answered with its image's detections."""
     images = model[1]
     expected = {path.name: detect_py_rows(model, path, "upload") for path in images}
 
     def ask(index: int) -> tuple[str, int, dict]:
         path = images[index % len(images)]
-        return (path.name, *post(server, path.read_bytes()))
+        return (path.name, *post(http_server, path.read_bytes()))
 
     with ThreadPoolExecutor(8) as clients:
         answers = list(clients.map(ask, range(40)))
@@ -238,8 +291,8 @@ def test_images_waiting_together_run_as_one_batch_and_each_gets_its_own_settings
             assert (job.future.result()[:, 4] >= setting["score_threshold"]).all()
 
 
-def test_a_body_declared_far_over_the_limit_is_refused_before_it_is_sent(server):
-    host, port = server.removeprefix("http://").split(":")
+def test_a_body_declared_far_over_the_limit_is_refused_before_it_is_sent(http_server):
+    host, port = http_server.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     connection.putrequest("POST", "/predict")
     connection.putheader("Content-Type", "image/jpeg")
@@ -356,9 +409,7 @@ def test_the_pixel_limit_is_inclusive_and_a_form_part_without_a_file_name_is_no_
             f"--{BOUNDARY}--\r\n").encode()
     status, answer = post(server, body, f"multipart/form-data; boundary={BOUNDARY}")
     assert status == 400 and answer["detail"].endswith("(files found in: none)")
-    with pytest.raises(urllib.error.HTTPError) as missing:
-        get(f"{server}/page/other.js")
-    assert missing.value.code == 404
+    assert get(server, "/page/other.js") == (404, {"detail": "no page file 'other.js'"})
 
 
 class FailingDetector:
