@@ -148,8 +148,18 @@ def _orientation(data):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # damaged metadata: read as if it had no tag
             with Image.open(io.BytesIO(data)) as header:
-                return header_orientation(header)
+                return _tag(header)
     except (OSError, ValueError, SyntaxError):  # torchvision decoded what Pillow cannot open: no tag read
+        return 1
+
+
+def _tag(image):
+    """The orientation tag of an opened image, a damaged EXIF block read as no tag."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return header_orientation(image)
+    except (OSError, ValueError, SyntaxError):
         return 1
 
 
@@ -161,12 +171,13 @@ def _torchvision_reason(error):
 def _decode_with_pil(data, name, advice, torchvision_reason=None):
     try:
         with Image.open(io.BytesIO(data)) as image:
+            orientation = _tag(image)  # from the header already read, not a second opening of the file
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: its high byte, as torchvision takes
                 grey = torch.from_numpy((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
                 pixels = grey.expand(3, *grey.shape)
             else:
                 pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-        return upright(pixels, _orientation(data)).contiguous()
+        return upright(pixels, orientation).contiguous()
     except Image.UnidentifiedImageError:
         reason = "not an image in a format this reads: JPEG, PNG, GIF, WebP, BMP, TIFF and others"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
