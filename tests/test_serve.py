@@ -14,6 +14,7 @@ import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from tools.serve_process import start_server
 from yolo.api import load_detector, open_detector
 from yolo.data import decode_image
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
-from yolo.serving import DISCARD_LIMIT, BatchedDetector, create_app, read_body
+from yolo.serving import DISCARD_LIMIT, PAGE, BatchedDetector, create_app, read_body
 
 ROOT = Path(__file__).resolve().parents[1]
 BOUNDARY = "test-boundary-7d1f"
@@ -75,13 +76,25 @@ class InProcess:
         self.make_app = make_app
 
     def request(self, method: str, path: str, body: bytes = b"", content_type: str = "", query: str = ""):
-        messages = []
+        status, answer, _ = self.exchange(method, path, body, content_type, query)
+        return status, json.loads(answer)
+
+    def exchange(self, method: str, path: str, body: bytes = b"", content_type: str = "",
+                 query: str = "") -> tuple[int, bytes, str]:
+        """The answer's status, body and content type."""
+        messages, requests = [], [{"type": "http.request", "body": body, "more_body": False}]
+        answered = None  # an asyncio.Event, made inside the loop
 
         async def receive():
-            return {"type": "http.request", "body": body, "more_body": False}
+            if requests:
+                return requests.pop()
+            await answered.wait()  # as a server does, the client disconnects once its answer is complete
+            return {"type": "http.disconnect"}
 
         async def send(message):
             messages.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered.set()
 
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "",
@@ -92,13 +105,17 @@ class InProcess:
         app = self.make_app()
 
         async def run():
+            nonlocal answered
+            answered = asyncio.Event()
             async with app.router.lifespan_context(app):
                 await app(scope, receive, send)
 
         asyncio.run(run())
-        status = next(message["status"] for message in messages if message["type"] == "http.response.start")
-        return status, json.loads(b"".join(message.get("body", b"") for message in messages
-                                           if message["type"] == "http.response.body"))
+        start = next(message for message in messages if message["type"] == "http.response.start")
+        headers = dict(start["headers"])
+        return start["status"], b"".join(message.get("body", b"") for message in messages
+                                         if message["type"] == "http.response.body"), \
+            headers.get(b"content-type", b"").decode()
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +203,24 @@ def test_the_model_and_health_endpoints(server, model):
     assert described["name"] == f"{checkpoint.parent.name}/last.pt" and described["runtime"] == "pytorch"
     assert (described["device"], described["dtype"]) == ("cpu", "float32")
     assert get(server, "/health") == (200, {"status": "ok"})
+
+
+def test_the_page_and_its_files_are_served_and_the_api_described_without_the_cdn_docs(server):
+    assert server.exchange("GET", "/") == (200, (PAGE / "index.html").read_bytes(), "text/html; charset=utf-8")
+    assert server.exchange("GET", "/page/page.js")[:2] == (200, (PAGE / "page.js").read_bytes())
+    assert server.exchange("GET", "/page/page.css")[:2] == (200, (PAGE / "page.css").read_bytes())
+    assert get(server, "/page/index.html") == (404, {"detail": "no page file 'index.html'"})
+    status, schema = get(server, "/openapi.json")
+    assert status == 200 and schema["info"]["title"] == "YOLOv1"
+    assert set(schema["paths"]) == {"/health", "/model", "/predict"}  # the page's routes are not API
+    assert get(server, "/docs")[0] == get(server, "/redoc")[0] == 404
+
+
+def test_the_answer_gives_the_requests_milliseconds_on_the_servers_clock(server, model, monkeypatch):
+    clock = iter([100.0, 100.2504])
+    monkeypatch.setattr("yolo.serving.time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    status, answer = post(server, model[1][0].read_bytes(), "image/jpeg")
+    assert status == 200 and answer["milliseconds"] == 250.4
 
 
 def png_header(width: int, height: int) -> bytes:
