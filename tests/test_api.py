@@ -15,6 +15,7 @@ import yolo
 from yolo.checkpoint import load_checkpoint, load_model
 from yolo.data import decode_image
 from yolo.postprocess import EVAL_SCORE_THRESHOLD
+from yolo.visualize import PALETTE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,36 +46,87 @@ def test_every_form_of_an_image_gives_the_same_detections(detector, image_paths)
              "NumPy HWC float64": pixels / 255, "NumPy, negative strides": pixels[..., ::-1].copy()[..., ::-1],
              "CHW uint8": chw, "HWC uint8": chw.permute(1, 2, 0), "CHW float32": chw / 255,
              "HWC float16": (chw.permute(1, 2, 0) / 255).half()}
-    expected = detector.predict(str(path))[0]
+    expected = detector.predict(str(path))
     assert len(expected) > 0 and expected.names == [detector.class_names[i] for i in expected.labels.tolist()]
     for form, image in forms.items():
-        assert_same_detections(detector.predict(image)[0], expected, form)
+        assert_same_detections(detector.predict(image), expected, form)
     for result in detector.predict(list(forms.values())) + detector.predict(torch.stack([chw, chw])):
         assert_same_detections(result, expected)
+
+
+def test_one_image_gives_one_result_and_a_list_or_a_batch_gives_a_list(detector, image_paths):
+    path = image_paths[0]
+    single = detector.predict(path)
+    assert isinstance(single, yolo.Detections) and single.source == path
+    pixels = np.array(Image.open(path).convert("RGB"))
+    for several in ([path], (path,), np.stack([pixels]), torch.from_numpy(pixels).permute(2, 0, 1)[None]):
+        results = detector.predict(several)
+        assert isinstance(results, list) and len(results) == 1, type(several)
+        assert_same_detections(results[0], single)
+    assert detector.predict([]) == []
+
+
+def test_results_carry_the_class_ids_of_the_training_sets_files(detector, overfit_run, image_paths, tmp_path):
+    _, run_dir = overfit_run
+    saved_ids = load_checkpoint(run_dir / "best.pt")["config"]["class_ids"]
+    assert detector.class_ids == saved_ids == list(range(1, len(detector.class_names) + 1))  # VOC: from 1
+    result = detector.predict(image_paths[0])
+    assert len(result) > 0 and result.class_ids == [saved_ids[label] for label in result.labels.tolist()]
+    # As a COCO file would number them, and kept by the weights file.
+    coco_ids = [7 + 5 * index for index in range(len(detector.class_names))]
+    as_coco = yolo.ImageDetector(detector.detector, detector.class_names, class_ids=coco_ids)
+    assert as_coco.predict(image_paths[0]).class_ids == [coco_ids[label] for label in result.labels.tolist()]
+    assert yolo.load_detector(yolo.export_weights(run_dir / "best.pt", tmp_path), "cpu", "fp32").class_ids == saved_ids
+    assert yolo.ImageDetector(detector.detector, detector.class_names).predict(image_paths[0]).class_ids is None
+    with pytest.raises(ValueError, match=r"^2 class ids for 3 class names: give one id per class"):
+        yolo.ImageDetector(detector.detector, ["a", "b", "c"], class_ids=[1, 2])
+
+
+def test_plot_draws_each_box_in_its_class_colour_and_save_writes_that_image(detector, image_paths, tmp_path):
+    path = image_paths[1]
+    image = np.array(Image.open(path).convert("RGB"))
+    result = detector.predict(path, max_detections=1)
+    assert len(result) == 1
+    plotted = np.array(result.plot())
+    assert plotted.shape == image.shape and plotted.dtype == np.uint8
+    x1, y1, x2, y2 = result.boxes[0].tolist()
+    colour = PALETTE[result.labels[0].item() % len(PALETTE)]
+    middle_row, left = int((y1 + y2) / 2), int(x1)  # the outline, 2 pixels wide, starts at the box's left edge
+    assert plotted[middle_row, left].tolist() == plotted[middle_row, left + 1].tolist() == list(colour)
+    assert plotted[middle_row, left - 1].tolist() == image[middle_row, left - 1].tolist()
+    assert plotted[middle_row, int(x2) + 1].tolist() == image[middle_row, int(x2) + 1].tolist()
+    assert np.array_equal(plotted[int(y2) + 2:], image[int(y2) + 2:])  # nothing drawn below the box
+    assert not np.array_equal(np.array(result.plot(line_width=4)), plotted)
+    # The source as it was given: an array gives the same picture; save writes it, making the folders.
+    assert np.array_equal(np.array(detector.predict(image, max_detections=1).plot()), plotted)
+    saved = result.save(tmp_path / "out" / "boxes.png")
+    assert saved == tmp_path / "out" / "boxes.png" and np.array_equal(np.array(Image.open(saved)), plotted)
+    assert np.array_equal(np.array(Image.open(result.save(tmp_path / "wide.png", line_width=4))),
+                          np.array(result.plot(line_width=4)))
 
 
 def test_boxes_are_in_the_original_images_pixels(detector, image_paths):
     image = decode_image(image_paths[1])
     height, width = image.shape[1:]
-    found = detector.predict(image)[0]
+    found = detector.predict(image)
     assert len(found) > 0 and found.boxes.dtype == torch.float32
     assert found.boxes.min() >= 0 and found.boxes[:, [0, 2]].max() <= width and found.boxes[:, [1, 3]].max() <= height
     # Twice as wide: x doubles and y does not move (the network sees nearly the same 128 x 128 input).
-    wide = detector.predict(image.repeat_interleave(2, dim=2))[0]
+    wide = detector.predict(image.repeat_interleave(2, dim=2))
     assert torch.equal(wide.labels, found.labels)
     torch.testing.assert_close(wide.boxes, found.boxes * torch.tensor([2.0, 1.0, 2.0, 1.0]), atol=1.0, rtol=0)
-    doubled = detector.predict(image.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2))[0]
+    doubled = detector.predict(image.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2))
     torch.testing.assert_close(doubled.boxes, found.boxes * 2, atol=1.0, rtol=0)
 
 
 def test_the_display_threshold_keeps_far_fewer_boxes_than_the_evaluation_one(detector):
     blank = np.full((300, 400, 3), 127, dtype=np.uint8)
-    shown = detector.predict(blank)[0]
-    kept_for_map = detector.predict(blank, score_threshold=EVAL_SCORE_THRESHOLD)[0]
+    shown = detector.predict(blank)
+    kept_for_map = detector.predict(blank, score_threshold=EVAL_SCORE_THRESHOLD)
     assert len(kept_for_map) >= 10 and len(shown) * 5 <= len(kept_for_map)
-    assert len(detector.predict(blank, max_detections=3)[0]) <= 3
+    assert len(detector.predict(blank, max_detections=3)) <= 3
     # The NMS IoU given is the one used: none suppressed at 1, fewer kept at 0.1.
-    counts = [len(detector.predict(blank, score_threshold=EVAL_SCORE_THRESHOLD, nms_iou=iou)[0])
+    counts = [len(detector.predict(blank, score_threshold=EVAL_SCORE_THRESHOLD, nms_iou=iou))
               for iou in (1.0, 0.5, 0.1)]
     assert counts[0] >= counts[1] >= counts[2] and counts[0] > counts[2], counts
 
@@ -115,7 +167,7 @@ def test_torch_hub_loads_the_detector(overfit_run, image_paths):
     _, run_dir = overfit_run
     hub_detector = torch.hub.load(str(ROOT), "yolov1", source="local", checkpoint=str(run_dir / "best.pt"),
                                   device="cpu", dtype="fp32")
-    assert isinstance(hub_detector, yolo.ImageDetector) and len(hub_detector.predict(image_paths[0])[0]) > 0
+    assert isinstance(hub_detector, yolo.ImageDetector) and len(hub_detector.predict(image_paths[0])) > 0
     # The device and dtype asked for reach the detector (auto would give fp32 or bf16, and never fail).
     assert hub_detector.detector.dtype == torch.float32
     bf16 = torch.hub.load(str(ROOT), "yolov1", source="local", checkpoint=str(run_dir / "best.pt"), dtype="bf16")
@@ -131,7 +183,7 @@ def test_the_readmes_example_runs_outside_the_repository(overfit_run, image_path
     readme = (ROOT / "README.md").read_text()
     example = re.search(r"## Detection from Python\n.*?```python\n(.*?)```", readme, re.DOTALL).group(1)
     example = (example.replace("runs/resnet18_voc2012val/last.pt", str(run_dir / "best.pt"))
-               .replace("street.jpg", str(image_paths[0])).replace("kitchen.png", str(image_paths[1])))
+               .replace('"street.jpg"', repr(str(image_paths[0]))).replace("kitchen.png", str(image_paths[1])))
     # The repository on PYTHONPATH stands in for the editable install that `make` does.
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=environment, capture_output=True,
@@ -140,6 +192,7 @@ def test_the_readmes_example_runs_outside_the_repository(overfit_run, image_path
     line = re.compile(r" *(circle|square|triangle|cross|diamond) [01]\.\d\d \(\d+, \d+\) - \(\d+, \d+\)")
     lines = result.stdout.splitlines()
     assert lines and all(line.fullmatch(text) for text in lines), result.stdout
+    assert Image.open(tmp_path / "street_boxes.jpg").size == Image.open(image_paths[0]).size
 
 
 def test_a_tensor_image_stays_on_its_device_until_preprocess_moves_it():

@@ -138,7 +138,7 @@ def test_the_voc2012_test_protocol_writes_exactly_the_servers_files(overfit_run,
     detector = yolo.load_detector(run_dir / "last.pt", device="cpu", dtype="fp32")
     for image_id in test_ids:
         expected = detector.predict(voc2012 / "JPEGImages" / f"{image_id}.jpg",
-                                    score_threshold=EVAL_SCORE_THRESHOLD)[0]
+                                    score_threshold=EVAL_SCORE_THRESHOLD)
         rows = sorted((label, -score, x1 + 1, y1 + 1, x2, y2) for label, score, (x1, y1, x2, y2) in
                       zip(expected.labels.tolist(), expected.scores.tolist(), expected.boxes.tolist()))
         written = sorted((label, -float(score), *map(float, box)) for label in range(len(classes))

@@ -158,7 +158,9 @@ def test_load_detector_takes_the_onnx_file(exported, overfit_run):
     run_dir, path = exported
     images = sorted((data_dir / "JPEGImages").glob("*.jpg"))[:3]
     expected = yolo.load_detector(run_dir / "last.pt", device="cpu", dtype="fp32").predict(images)
-    actual = yolo.load_detector(path).predict(images)  # auto: the CPU in fp32
+    onnx_detector = yolo.load_detector(path)  # auto: the CPU in fp32
+    actual = onnx_detector.predict(images)
+    assert onnx_detector.class_ids == yolo.load_detector(run_dir / "last.pt").class_ids is not None
     assert sum(len(found) for found in expected) >= 3
     for found, wanted in zip(actual, expected):
         assert found.names == wanted.names

@@ -97,10 +97,10 @@ def test_predict_takes_a_path_or_a_pil_image_as_displayed_and_arrays_as_they_are
     displayed = decode_image(original)
     path = tmp_path / "phone.png"
     save_as_stored(Image.fromarray(displayed.permute(1, 2, 0).numpy()), 6, path, "PNG")
-    expected = detector.predict(displayed)[0]
+    expected = detector.predict(displayed)
     with Image.open(path) as image:
         for source in (path, image):
-            result = detector.predict(source)[0]
+            result = detector.predict(source)
             assert torch.equal(result.boxes, expected.boxes) and torch.equal(result.scores, expected.scores)
         stored = np.array(image)
     assert stored.shape[:2] == displayed.shape[2:0:-1]  # sideways, and an array is taken as it is

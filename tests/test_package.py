@@ -58,7 +58,7 @@ def test_the_package_alone_with_its_declared_dependencies_predicts_and_loads_thr
     example = f"""
 import torch, yolo
 detector = yolo.load_detector({str(run_dir / "last.pt")!r})
-print(len(detector.predict({str(image)!r})[0].boxes) > 0)
+print(len(detector.predict({str(image)!r}).boxes) > 0)
 hub = torch.hub.load({str(ROOT)!r}, "yolov1", source="local", checkpoint={str(run_dir / "last.pt")!r})
 print(type(hub).__name__)
 """

@@ -178,7 +178,7 @@ def test_an_image_gets_detect_pys_rows_and_predicts_boxes(server, model):
     width, height = Image.open(path).size
     assert (answer["width"], answer["height"], answer["batch_size"]) == (width, height, 1)
     # predict's boxes are continuous 0-based pixels: the VOC rows are x1 + 1, y1 + 1, x2, y2.
-    predicted = load_detector(checkpoint, "cpu", "fp32").predict(path)[0]
+    predicted = load_detector(checkpoint, "cpu", "fp32").predict(path)
     voc = predicted.boxes.double() + torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64)
     np.testing.assert_allclose([[row[key] for key in ("x1", "y1", "x2", "y2")] for row in answer["detections"]],
                                voc.numpy(), rtol=1e-5, atol=1e-3)

@@ -66,7 +66,7 @@ def main(config: dict) -> None:
     started = time.perf_counter()
     expected = {}
     for path in chosen:  # the loop of predict calls, one image at a time
-        result = detector.predict(path)[0]
+        result = detector.predict(path)
         expected[path] = np.column_stack([result.boxes.numpy() + [1, 1, 0, 0], result.scores.numpy(),
                                           result.labels.numpy()])
     loop_rate = len(chosen) / (time.perf_counter() - started)

@@ -5,8 +5,9 @@ Detection from Python (see yolo.api):
     import yolo
 
     detector = yolo.load_detector("runs/resnet18_voc2012val/last.pt")
-    result = detector.predict("street.jpg")[0]
+    result = detector.predict("street.jpg")  # a list of images gives a list of results
     print(result.boxes, result.scores, result.names)
+    result.save("street_boxes.jpg")
 """
 
 __all__ = ["Detections", "ImageDetector", "export_weights", "load_detector"]

@@ -3,9 +3,10 @@
     import yolo
 
     detector = yolo.load_detector("runs/resnet18_voc2012val/last.pt")
-    for result in detector.predict(["street.jpg", "kitchen.png"]):
+    for result in detector.predict(["street.jpg", "kitchen.png"]):   # a list of images: a list of results
         for box, score, name in zip(result.boxes.tolist(), result.scores.tolist(), result.names):
             print(f"{name} {score:.2f} at {[round(value) for value in box]}")
+    detector.predict("street.jpg").save("street_boxes.jpg")          # one image: one result, drawn
 
 Boxes are x1, y1, x2, y2 in the original image's pixels, continuous and 0-based (torchvision's convention):
 (0, 0) is the top-left corner of the image and (width, height) its bottom-right corner, so a box scales with
@@ -34,6 +35,7 @@ from yolo.files import atomic_write
 from yolo.inference import Detector, preprocess
 from yolo.model import YOLOv1
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, select_detections
+from yolo.visualize import draw_boxes
 
 ACCEPTED_IMAGES = ("a path, a PIL image, a NumPy (H, W, 3) RGB array, or a (3, H, W) or (H, W, 3) RGB tensor, "
                    "of uint8 or of floats in [0, 1]; or a list of these")
@@ -46,11 +48,30 @@ class Detections:
     """One image's detections, best first."""
     boxes: torch.Tensor   # (K, 4) float32 x1, y1, x2, y2 in the image's pixels (continuous, 0-based)
     scores: torch.Tensor  # (K,) float32 class-specific confidence: box confidence x class probability
-    labels: torch.Tensor  # (K,) int64 class ids
+    labels: torch.Tensor  # (K,) int64 class indices: the model's outputs, 0 to C - 1 in class_names' order
     names: list[str]      # the K class names
+    class_ids: list | None  # the K classes' ids in the training set's files (COCO category ids, the keys of a
+                            # YOLO data.yaml's names, VOC's place in classes.txt from 1); None where the model
+                            # file does not say them (a checkpoint from before they were kept)
+    source: object        # the image as it was given to predict, which plot() draws on
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def plot(self, line_width: int = 2) -> PIL.Image.Image:
+        """The image with its boxes drawn, each captioned with its class name and score."""
+        image = as_image(self.source).cpu()
+        voc_boxes = self.boxes + torch.tensor([1.0, 1.0, 0.0, 0.0])  # draw_boxes takes VOC's 1-based pixels
+        drawn = draw_boxes(image, voc_boxes, self.labels, dict(zip(self.labels.tolist(), self.names)), self.scores,
+                           width=line_width)
+        return PIL.Image.fromarray(drawn.permute(1, 2, 0).numpy())
+
+    def save(self, path: str | os.PathLike, line_width: int = 2) -> Path:
+        """Write plot()'s image to `path` (the format follows its extension; folders are made) and return it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.plot(line_width).save(path)
+        return path
 
 
 def image_layout_error(shape: tuple, layouts: str) -> ValueError:
@@ -93,54 +114,59 @@ def as_image(image) -> torch.Tensor:
     return image.mul(255).round_().to(torch.uint8)
 
 
-def as_image_list(images) -> list:
-    """The images of `predict`'s argument: a list or tuple of images, a 4-D batch, or a single image."""
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-        return list(images)
-    return [images]
+def is_image_list(images) -> bool:
+    """Whether `predict`'s argument holds several images (a list or tuple, or a 4-D batch) or is a single one."""
+    return isinstance(images, (list, tuple)) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4)
 
 
 class ImageDetector:
     """A trained YOLOv1 in inference mode (see `yolo.inference.Detector`) with its class names.
 
     `model`: a YOLOv1, run in PyTorch on `device` in `dtype`, or a ready Detector (`open_detector`'s, which runs
-    an .onnx file in ONNX Runtime), used as it is.
+    an .onnx file in ONNX Runtime), used as it is. `class_ids`: each class's id in the training set's files.
     """
 
     def __init__(self, model: YOLOv1 | Detector, class_names: Sequence[str], device: str | torch.device = "auto",
-                 dtype: str | torch.dtype = "auto"):
+                 dtype: str | torch.dtype = "auto", class_ids: Sequence | None = None):
         if isinstance(model, Detector):
             self.detector = model
         else:
             device = resolve_device(device) if isinstance(device, str) else torch.device(device)
             self.detector = Detector(model, dtype, device)
         self.class_names = list(class_names)
+        self.class_ids = None if class_ids is None else list(class_ids)
+        if self.class_ids is not None and len(self.class_ids) != len(self.class_names):
+            raise ValueError(f"{len(self.class_ids)} class ids for {len(self.class_names)} class names: give one "
+                             f"id per class, in the same order")
 
     @torch.inference_mode()
     def predict(self, images, score_threshold: float = DISPLAY_SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
-                max_detections: int = MAX_DETECTIONS, batch_size: int = 8) -> list[Detections]:
-        """One `Detections` per image, in order (a single image gives a list of one).
+                max_detections: int = MAX_DETECTIONS, batch_size: int = 8) -> Detections | list[Detections]:
+        """A single image's `Detections`, or for a list or a batch one `Detections` per image, in order.
 
-        `images`: a path, a PIL image, a NumPy (H, W, 3) RGB array, a (3, H, W) or (H, W, 3) RGB tensor (uint8,
-        or floats in [0, 1]), a list mixing them, or a 4-D batch. OpenCV's arrays are BGR: pass image[..., ::-1].
-        The default score threshold is the one for showing detections; mAP wants nearly all (evaluate.py's
-        0.005). `batch_size` images go through the network at a time.
+        `images`: a path, a PIL image, a NumPy (H, W, 3) RGB array or a (3, H, W) or (H, W, 3) RGB tensor (uint8,
+        or floats in [0, 1]); or a list or tuple mixing them, or a 4-D batch (N, 3, H, W) or (N, H, W, 3).
+        OpenCV's arrays are BGR: pass image[..., ::-1]. The default score threshold is the one for showing
+        detections; mAP wants nearly all (evaluate.py's 0.005). `batch_size` images go through the network at a
+        time.
         """
-        images, results = as_image_list(images), []
+        several = is_image_list(images)
+        images, results = list(images) if several else [images], []
         for start in range(0, len(images), batch_size):
-            group = [as_image(image) for image in images[start:start + batch_size]]
+            sources = images[start:start + batch_size]
+            group = [as_image(image) for image in sources]
             batch = preprocess(group, self.detector.image_size, self.detector.input_dtype, self.detector.device)
             _, boxes, scores = self.detector.infer(batch)
             decoded = select_detections(boxes, scores, score_threshold, nms_iou, max_detections)
-            for image, detection in zip(group, decoded):
+            for source, image, detection in zip(sources, group, decoded):
                 height, width = image.shape[1:]
-                labels = detection["labels"].cpu()
-                results.append(Detections(detection["boxes"].float().cpu() * torch.tensor([width, height] * 2),
-                                          detection["scores"].float().cpu(), labels,
-                                          [self.class_names[label] for label in labels.tolist()]))
-        return results
+                labels = detection["labels"].cpu().tolist()
+                results.append(Detections(
+                    detection["boxes"].float().cpu() * torch.tensor([width, height] * 2),
+                    detection["scores"].float().cpu(), torch.tensor(labels, dtype=torch.int64),
+                    [self.class_names[label] for label in labels],
+                    None if self.class_ids is None else [self.class_ids[label] for label in labels], source))
+        return results if several else results[0]
 
 
 def open_detector(path: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
@@ -177,7 +203,8 @@ def load_detector(checkpoint: str | os.PathLike, device: str | torch.device = "a
     """
     # A weights file's fp16 weights load into the fp32 model as fp32.
     detector, state = open_detector(checkpoint, device, dtype)
-    return ImageDetector(detector, state["class_names"])
+    # The training run's settings keep the classes' ids in its files (in checkpoints since they were kept at all).
+    return ImageDetector(detector, state["class_names"], class_ids=state.get("config", {}).get("class_ids"))
 
 
 def export_weights(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
