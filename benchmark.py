@@ -70,7 +70,7 @@ from yolo.transforms import DetectionBatch, SharedMemoryError
 
 # --- what to time
 modes = ("forward", "end_to_end", "baseline_end_to_end")  # those, train_step, loader, baseline_loader; comma-separated
-backbones = ("resnet18", "resnet50")  # resnet18 | resnet50 | darknet, comma-separated
+backbones = ("resnet18", "resnet50")  # resnet18 | resnet50 | mobilenet_v2 | darknet | fast, comma-separated
 device = "auto"                # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
 batch_sizes = (1, 8)           # images per batch, comma-separated: 1 gives the latency, larger the throughput
 dtypes = ("fp32", "bf16", "fp16")  # fp32 | bf16 | fp16, comma-separated; ones the device emulates are skipped

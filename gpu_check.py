@@ -12,8 +12,8 @@ torch, torchvision, numpy, pillow, pandas, matplotlib and tqdm. Every training r
 Sizing on one H100, from which `planned_checks` estimates each check's seconds (their sum must stay within
 BUDGET): a training run is a process start (~15 s with CUDA and a 256 M parameter model) and ~5 s per epoch
 (4 steps of 16 images, validation, a 2 GB last.pt); torchrun adds ~5 s, compile about two minutes; an
-in-process check builds one model and trains 2 x sync_check_steps steps (~10 s); the benchmark is 2
-backbones x 2 batch sizes x 3 dtypes x 3 modes of 13 runs each (~45 s), each loader measurement ~15 s.
+in-process check builds one model and trains 2 x sync_check_steps steps (~10 s); the benchmark is 3
+backbones x 2 batch sizes x 3 dtypes x 3 modes of 13 runs each (~65 s), each loader measurement ~15 s.
 
 GPU kernels are not bitwise reproducible run to run (cuDNN autotuning, atomic adds), so SIGTERM-then-resume
 is compared with the uninterrupted run relative to one epoch's change of the weights; the CPU tests
@@ -302,8 +302,8 @@ def check_evaluate(config: dict, shared: dict) -> str:
 
 
 def check_benchmark(config: dict, shared: dict) -> str:
-    run("benchmark", [PYTHON, "benchmark.py", "--device=cuda", "--backbones=resnet18,resnet50", "--batch_sizes=1,64",
-                      "--modes=forward,end_to_end,train_step", "--dtypes=fp32,bf16,fp16",
+    run("benchmark", [PYTHON, "benchmark.py", "--device=cuda", "--backbones=resnet18,resnet50,mobilenet_v2",
+                      "--batch_sizes=1,64", "--modes=forward,end_to_end,train_step", "--dtypes=fp32,bf16,fp16",
                       f"--iters={config['benchmark_iters']}", f"--out={Path(config['out_dir']) / 'benchmark.csv'}"],
         config)
     return f"rows in {Path(config['out_dir']) / 'benchmark.csv'}"
@@ -372,7 +372,7 @@ def planned_checks(config: dict) -> dict[str, tuple]:
     stopped by a time limit still has the figures. Checks that use an earlier one's run come after it."""
     return {
         "synthetic data": (check_data, 6),
-        "benchmark forward/end_to_end/train_step": (check_benchmark, 45),
+        "benchmark forward/end_to_end/train_step": (check_benchmark, 65),
         **{f"benchmark loader {workers} workers": (loader_check(workers), 15) for workers in config["loader_workers"]},
         "training steps without host sync, bf16": (no_host_sync_check("bf16"), 12),
         "training steps without host sync, fp16 overflowing": (no_host_sync_check("fp16"), 10),

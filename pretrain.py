@@ -37,7 +37,7 @@ from yolo.sampling import GlobalBatchSampler, SeededSamples
 from yolo.transforms import DevicePrefetcher, build_loader, check_num_workers, num_loader_workers
 
 # --- model
-backbone = "darknet"           # darknet | fast | resnet18 | resnet50, trained from scratch
+backbone = "darknet"           # darknet | fast | resnet18 | resnet50 | mobilenet_v2, trained from scratch
 image_size = 224               # training and evaluation crop side in pixels (the paper's pretraining size)
 # --- data
 data_dir = "data/imagenet"     # ImageFolder layout: train/ and val/, one folder of images per class in each

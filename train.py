@@ -40,8 +40,8 @@ from yolo.transforms import (DevicePrefetcher, EvalTransform, TrainTransform, bu
                              num_loader_workers, reused_buffer_bytes)
 
 # --- model
-backbone = "resnet18"          # resnet18 | resnet50 | darknet | fast
-pretrained = True              # ImageNet weights for the ResNet backbones (darknet, fast: none)
+backbone = "resnet18"          # resnet18 | resnet50 | mobilenet_v2 | darknet | fast
+pretrained = True              # torchvision's ImageNet weights (resnet18, resnet50, mobilenet_v2; darknet, fast: none)
 backbone_weights = ""          # a pretrain.py last.pt whose backbone starts this run ("": none; needs pretrained=false)
 image_size = 448               # input side in pixels; image_size / 32 must be grid_size or 2 x grid_size
 grid_size = 7                  # S, cells per side

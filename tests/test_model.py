@@ -5,7 +5,7 @@ import torchvision
 from yolo.model import PretrainedWeightsError, YOLOv1
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "darknet"])
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "mobilenet_v2", "darknet"])
 @pytest.mark.parametrize("image_size", [448, 224])
 def test_output_shape_and_range(backbone, image_size):
     torch.manual_seed(0)
@@ -39,7 +39,7 @@ def test_parameter_counts_match_reference(backbone, reference_millions):
     assert parameter_count(YOLOv1(backbone)) / 1e6 == pytest.approx(reference_millions, rel=2e-3)
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "darknet"])
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2", "darknet"])
 def test_no_parameter_is_shared(backbone):
     model = YOLOv1(backbone, head_channels=32, fc_dim=32)
     named = list(model.named_parameters(remove_duplicate=False))
@@ -73,7 +73,7 @@ def test_bad_image_size_names_the_allowed_sizes():
 
 
 def test_unknown_backbone_lists_the_known_ones():
-    with pytest.raises(ValueError, match="resnet18, resnet50, darknet"):
+    with pytest.raises(ValueError, match="resnet18, resnet50, mobilenet_v2, darknet, fast"):
         YOLOv1("vgg16")
 
 
@@ -112,7 +112,8 @@ def test_zero_init_residual_starts_every_block_as_the_identity(backbone, block, 
         assert torch.equal(block(features), features)
 
 
-@pytest.mark.parametrize("backbone, pretrained", [("darknet", False), ("fast", False), ("resnet18", True)])
+@pytest.mark.parametrize("backbone, pretrained", [("darknet", False), ("fast", False), ("resnet18", True),
+                                                  ("mobilenet_v2", False)])
 def test_zero_init_residual_without_blocks_to_start_is_a_clear_error(backbone, pretrained):
     with pytest.raises(ValueError, match="zero_init_residual starts the residual blocks of a ResNet"):
         YOLOv1(backbone, grid_size=4, image_size=128, pretrained=pretrained, zero_init_residual=True)
@@ -132,7 +133,33 @@ def test_pretrained_weights_load_from_the_hub_cache(tmp_path, monkeypatch):
     assert torch.equal(model.backbone[4][0].conv1.weight, reference["layer1.0.conv1.weight"])
 
 
-def test_pretrained_weights_offline_error_says_what_to_do(tmp_path, monkeypatch):
+def test_mobilenet_v2_is_torchvisions_features_and_loads_its_imagenet_weights_from_the_hub_cache(tmp_path,
+                                                                                                   monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = torchvision.models.mobilenet_v2(weights=None).state_dict()
+    reference["features.0.0.weight"].fill_(0.25)
+    reference["features.18.1.running_var"].fill_(3.0)
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+    assert weights.url.endswith("/mobilenet_v2-b0353104.pth")
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference, cache / "mobilenet_v2-b0353104.pth")
+
+    model = YOLOv1("mobilenet_v2", pretrained=True, grid_size=4, image_size=128, head_channels=16, fc_dim=16)
+    backbone = {f"features.{name}": tensor for name, tensor in model.backbone.state_dict().items()}
+    assert backbone.keys() == {name for name in reference if name.startswith("features.")}
+    assert all(torch.equal(backbone[name], reference[name]) for name in backbone)
+    assert model.head[0][0].in_channels == 1280
+    with torch.no_grad():
+        assert model.backbone(torch.rand(1, 3, 128, 128)).shape == (1, 1280, 4, 4)  # stride 32
+    # From scratch the backbone gets the model's own initialisation, not the file's.
+    assert not torch.equal(YOLOv1("mobilenet_v2", grid_size=4, image_size=128, head_channels=16,
+                                  fc_dim=16).backbone[0][0].weight, reference["features.0.0.weight"])
+
+
+@pytest.mark.parametrize("backbone, file_name", [("resnet50", "resnet50-0676ba61.pth"),
+                                                 ("mobilenet_v2", "mobilenet_v2-b0353104.pth")])
+def test_pretrained_weights_offline_error_says_what_to_do(tmp_path, monkeypatch, backbone, file_name):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     def offline(url, *args, **kwargs):
@@ -141,10 +168,10 @@ def test_pretrained_weights_offline_error_says_what_to_do(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(PretrainedWeightsError) as error:
-        YOLOv1("resnet50", pretrained=True)
+        YOLOv1(backbone, pretrained=True)
     message = str(error.value)
-    assert "pretrained=False" in message and str(tmp_path / "hub" / "checkpoints") in message
-    assert "resnet50" in message
+    assert message.startswith(f"Could not load the ImageNet weights of {backbone} (https://download.pytorch.org/")
+    assert "pretrained=False" in message and str(tmp_path / "hub" / "checkpoints" / file_name) in message
 
 
 def test_darknet_has_no_pretrained_weights():

@@ -1,4 +1,5 @@
 """train.py end to end on tiny synthetic sets: learning, exact resume, signals, torchrun, clear errors."""
+import csv
 import os
 import shutil
 import signal
@@ -12,7 +13,8 @@ import torch
 from command_lines import run_python
 from data import make_synthetic
 import train
-from yolo.checkpoint import config_differences
+import yolo
+from yolo.checkpoint import config_differences, load_checkpoint
 from yolo.config import resolve_config
 from yolo.device import autocast_dtype
 from weights import assert_same_weights, final_weights
@@ -423,3 +425,38 @@ def test_an_unreadable_validation_image_costs_no_trained_epoch(tmp_path):
     assert f"error: validating epoch 1: {damaged}" in result.stderr and "last.pt holds epoch 1" in result.stderr
     assert torch.load(out_dir / "last.pt", weights_only=True)["epoch"] == 1
     assert pd.read_csv(out_dir / "log.csv")["epoch"].tolist() == [1]
+
+
+def test_a_mobilenet_v2_model_goes_through_every_script(data_dir, tmp_path):
+    """--backbone=mobilenet_v2 as a user runs it: train, evaluate, detect, export (ONNX Runtime gives the
+    checkpoint's metrics), the Python API and benchmark."""
+    run_train(data_dir, tmp_path / "run", *TINY, "--backbone=mobilenet_v2", "--epochs=1", "--batch_size=8",
+              "--micro_batch_size=8")
+    checkpoint = tmp_path / "run" / "last.pt"
+    assert load_checkpoint(checkpoint)["model_args"]["backbone"] == "mobilenet_v2"
+
+    def run(*command):
+        result = run_python([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=ONE_THREAD)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    onnx_file = tmp_path / "model.onnx"
+    run("export.py", f"--checkpoint={checkpoint}", f"--out={onnx_file}")
+    for model in (checkpoint, onnx_file):
+        run("evaluate.py", f"--checkpoint={model}", f"--out_dir={tmp_path / 'evaluate'}", "--num_workers=0",
+            "--device=cpu", "--num_examples=0")
+    rows = list(csv.DictReader((tmp_path / "evaluate" / "metrics.csv").open(newline="")))
+    assert [row["model"] for row in rows] == ["run", f"{tmp_path.name}_onnx"]  # the .onnx named by its folder
+    for column in ("voc07_map", "voc12_map", "coco_map"):
+        assert float(rows[0][column]) == pytest.approx(float(rows[1][column]), abs=1e-3), column
+    image = sorted((data_dir / "JPEGImages").glob("*.jpg"))[0]
+    run("detect.py", f"--checkpoint={checkpoint}", f"--source={image}", f"--out_dir={tmp_path / 'detect'}",
+        "--device=cpu")
+    assert (tmp_path / "detect" / image.name).is_file()
+    assert isinstance(yolo.load_detector(checkpoint, "cpu", "fp32").predict(image), yolo.Detections)
+    run("benchmark.py", "--device=cpu", "--backbones=mobilenet_v2", "--image_size=64", "--grid_size=2",
+        "--head_channels=8", "--fc_dim=16", "--warmup=0", "--iters=2", "--batch_sizes=1", "--modes=forward",
+        f"--out={tmp_path / 'benchmark.csv'}")
+    assert {row["backbone"] for row in csv.DictReader((tmp_path / "benchmark.csv").open(newline=""))} == \
+        {"mobilenet_v2"}

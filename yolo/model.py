@@ -1,4 +1,5 @@
-"""The YOLOv1 network: an ImageNet ResNet, the paper's Darknet or Fast YOLO's backbone, then the YOLOv1 head.
+"""The YOLOv1 network: an ImageNet ResNet or MobileNetV2, the paper's Darknet or Fast YOLO's backbone, then the
+YOLOv1 head.
 
 Output layout per grid cell: [x, y, w, h, conf] for each of the B predictors, then C class
 probabilities, all passed through a sigmoid (see yolo/boxes.py for what x, y, w, h mean).
@@ -11,14 +12,16 @@ import torch
 import torchvision
 from torch import nn
 
-BACKBONES = ("resnet18", "resnet50", "darknet", "fast")
+BACKBONES = ("resnet18", "resnet50", "mobilenet_v2", "darknet", "fast")
 BACKBONE_STRIDE = 32
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# ResNet50 keeps IMAGENET1K_V1 (what torchvision's old `pretrained=True` gave, so what the seed used).
-RESNET_WEIGHTS = {
+# torchvision's ImageNet weights of the backbones that have them. ResNet50 keeps IMAGENET1K_V1 (what
+# torchvision's old `pretrained=True` gave, so what the seed used).
+IMAGENET_WEIGHTS = {
     "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
     "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+    "mobilenet_v2": torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
 }
 
 
@@ -87,7 +90,7 @@ class PretrainedWeightsError(RuntimeError):
 
 def load_imagenet_weights(name: str) -> dict:
     """torchvision's ImageNet state dict for `name`, from the torch hub cache or the network."""
-    weights = RESNET_WEIGHTS[name]
+    weights = IMAGENET_WEIGHTS[name]
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as error:
@@ -110,9 +113,18 @@ def resnet_backbone(name: str, pretrained: bool, zero_init_residual: bool = Fals
     return layers, resnet.fc.in_features
 
 
+def mobilenet_v2_backbone(pretrained: bool) -> tuple[nn.Sequential, int]:
+    """torchvision's MobileNetV2 without its classifier (its `features`: stride 32, 1280 channels)."""
+    mobilenet = torchvision.models.mobilenet_v2(weights=None)
+    if pretrained:
+        mobilenet.load_state_dict(load_imagenet_weights("mobilenet_v2"))
+    return mobilenet.features, mobilenet.last_channel
+
+
 def build_backbone(name: str, pretrained: bool = False, zero_init_residual: bool = False) -> tuple[nn.Sequential, int]:
     """The backbone `name` (stride 32) and its output channels; `pretrained`: torchvision's ImageNet weights
-    (ResNets only); `zero_init_residual`: torchvision's option of that name (ResNets from scratch only)."""
+    (ResNets and MobileNetV2); `zero_init_residual`: torchvision's option of that name (ResNets from scratch
+    only)."""
     if name not in BACKBONES:
         raise ValueError(f"Unknown backbone {name!r}; known backbones: {', '.join(BACKBONES)}.")
     if zero_init_residual and (pretrained or not name.startswith("resnet")):
@@ -125,6 +137,8 @@ def build_backbone(name: str, pretrained: bool = False, zero_init_residual: bool
         return darknet_backbone(), 1024
     if name == "fast":
         return fast_backbone(), FAST_WIDTHS[-1]
+    if name == "mobilenet_v2":
+        return mobilenet_v2_backbone(pretrained)
     return resnet_backbone(name, pretrained, zero_init_residual)
 
 
