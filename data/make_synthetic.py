@@ -178,10 +178,10 @@ def render_image(rng, width, height, difficulty=DIFFICULTIES["standard"]):
     return pixels, objects
 
 
-def annotation_xml(filename, width, height, objects):
+def annotation_xml(filename, width, height, objects, folder="synthetic"):
     """VOC annotation XML text; objects are dicts with name, bndbox (VOC pixels), difficult, optional part."""
     root = ET.Element("annotation")
-    ET.SubElement(root, "folder").text = "synthetic"
+    ET.SubElement(root, "folder").text = folder
     ET.SubElement(root, "filename").text = filename
     size = ET.SubElement(root, "size")
     for tag, value in (("width", width), ("height", height), ("depth", 3)):
