@@ -57,8 +57,8 @@ def main(config: dict) -> None:
         detector, state = open_detector(path, config["device"], config["dtype"])
     except CheckpointError as error:
         sys.exit(f"error: {error}")
-    app = create_app(detector, model_description(path, state, detector), config["max_batch_size"],
-                     config["batch_window_ms"], config["max_upload_mb"], config["max_megapixels"])
+    limits = ("max_batch_size", "batch_window_ms", "max_upload_mb", "max_megapixels")
+    app = create_app(detector, model_description(path, state, detector), **{key: config[key] for key in limits})
     try:
         listener = socket.create_server((config["host"], config["port"]))
     except OSError as error:

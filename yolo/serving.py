@@ -97,8 +97,8 @@ def uploaded_file(body: bytes, content_type: str) -> tuple[bytes, str]:
         return body, "upload"
     files = []
     try:
-        parse_form({"Content-Type": content_type.encode(), "Content-Length": str(len(body)).encode()},
-                   io.BytesIO(body), on_field=lambda _: None, on_file=files.append)
+        parse_form({"Content-Type": content_type.encode()}, io.BytesIO(body), on_field=lambda _: None,
+                   on_file=files.append)
         images = [file for file in files if file.field_name == FORM_FIELD.encode()]
         if len(images) != 1:
             found = ", ".join(sorted({file.field_name.decode(errors="replace") for file in files})) or "none"
@@ -119,7 +119,9 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> torch.Tensor:
         raise HTTPException(400, "no image: the request's body is empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)  # the limit below decides
+            # The pixel limit below decides, not Pillow's bomb warning; a damaged EXIF block, which Pillow warns
+            # of, only loses the orientation (decode_image_bytes reads it as none), so nothing is printed.
+            warnings.simplefilter("ignore")
             with PIL.Image.open(io.BytesIO(data)) as header:
                 width, height = header.size
     except PIL.Image.DecompressionBombError as error:
@@ -151,7 +153,8 @@ class BatchedDetector:
     def __init__(self, detector: Detector, max_batch_size: int, batch_window_s: float):
         self.detector, self.max_batch_size, self.batch_window_s = detector, max_batch_size, batch_window_s
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
-        self.network_thread = ThreadPoolExecutor(max_workers=1)
+        # One thread runs the network, batch after batch (run awaits each), so its thread-local state stays warm.
+        self.network_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="network")
 
     async def __call__(self, image: torch.Tensor, settings: dict) -> Job:
         job = Job(image, settings, asyncio.get_running_loop().create_future())
@@ -190,15 +193,16 @@ class BatchedDetector:
         _, boxes, scores = detector.infer(batch)
         results = []
         for index, job in enumerate(jobs):
-            found = select_detections(boxes[index:index + 1], scores[index:index + 1], **job.settings)[0]
+            found = select_detections(boxes[index, None], scores[index, None], **job.settings)[0]
             height, width = job.image.shape[1:]
             results.append(widen_sub_pixel_boxes(to_voc_array(found, width, height)))
         return results
 
 
-def create_app(detector: Detector, model: dict, max_batch_size: int = 8, batch_window_ms: float = 10.0,
-               max_upload_mb: float = 20.0, max_megapixels: float = 50.0) -> FastAPI:
-    """The app serving `detector`; `model` is what GET /model answers, its `class_names` among it."""
+def create_app(detector: Detector, model: dict, *, max_batch_size: int, batch_window_ms: float, max_upload_mb: float,
+               max_megapixels: float) -> FastAPI:
+    """The app serving `detector`; `model` is what GET /model answers, its `class_names` among it. The limits are
+    serve.py's settings of the same names."""
     batched = BatchedDetector(detector, max_batch_size, batch_window_ms / 1000)
     class_names = model["class_names"]
 
@@ -207,7 +211,7 @@ def create_app(detector: Detector, model: dict, max_batch_size: int = 8, batch_w
         batches = asyncio.create_task(batched.run())
         yield
         batches.cancel()
-        batched.network_thread.shutdown(wait=True)
+        batched.network_thread.shutdown()
 
     # The interactive API docs load their scripts from a CDN: left out, since the server must work offline.
     app = FastAPI(title="YOLOv1", lifespan=lifespan, docs_url=None, redoc_url=None)
