@@ -1,5 +1,6 @@
 import contextlib
 import copy
+import math
 import re
 import struct
 import sys
@@ -669,6 +670,28 @@ def test_the_validation_loader_counts_the_buffers_the_training_workers_keep(synt
     assert str(raised.value).startswith(f"/dev/shm has 64 MB free, and the loader needs about "
                                         f"{8 * 16 * image_bytes / mb:.0f} MB there")
     assert f"besides {kept / mb:.0f} MB that the training loader's workers keep" in str(raised.value)
+
+
+@pytest.mark.skipif(not transforms.SHARED_MEMORY.is_dir(), reason="no /dev/shm on this platform")
+def test_the_processes_of_a_machine_share_its_shared_memory(synthetic_root, monkeypatch):
+    """torchrun's processes on one machine each build the same loader: their need is counted together."""
+    dataset = build_dataset("synthetic", synthetic_root, train=True)
+    mb = 2 ** 20
+    monkeypatch.setattr(transforms.shutil, "disk_usage",
+                        lambda path: SimpleNamespace(total=64 * mb, used=0, free=64 * mb))
+    image_bytes = 3 * 448 * 448
+    loading = {"batch_size": 16, "shuffle": False, "num_workers": 1, "prefetch_factor": 2, "image_bytes": image_bytes}
+    per_process = 4 * 16 * image_bytes  # 1 x 2 + 2 batches: 37 MB
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    build_loader(dataset, **loading)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(transforms.SharedMemoryError) as raised:
+        build_loader(dataset, **loading)
+    assert str(raised.value).startswith(f"/dev/shm has 64 MB free, and the loader needs about "
+                                        f"{2 * per_process / mb:.0f} MB there (num_workers 1 x prefetch_factor 2 + 2 "
+                                        f"batches of {16 * image_bytes / mb:.1f} MB; the 2 processes on this machine "
+                                        f"(LOCAL_WORLD_SIZE) need {per_process / mb:.0f} MB each).")
+    assert f"docker run --shm-size={math.ceil(2 * per_process / 2 ** 30)}g" in str(raised.value)
 
 
 def test_the_prefetcher_passes_batches_through_in_order_on_a_cpu_none_included():

@@ -192,6 +192,23 @@ def test_a_stop_signalled_to_one_torchrun_process_stops_all_at_one_step(data_dir
             torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this platform")
+def test_torchrun_counts_the_shared_memory_of_all_its_processes_on_the_machine(data_dir, tmp_path):
+    """Batches ahead that fit /dev/shm for one process, not for two: both processes refuse before a worker starts."""
+    batch_bytes = 8 * 3 * 128 ** 2
+    prefetch = int(0.7 * shutil.disk_usage("/dev/shm").free / batch_bytes)
+    settings = [*TINY, "--epochs=1", "--batch_size=16", "--micro_batch_size=8", "--num_workers=1",
+                f"--prefetch_factor={prefetch}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'ddp'}", *settings]
+    result = run_python(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    # Each process's error is one line (torchrun then reports the failed processes with its own traceback).
+    assert result.returncode != 0 and 'train.py", line' not in result.stderr, result.stderr
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("error: /dev/shm has")]
+    assert refusals and all("the 2 processes on this machine (LOCAL_WORLD_SIZE) need" in line for line in refusals)
+    assert not (tmp_path / "ddp" / "last.pt").exists()
+
+
 def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path):
     out_dir = tmp_path / "ddp1"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
@@ -204,7 +221,7 @@ def test_torchrun_with_one_process_takes_the_distributed_path(data_dir, tmp_path
 
 @pytest.mark.parametrize("overrides, message", [
     (["--epoch=3"], "unknown setting. Valid names: backbone"),
-    (["--backbone=vgg"], "--backbone='vgg': must be one of resnet18, resnet50, darknet"),
+    (["--backbone=vgg"], "--backbone='vgg': must be one of resnet18, resnet50, mobilenet_v2, darknet"),
     (["--protocol=coco"], "--protocol='coco': must be one of voc2012val"),
     (["--micro_batch_size=0"], "--micro_batch_size=0: must be at least 1"),
     (["--epochs=0"], "--epochs=0: must be at least 1"),

@@ -248,8 +248,13 @@ def num_loader_workers(setting: str) -> int:
     check_num_workers(setting)
     if setting != "auto":
         return int(setting)
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(0, min(usable_cores() // processes - 1, MAX_AUTO_WORKERS))
+    return max(0, min(usable_cores() // processes_on_this_node() - 1, MAX_AUTO_WORKERS))
+
+
+def processes_on_this_node() -> int:
+    """The training processes on this machine, which share its cores and its /dev/shm (torchrun's
+    LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 # /dev/shm holds the batches that loader workers pass to the training process (PyTorch's file_descriptor
@@ -274,7 +279,11 @@ def check_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: int
     """SharedMemoryError when /dev/shm (where the platform has it) has less free space than the loader's workers
     will hold there, besides the `kept_by_others` bytes that another loader's workers keep (train.py's training
     loader, during validation): a worker that runs out dies of a bus error that names nothing. `reused`: each
-    worker holds prefetch_factor + BATCHES_HELD buffers of its own (build_loader's reuse_image_buffers)."""
+    worker holds prefetch_factor + BATCHES_HELD buffers of its own (build_loader's reuse_image_buffers).
+
+    /dev/shm belongs to the machine: every process of a torchrun job on it (LOCAL_WORLD_SIZE) builds the same
+    loaders, so the need is theirs together. Each process checks it before its first collective (DDP's set-up),
+    so before any worker on the node starts, and they all see the same free space and agree."""
     if num_workers == 0 or not SHARED_MEMORY.is_dir():
         return
     usage = shutil.disk_usage(SHARED_MEMORY)
@@ -287,12 +296,16 @@ def check_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: int
     mb = 2 ** 20
     if kept_by_others:
         count += f", besides {kept_by_others / mb:.0f} MB that the training loader's workers keep"
-    needed += kept_by_others
+    per_process = needed + kept_by_others
+    processes = processes_on_this_node()
+    needed = processes * per_process
     if needed <= usage.free:
         return
+    shared = "" if processes == 1 else (f"; the {processes} processes on this machine (LOCAL_WORLD_SIZE) need "
+                                        f"{per_process / mb:.0f} MB each")
     raise SharedMemoryError(
         f"{SHARED_MEMORY} has {usage.free / mb:.0f} MB free, and the loader needs about {needed / mb:.0f} MB there "
-        f"({count} of {batch_bytes / mb:.1f} MB). In a container, give it more (docker run "
+        f"({count} of {batch_bytes / mb:.1f} MB{shared}). In a container, give it more (docker run "
         f"--shm-size={math.ceil((usage.used + needed) / 2 ** 30)}g ...), or lower num_workers, prefetch_factor or "
         f"the (micro-)batch size.")
 
