@@ -653,12 +653,17 @@ def test_too_little_shared_memory_is_one_clear_error_before_any_worker_starts(sy
     assert len(asked) == 2
 
 
+@pytest.fixture
+def empty_64_mb_shm(monkeypatch):
+    """/dev/shm as a Docker container's default gives it: 64 MB, all free."""
+    monkeypatch.setattr(transforms.shutil, "disk_usage",
+                        lambda path: SimpleNamespace(total=64 * 2 ** 20, used=0, free=64 * 2 ** 20))
+
+
 @pytest.mark.skipif(not transforms.SHARED_MEMORY.is_dir(), reason="no /dev/shm on this platform")
-def test_the_validation_loader_counts_the_buffers_the_training_workers_keep(synthetic_root, monkeypatch):
+def test_the_validation_loader_counts_the_buffers_the_training_workers_keep(synthetic_root, empty_64_mb_shm):
     dataset = build_dataset("synthetic", synthetic_root, train=True)
     mb = 2 ** 20
-    monkeypatch.setattr(transforms.shutil, "disk_usage",
-                        lambda path: SimpleNamespace(total=64 * mb, used=0, free=64 * mb))
     image_bytes = 3 * 448 * 448  # 9.2 MB batches of 16
     loading = {"num_workers": 1, "prefetch_factor": 2, "image_bytes": image_bytes}
     build_loader(dataset, batch_size=16, shuffle=False, reuse_image_buffers=True, **loading)  # 4 batches: 37 MB
@@ -673,12 +678,10 @@ def test_the_validation_loader_counts_the_buffers_the_training_workers_keep(synt
 
 
 @pytest.mark.skipif(not transforms.SHARED_MEMORY.is_dir(), reason="no /dev/shm on this platform")
-def test_the_processes_of_a_machine_share_its_shared_memory(synthetic_root, monkeypatch):
+def test_the_processes_of_a_machine_share_its_shared_memory(synthetic_root, empty_64_mb_shm, monkeypatch):
     """torchrun's processes on one machine each build the same loader: their need is counted together."""
     dataset = build_dataset("synthetic", synthetic_root, train=True)
     mb = 2 ** 20
-    monkeypatch.setattr(transforms.shutil, "disk_usage",
-                        lambda path: SimpleNamespace(total=64 * mb, used=0, free=64 * mb))
     image_bytes = 3 * 448 * 448
     loading = {"batch_size": 16, "shuffle": False, "num_workers": 1, "prefetch_factor": 2, "image_bytes": image_bytes}
     per_process = 4 * 16 * image_bytes  # 1 x 2 + 2 batches: 37 MB
