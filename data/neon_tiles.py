@@ -27,7 +27,6 @@ from data.make_synthetic import annotation_xml, make_voc_dirs  # noqa: E402
 
 CLASS_NAME = "tree"
 DATA_FOLDER = "deepforest/data/"
-Image.MAX_IMAGE_PIXELS = 40_000_000  # the largest crop has 5.7 megapixels; Pillow's bomb limit is near 89
 
 
 def annotated_crops(wheel: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
