@@ -15,7 +15,7 @@ import yolo
 from yolo.checkpoint import load_checkpoint, load_model
 from yolo.data import decode_image
 from yolo.postprocess import EVAL_SCORE_THRESHOLD
-from yolo.visualize import PALETTE
+from yolo.visualize import PALETTE, draw_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,19 +90,53 @@ def test_plot_draws_each_box_in_its_class_colour_and_save_writes_that_image(dete
     plotted = np.array(result.plot())
     assert plotted.shape == image.shape and plotted.dtype == np.uint8
     x1, y1, x2, y2 = result.boxes[0].tolist()
-    colour = PALETTE[result.labels[0].item() % len(PALETTE)]
-    middle_row, left = int((y1 + y2) / 2), int(x1)  # the outline, 2 pixels wide, starts at the box's left edge
-    assert plotted[middle_row, left].tolist() == plotted[middle_row, left + 1].tolist() == list(colour)
-    assert plotted[middle_row, left - 1].tolist() == image[middle_row, left - 1].tolist()
-    assert plotted[middle_row, int(x2) + 1].tolist() == image[middle_row, int(x2) + 1].tolist()
-    assert np.array_equal(plotted[int(y2) + 2:], image[int(y2) + 2:])  # nothing drawn below the box
+    colour = list(PALETTE[result.labels[0].item() % len(PALETTE)])
+    # The outline, 2 pixels wide, lies inside the box: from pixel x1 (0-based) to pixel x2 - 1, the same down.
+    row, column = int((y1 + y2) / 2), int((x1 + x2) / 2)
+    left, top, right, bottom = int(x1), int(y1), int(x2 - 1), int(y2 - 1)
+    assert plotted[row, left].tolist() == plotted[row, left + 1].tolist() == colour
+    assert plotted[row, right].tolist() == plotted[row, right - 1].tolist() == colour
+    assert plotted[bottom, column].tolist() == plotted[bottom - 1, column].tolist() == colour
+    assert plotted[top, column].tolist() == colour
+    for outside in ((row, left - 1), (row, right + 1), (bottom + 1, column), (top - 1, column)):
+        assert plotted[outside].tolist() == image[outside].tolist(), outside
+    assert np.array_equal(plotted[bottom + 1:], image[bottom + 1:])  # nothing drawn below the box
+    # The caption gives the score: the class name alone draws less.
+    name_only = draw_boxes(torch.from_numpy(image).permute(2, 0, 1), result.boxes + torch.tensor([1.0, 1, 0, 0]),
+                           result.labels, detector.class_names)
+    assert not np.array_equal(name_only.permute(1, 2, 0).numpy(), plotted)
     assert not np.array_equal(np.array(result.plot(line_width=4)), plotted)
     # The source as it was given: an array gives the same picture; save writes it, making the folders.
     assert np.array_equal(np.array(detector.predict(image, max_detections=1).plot()), plotted)
-    saved = result.save(tmp_path / "out" / "boxes.png")
-    assert saved == tmp_path / "out" / "boxes.png" and np.array_equal(np.array(Image.open(saved)), plotted)
+    saved = result.save(tmp_path / "out" / "nested" / "boxes.png")
+    assert saved == tmp_path / "out" / "nested" / "boxes.png"
+    assert np.array_equal(np.array(Image.open(saved)), plotted)
     assert np.array_equal(np.array(Image.open(result.save(tmp_path / "wide.png", line_width=4))),
                           np.array(result.plot(line_width=4)))
+
+
+def test_a_detector_built_from_a_model_runs_it_where_and_as_asked(detector, overfit_run, image_paths):
+    _, run_dir = overfit_run
+    model = load_model(run_dir / "best.pt")[0]
+    names = detector.class_names
+    expected = detector.predict(image_paths[0])
+    for device in ("cpu", torch.device("cpu")):
+        built = yolo.ImageDetector(model, names, device=device, dtype="fp32")
+        assert (built.detector.device, built.detector.dtype) == (torch.device("cpu"), torch.float32)
+        assert_same_detections(built.predict(image_paths[0]), expected)
+    assert yolo.ImageDetector(model, names, dtype="bf16").detector.dtype == torch.bfloat16
+    default = yolo.ImageDetector(model, names)  # auto: this machine has no GPU; bf16 where the CPU computes it
+    assert default.detector.device == torch.device("cpu") and default.detector.dtype in (torch.float32, torch.bfloat16)
+
+
+def test_images_go_through_the_network_batch_size_at_a_time(detector, image_paths, monkeypatch):
+    sizes, infer = [], detector.detector.infer
+    monkeypatch.setattr(detector.detector, "infer", lambda batch: sizes.append(len(batch)) or infer(batch))
+    assert len(detector.predict([image_paths[0]] * 9)) == 9 and sizes == [8, 1]  # the default: 8
+    sizes.clear()
+    assert len(detector.predict([image_paths[0]] * 5, batch_size=2)) == 5 and sizes == [2, 2, 1]
+    blank = detector.predict(np.zeros((60, 80, 3), dtype=np.uint8), score_threshold=0.999)
+    assert len(blank) == 0 and blank.labels.dtype == torch.int64 and blank.boxes.shape == (0, 4)
 
 
 def test_boxes_are_in_the_original_images_pixels(detector, image_paths):
@@ -132,10 +166,18 @@ def test_the_display_threshold_keeps_far_fewer_boxes_than_the_evaluation_one(det
 
 
 @pytest.mark.parametrize("image, error, message", [
-    (np.zeros((60, 80), dtype=np.uint8), ValueError, r"shape \(60, 80\).*grayscale.*Accepted: a path"),
-    (np.zeros((60, 80, 4), dtype=np.uint8), ValueError, r"shape \(60, 80, 4\).*RGBA: drop the alpha"),
-    (np.zeros((3, 60, 80), dtype=np.uint8), ValueError, r"expected \(H, W, 3\) for a NumPy array"),
-    (torch.zeros(60, 80, 4), ValueError, r"expected \(3, H, W\) or \(H, W, 3\) for a tensor"),
+    (np.zeros((60, 80), dtype=np.uint8), ValueError, r"^an image of shape \(60, 80\): expected \(H, W, 3\) for a "
+                                                      r"NumPy array \(a grayscale image: repeat it to 3 channels\)\. "
+                                                      r"Accepted: a path"),
+    (np.zeros((60, 80, 4), dtype=np.uint8), ValueError, r"^an image of shape \(60, 80, 4\): expected \(H, W, 3\) for "
+                                                         r"a NumPy array \(RGBA: drop the alpha channel\)\. Accepted"),
+    (np.zeros((3, 60, 80), dtype=np.uint8), ValueError, r"^an image of shape \(3, 60, 80\): expected \(H, W, 3\) for "
+                                                         r"a NumPy array\. Accepted"),
+    (torch.zeros(60, 80, 4), ValueError, r"expected \(3, H, W\) or \(H, W, 3\) for a tensor \(RGBA"),
+    (torch.zeros(2, 4, 5), ValueError, r"^an image of shape \(2, 4, 5\): expected \(3, H, W\) or \(H, W, 3\) for a "
+                                       r"tensor\. Accepted"),
+    (np.zeros((60, 4), dtype=np.uint8), ValueError, r"^an image of shape \(60, 4\): expected \(H, W, 3\) for a "
+                                                     r"NumPy array \(a grayscale image: repeat it to 3 channels\)\."),
     (np.zeros((60, 80, 3), dtype=np.int32), TypeError, r"dtype int32: expected uint8, or floats in \[0, 1\]"),
     (torch.full((3, 60, 80), 255.0), ValueError, r"values from 255 to 255: floats must be in \[0, 1\]"),
     (b"\xff\xd8", TypeError, r"cannot read an image from a bytes"),
@@ -148,7 +190,7 @@ def test_a_wrong_image_is_a_clear_error(detector, image, error, message):
 def test_a_weights_file_is_half_the_checkpoint_named_by_its_hash_and_detects_alike(detector, overfit_run,
                                                                                     image_paths, tmp_path):
     _, run_dir = overfit_run
-    path = yolo.export_weights(run_dir / "best.pt", tmp_path)
+    path = yolo.export_weights(run_dir / "best.pt", tmp_path / "weights" / "shared")  # folders made
     assert path.stat().st_size < 0.6 * (run_dir / "best.pt").stat().st_size
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert re.fullmatch(r"run_best-[0-9a-f]{8}\.pth", path.name)
@@ -157,6 +199,7 @@ def test_a_weights_file_is_half_the_checkpoint_named_by_its_hash_and_detects_ali
     assert {"model_args", "class_names", "config"} <= set(saved) and "optimizer" not in saved
     model = load_model(path)[0]
     assert {saved["model"][name].dtype for name, _ in model.named_parameters()} == {torch.float16}
+    assert {saved["model"][name].dtype for name, _ in model.named_buffers() if "running" in name} == {torch.float32}
     assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
     from_weights = yolo.load_detector(path, device="cpu", dtype="fp32")
     for actual, expected in zip(from_weights.predict(image_paths), detector.predict(image_paths)):
