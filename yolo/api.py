@@ -28,6 +28,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from yolo.boxes import normalized_to_voc
 from yolo.checkpoint import CheckpointError, load_model
 from yolo.data import decode_image
 from yolo.device import resolve_device
@@ -61,8 +62,9 @@ class Detections:
     def plot(self, line_width: int = 2) -> PIL.Image.Image:
         """The image with its boxes drawn, each captioned with its class name and score."""
         image = as_image(self.source).cpu()
-        voc_boxes = self.boxes + torch.tensor([1.0, 1.0, 0.0, 0.0])  # draw_boxes takes VOC's 1-based pixels
-        drawn = draw_boxes(image, voc_boxes, self.labels, dict(zip(self.labels.tolist(), self.names)), self.scores,
+        # draw_boxes takes VOC's 1-based pixels; continuous pixels are normalised coordinates at a scale of 1.
+        names = dict(zip(self.labels.tolist(), self.names))  # draw_boxes looks names up by class index
+        drawn = draw_boxes(image, normalized_to_voc(self.boxes, 1.0, 1.0), self.labels, names, self.scores,
                            width=line_width)
         return PIL.Image.fromarray(drawn.permute(1, 2, 0).numpy())
 
