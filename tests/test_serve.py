@@ -1,9 +1,12 @@
 """serve.py: the JSON API against detect.py and `predict`, concurrent clients, every bad input answered with its 4xx
 while the server goes on, the batching of concurrent images, and the page in a real browser (Chromium)."""
 import asyncio
+import errno
+import functools
 import http.client
 import io
 import json
+import os
 import re
 import socket
 import struct
@@ -28,9 +31,11 @@ from PIL import Image
 import detect
 import serve
 from command_lines import run_python
+from tools import load_test, page_screenshot
 from tools.page_screenshot import open_browser
 from tools.serve_process import start_server
 from yolo.api import load_detector, open_detector
+from yolo.config import resolve_config
 from yolo.data import decode_image
 from yolo.postprocess import DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU
 from yolo.serving import DISCARD_LIMIT, PAGE, BatchedDetector, create_app, read_body
@@ -403,20 +408,79 @@ def test_the_page_shows_an_uploaded_images_detections_and_filters_them_by_score(
             browser.close()
 
 
+def serve_settings(checkpoint, *arguments: str) -> dict:
+    """serve.py's settings as its command line resolves them, on any free port of 127.0.0.1, on the CPU."""
+    return resolve_config(vars(serve), [f"--checkpoint={checkpoint}", "--port=0", "--device=cpu", *arguments],
+                          rules=serve.RULES)
+
+
+def test_serve_main_says_where_it_listens_and_serves_the_checkpoint_there(model, monkeypatch, capsys):
+    checkpoint, images, detector, state = model
+    servers, started = [], threading.Event()
+
+    class StartedServer(uvicorn.Server):  # uvicorn's server, which the test can see start and can stop
+        def __init__(self, config):
+            super().__init__(config)
+            servers.append(self)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            started.set()
+
+    monkeypatch.setattr(serve.uvicorn, "Server", StartedServer)
+    thread = threading.Thread(target=serve.main, args=(serve_settings(checkpoint, "--max_upload_mb=1"),),
+                              daemon=True)
+    thread.start()
+    try:
+        assert started.wait(timeout=300)
+        printed = re.fullmatch(r"serving (\S+) \(cpu, float32\) at (http://127\.0\.0\.1:(\d+)) \(Ctrl-C stops\)\n",
+                               capsys.readouterr().out)
+        assert printed and printed[1] == str(checkpoint) and printed[3] != "0"
+        url = printed[2]
+        assert get(url, "/model") == (200, serve.model_description(checkpoint, state, detector))
+        status, answer = post(url, images[0].read_bytes())
+        assert status == 200 and answer["detections"]
+        status, refused = post(url, bytes(2**20 + 1))  # over --max_upload_mb=1, under the default 20
+        assert status == 413 and "limit of 1 MB" in refused["detail"]
+    finally:
+        for server in servers:
+            server.should_exit = True
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert capsys.readouterr() == ("", "")  # uvicorn logs warnings only: no line per request
+
+
+def test_the_model_description_names_the_runtime_and_the_training_run(model):
+    checkpoint, _, detector, state = model
+    assert state["epoch"] is not None and state["git_commit"]
+    assert serve.model_description(checkpoint, state, detector) == {
+        "name": f"{checkpoint.parent.name}/last.pt", "checkpoint": str(checkpoint), "runtime": "pytorch",
+        "device": "cpu", "dtype": "float32", "backbone": state["model_args"]["backbone"],
+        "image_size": detector.image_size, "grid_size": detector.grid_size, "class_names": state["class_names"],
+        "epoch": state["epoch"], "git_commit": state["git_commit"]}
+    onnx = checkpoint.with_name("model.onnx")
+    assert serve.model_description(onnx, state, detector)["runtime"] == "onnxruntime"
+
+
 def test_a_bad_checkpoint_or_a_taken_port_is_one_error_line(model, tmp_path):
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint")
-    taken = socket.create_server(("127.0.0.1", 0))
-    try:
-        for arguments, message in (([f"--checkpoint={bad}"], f"error: {bad}"),
-                                   ([f"--checkpoint={model[0]}", f"--port={taken.getsockname()[1]}"],
-                                    f"error: cannot listen on 127.0.0.1:{taken.getsockname()[1]}")):
-            result = run_python([sys.executable, "serve.py", *arguments, "--device=cpu"], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=300)
-            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-            assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1, result.stderr
-    finally:
-        taken.close()
+    with pytest.raises(SystemExit) as exited:
+        serve.main(serve_settings(bad))
+    assert str(exited.value.code).startswith(f"error: {bad}") and "\n" not in str(exited.value.code)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exited:
+            serve.main(serve_settings(model[0], f"--port={port}"))
+    assert exited.value.code.startswith(f"error: cannot listen on 127.0.0.1:{port} ({os.strerror(errno.EADDRINUSE)}")
+    assert exited.value.code.endswith("); choose another --port (0: any free one) or --host")
+
+
+def test_serve_py_checks_its_settings_before_it_loads_the_model(tmp_path):
+    result = run_python([sys.executable, "serve.py", f"--checkpoint={tmp_path / 'missing.pt'}", "--port=65536"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.startswith("error: --port=65536") and \
+        len(result.stderr.splitlines()) == 1, result.stderr
 
 
 class Upload:
@@ -615,10 +679,85 @@ def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs(model):
     assert job.batch_size == 1 and len(job.future.result())
 
 
-def test_the_load_test_compares_concurrent_requests_with_a_loop_of_predict(model):
-    checkpoint, images, _, _ = model
-    result = run_python([sys.executable, "tools/load_test.py", f"--checkpoint={checkpoint}",
-                         f"--images={images[0].parent}", "--requests=12", "--clients=4"], cwd=ROOT)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"^serve\.py: 12 requests from 4 clients: [\d.]+ images/s, 0 failed, 0 with detections unlike "
-                     r"predict's\npredict, one image a call: [\d.]+ images/s \([\d.]+x\)$", result.stdout, re.M)
+def load_test_settings(checkpoint, images, *arguments: str) -> dict:
+    return resolve_config(vars(load_test), [f"--checkpoint={checkpoint}", f"--images={images}", *arguments],
+                          rules=load_test.RULES)
+
+
+@pytest.fixture
+def one_image_folder(model, tmp_path):
+    """A folder of one of the test images, its suffix in capitals as some cameras write it, beside a text file."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "A.JPG").write_bytes(model[1][0].read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_the_load_test_compares_concurrent_requests_with_a_loop_of_predict(model, one_image_folder, capsys):
+    load_test.main(load_test_settings(model[0], one_image_folder, "--requests=3", "--clients=2"))
+    assert re.fullmatch(r"serve\.py: 3 requests from 2 clients: [\d.]+ images/s, 0 failed, 0 with detections unlike "
+                        r"predict's\npredict, one image a call: [\d.]+ images/s \([\d.]+x\)\n", capsys.readouterr().out)
+
+
+def test_the_load_test_fails_when_the_server_disagrees_with_predict(model, one_image_folder, monkeypatch, capsys):
+    def strict_detector(*arguments):  # the loop keeps only scores of 0.99 and above; the server is as it is
+        detector = load_detector(*arguments)
+        detector.predict = functools.partial(detector.predict, score_threshold=0.99)
+        return detector
+
+    monkeypatch.setattr(load_test, "load_detector", strict_detector)
+    with pytest.raises(SystemExit) as exited:
+        load_test.main(load_test_settings(model[0], one_image_folder, "--requests=2", "--clients=1"))
+    assert exited.value.code == 1
+    assert ", 0 failed, 2 with detections unlike predict's\n" in capsys.readouterr().out
+
+
+def test_the_load_tests_requests_count_refusals_and_lost_connections_as_failed(http_server, model, tmp_path):
+    assert load_test.send(http_server, b"not an image", 60) == (415, [])
+    status, rows = load_test.send(http_server, model[1][0].read_bytes(), 60)
+    assert status == 200 and rows == post(http_server, model[1][0].read_bytes())[1]["detections"]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        closed = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    assert load_test.send(closed, b"", 60) == (0, [])
+    with pytest.raises(SystemExit) as exited:
+        load_test.main(load_test_settings(model[0], tmp_path))
+    assert exited.value.code == f"error: no images in {tmp_path}"
+
+
+def test_the_load_tests_comparison_allows_float_rounding_only():
+    rows = [{"x1": 10.0, "y1": 20.0, "x2": 30.0, "y2": 40.0, "score": 0.5, "class_id": 2}]
+    expected = np.array([[10.0, 20.0, 30.0, 40.0, 0.5, 2]])
+    assert load_test.same_detections(rows, expected)
+    assert load_test.same_detections(rows, expected + [[0.001, 0, 0, 0, 0, 0]])
+    assert not load_test.same_detections(rows, expected + [[0.01, 0, 0, 0, 0, 0]])
+    assert not load_test.same_detections(rows, expected + [[0, 0, 0, 0, 0, 1]])
+    assert not load_test.same_detections(rows + rows, expected)
+    assert load_test.same_detections([], np.zeros((0, 6))) and not load_test.same_detections([], expected)
+
+
+def test_the_page_screenshot_is_the_page_with_its_images_boxes(model, tmp_path, capsys):
+    if page_screenshot.find_chromium() is None:
+        pytest.skip("no Chromium")
+    out = tmp_path / "page.png"
+    page_screenshot.main(resolve_config(vars(page_screenshot), [f"--checkpoint={model[0]}",
+                                                                 f"--images={model[1][0]},{model[1][1]}",
+                                                                 f"--out={out}", "--width=700"]))
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    with Image.open(out) as screenshot:
+        assert screenshot.format == "PNG" and screenshot.width == 700 and screenshot.height > 600
+
+
+def test_without_chromium_the_browser_error_says_how_to_get_one(monkeypatch):
+    monkeypatch.delenv("CHROMIUM", raising=False)
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(FileNotFoundError, match=r"^no Chromium: install Debian's chromium package "
+                                                r"\(apt-get install chromium\), or set CHROMIUM to"):
+        page_screenshot.open_browser(None)
+    monkeypatch.setenv("CHROMIUM", "/opt/chrome/chrome")
+    assert page_screenshot.find_chromium() == "/opt/chrome/chrome"
+
+
+def test_a_server_that_stops_before_serving_is_an_error_with_its_output(tmp_path):
+    with pytest.raises(RuntimeError, match=r"(?s)^serve\.py stopped before serving \(exit status 1\):\n.*error: "):
+        start_server(tmp_path / "missing.pt", "--device=cpu")
