@@ -6,7 +6,8 @@ import threading
 from tqdm import tqdm
 
 from yolo import engine  # noqa: F401  (its import sets tqdm's monitor off)
-from yolo.run import StopRequest
+from file_writes import assert_atomic_write, record_file_writes
+from yolo.run import StopRequest, append_log, read_log, write_log
 
 
 def test_a_forked_loader_worker_ignores_the_stop_its_parent_handles(capfd):
@@ -35,3 +36,15 @@ def test_a_progress_bar_starts_no_thread():
     with tqdm(range(3), disable=False) as bar:
         list(bar)
         assert set(threading.enumerate()) == before
+
+
+def test_a_log_row_is_added_by_writing_the_whole_file_anew(tmp_path, monkeypatch):
+    path, columns = tmp_path / "log.csv", ("epoch", "loss", "val_loss")
+    write_log(path, [{"epoch": 1, "loss": "0.5", "val_loss": ""}, {"epoch": 2, "loss": "0.25", "val_loss": "0.3"}],
+              columns)
+    append_log(path, {"epoch": 3, "loss": "0.125", "val_loss": ""}, columns)
+    assert path.read_bytes() == b"epoch,loss,val_loss\r\n1,0.5,\r\n2,0.25,0.3\r\n3,0.125,\r\n"
+    assert [row["epoch"] for row in read_log(path, up_to_epoch=2)] == ["1", "2"]
+    events = record_file_writes(monkeypatch, path)
+    append_log(path, {"epoch": 4, "loss": "0.1", "val_loss": ""}, columns)
+    assert_atomic_write(events, path)

@@ -2,6 +2,7 @@
 log.csv, the run folder, the finished-run marker, which checkpoint to resume from, and the training wrapper."""
 import csv
 import json
+import math
 import os
 import signal
 import sys
@@ -58,7 +59,7 @@ class StopRequest:
         return 128 + (self.signal or signal.SIGTERM)
 
 
-def read_log(path: Path, up_to_epoch: int) -> list[dict]:
+def read_log(path: Path, up_to_epoch: float = math.inf) -> list[dict]:
     """The rows of an existing log.csv up to `up_to_epoch` (a resumed run rewrites the rest)."""
     if not path.exists():
         return []
@@ -74,8 +75,9 @@ def write_log(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
 
 
 def append_log(path: Path, row: dict, columns: tuple[str, ...]) -> None:
-    with open(path, "a", newline="") as file:
-        csv.DictWriter(file, fieldnames=columns).writerow(row)
+    """log.csv with `row` after its rows, written whole through a temporary file as the checkpoints are: a
+    process killed while writing leaves the previous log, never half a row."""
+    write_log(path, read_log(path) + [row], columns)
 
 
 def mark_finished(out_dir: Path, epochs: int) -> None:
