@@ -278,10 +278,13 @@ class Run:
 
     def validate(self, val_loader, val_set, epoch: int, row: dict) -> None:
         """The validation loss and mAP into `row`; best.pt where the mAP is the best yet."""
+        # The training model itself, in eval mode: a folded copy would hold its memory a second time. Its fp32
+        # weights: bf16 scores take 128 values in [0.5, 1), and their ties would rank by image order. The next
+        # epoch's train_one_epoch puts it back in training mode.
+        self.model.eval()
         try:
-            # fp32 weights: bf16 scores take 128 values in [0.5, 1), and their ties would rank by image order.
-            validation = evaluate(Detector(self.model, torch.float32, self.device), val_loader, val_set,
-                                  loss_weights=self.loss_weights, desc=f"validate {epoch + 1}")
+            validation = evaluate(Detector(self.model, torch.float32, self.device, prepare=False), val_loader,
+                                  val_set, loss_weights=self.loss_weights, desc=f"validate {epoch + 1}")
         except ImageDecodeError as error:  # keep the epoch just trained, unvalidated
             if is_main_process():
                 append_log(self.out_dir / "log.csv", row, LOG_COLUMNS)

@@ -13,7 +13,7 @@ from command_lines import run_python
 from yolo import transforms
 from yolo.config import resolve_config
 from yolo.model import YOLOv1
-from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_predictions, to_voc_array
+from yolo.postprocess import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_predictions, to_voc_arrays
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny model (64 px, 2 x 2 grid, narrow head) and a handful of runs: the schema, not the speed, is tested.
@@ -118,7 +118,7 @@ def test_the_baselines_cell_by_cell_decoding_matches_decode_predictions(seed):
     pred = torch.rand(2, 4, 4, 5 * 2 + num_classes, generator=generator)
     pred[..., [2, 3, 7, 8]] *= 0.5
     for cells, detection in zip(pred, decode_predictions(pred, num_classes)):
-        expected = to_voc_array(detection, 500, 375)
+        (expected,) = to_voc_arrays([detection], [(375, 500)])
         actual = benchmark.decode_cells(cells.numpy(), num_classes, 500, 375, score_threshold=EVAL_SCORE_THRESHOLD,
                                         nms_iou=NMS_IOU, max_detections=MAX_DETECTIONS)
         assert actual.shape == expected.shape

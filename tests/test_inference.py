@@ -225,6 +225,23 @@ def test_detector_takes_a_batch_a_list_or_preprocessed_images():
         detector(preprocess(batch, IMAGE_SIZE))
 
 
+def test_an_unprepared_detector_runs_the_model_itself_as_the_folded_copy_does():
+    generator = torch.Generator().manual_seed(2)
+    batch = torch.randint(0, 256, (2, 3, 75, 100), dtype=torch.uint8, generator=generator)
+    model = calibrate_batch_norms(small_model(), preprocess(batch, IMAGE_SIZE), generator)
+    model.to(memory_format=torch.channels_last)  # as train.py lays it out
+    unprepared = Detector(model, "fp32", prepare=False, score_threshold=0.0)
+    assert unprepared.model is model
+    for found, expected in zip(unprepared(batch), Detector(model, "fp32", score_threshold=0.0)(batch)):
+        assert len(found) > 0
+        np.testing.assert_allclose(found, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"^An unprepared model runs in its own dtype and on its own device "
+                                         r"\(torch.float32 on cpu\), not torch.bfloat16 on cpu\.$"):
+        Detector(model, "bf16", prepare=False)
+    with pytest.raises(ValueError, match=r"not torch.float32 on meta\.$"):
+        Detector(model, "fp32", "meta", prepare=False)
+
+
 def test_predict_takes_uint8_batches_as_pixels():
     model = small_model().eval()
     detector = Detector(model, "fp32")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.ops import nms
 
-from yolo.postprocess import decode_predictions, to_voc_array
+from yolo.postprocess import decode_predictions, to_voc_arrays
 from yolo.targets import encode_target
 
 S, B, C = 4, 2, 3
@@ -102,16 +102,22 @@ def test_matches_a_loop_reference(seed):
         assert sorted(detection["labels"].tolist()) == sorted(label for _, label, _ in expected)
 
 
-def test_voc_array_uses_one_based_inclusive_pixels():
-    detection = {"boxes": torch.tensor([[0.0, 0.0, 1.0, 0.5]]), "scores": torch.tensor([0.7]),
-                 "labels": torch.tensor([4])}
-    np.testing.assert_allclose(to_voc_array(detection, 500, 375), [[1, 1, 500, 187.5, 0.7, 4]], rtol=1e-6)
+def test_voc_arrays_use_one_based_inclusive_pixels_of_each_images_size():
+    first = {"boxes": torch.tensor([[0.0, 0.0, 1.0, 0.5]]), "scores": torch.tensor([0.7]), "labels": torch.tensor([4])}
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    third = {"boxes": torch.tensor([[0.5, 0.25, 0.75, 1.0], [0.0, 0.5, 0.25, 0.75]]),
+             "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([1, 0])}
+    arrays = to_voc_arrays([first, empty, third], [(375, 500), (10, 10), (200, 100)])
+    assert [array.dtype for array in arrays] == [np.float64] * 3 and arrays[1].shape == (0, 6)
+    np.testing.assert_allclose(arrays[0], [[1, 1, 500, 187.5, 0.7, 4]], rtol=1e-6)
+    np.testing.assert_allclose(arrays[2], [[51, 51, 75, 200, 0.9, 1], [1, 101, 25, 150, 0.3, 0]], rtol=1e-6)
+    assert to_voc_arrays([], []) == []
 
 
 def test_an_empty_image_gives_no_detection():
     (detections,) = decode_predictions(torch.zeros(1, S, S, 5 * B + C), C)
     assert detections["boxes"].shape == (0, 4)
-    assert to_voc_array(detections, 10, 10).shape == (0, 6)
+    assert to_voc_arrays([detections], [(10, 10)])[0].shape == (0, 6)
 
 
 def test_a_score_must_be_above_the_threshold():

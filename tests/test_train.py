@@ -1,4 +1,5 @@
 """train.py end to end on tiny synthetic sets: learning, exact resume, signals, torchrun, clear errors."""
+import copy
 import csv
 import os
 import shutil
@@ -15,7 +16,12 @@ from data import make_synthetic
 import train
 import yolo
 from yolo.checkpoint import config_differences, load_checkpoint
+from yolo.api import open_detector
 from yolo.config import resolve_config
+from yolo.data import build_dataset
+from yolo.engine import evaluate
+from yolo.sampling import IndexedSamples
+from yolo.transforms import EvalTransform, build_loader
 from yolo.device import autocast_dtype
 from weights import assert_same_weights, final_weights
 
@@ -477,3 +483,35 @@ def test_a_mobilenet_v2_model_goes_through_every_script(data_dir, tmp_path):
         f"--out={tmp_path / 'benchmark.csv'}")
     assert {row["backbone"] for row in csv.DictReader((tmp_path / "benchmark.csv").open(newline=""))} == \
         {"mobilenet_v2"}
+
+
+def test_validation_runs_the_training_model_itself_not_a_copy(data_dir, tmp_path, monkeypatch):
+    """In this process: no copy of the model is made for validation (on a GPU it would hold the model's memory
+    twice), and its figures are logged."""
+    copied, deepcopy = [], copy.deepcopy
+
+    def recording_deepcopy(value, memo=None):
+        if isinstance(value, torch.nn.Module):
+            copied.append(type(value).__name__)
+        return deepcopy(value, memo)
+
+    monkeypatch.setattr(copy, "deepcopy", recording_deepcopy)
+    out_dir = tmp_path / "run"
+    try:
+        train.main(resolve_config(vars(train), [*TINY, f"--data_dir={data_dir}", f"--out_dir={out_dir}",
+                                                "--epochs=1", "--batch_size=8", "--micro_batch_size=8"], rules=train.RULES))
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert copied == []
+    # What it logged is what evaluation of last.pt gives (its folded copy, in eval mode): the loss to float rounding.
+    detector, state = open_detector(out_dir / "last.pt", "cpu", "fp32")
+    dataset = build_dataset("synthetic", data_dir, train=False, class_names=state["class_names"],
+                            transforms=EvalTransform(detector.image_size, detector.grid_size, detector.num_classes))
+    loader = build_loader(IndexedSamples(dataset), 4, shuffle=False, num_workers=0,
+                          image_bytes=3 * detector.image_size ** 2)
+    expected = evaluate(detector, loader, dataset, loss_weights={"lambda_coord": train.lambda_coord,
+                                                                 "lambda_noobj": train.lambda_noobj})
+    (logged,) = pd.read_csv(out_dir / "log.csv").to_dict("records")
+    assert logged["epoch"] == 1 and logged["val_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    assert logged["val_voc12_map"] == pytest.approx(expected["metrics"]["voc12_map"], abs=1e-6)

@@ -20,7 +20,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from yolo.device import inference_dtype
 from yolo.photometric import model_input
 from yolo.postprocess import (EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, decode_boxes_and_scores,
-                              select_detections, to_voc_array)
+                              select_detections, to_voc_arrays)
 
 RESNET_CONV_BN_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
@@ -117,12 +117,22 @@ class Detector:
 
     def __init__(self, model: nn.Module, dtype: str | torch.dtype = "auto", device: torch.device | str | None = None,
                  compile: bool = False, score_threshold: float = EVAL_SCORE_THRESHOLD, nms_iou: float = NMS_IOU,
-                 max_detections: int = MAX_DETECTIONS):
+                 max_detections: int = MAX_DETECTIONS, prepare: bool = True):
+        """`prepare=False` runs `model` itself, as it is (its weights, layout and mode: the caller puts it in eval
+        mode), where a folded copy would hold the model's memory a second time: validation during training.
+        `dtype` must then be its parameters' and `device` theirs."""
         self.image_size, self.grid_size, self.num_classes = model.image_size, model.grid_size, model.num_classes
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        parameter = next(model.parameters())
+        self.device = torch.device(device) if device is not None else parameter.device
         self.dtype = inference_dtype(dtype, self.device)
         self.input_dtype = self.dtype  # what `preprocess` makes for it
-        self.model = prepare_for_inference(model, self.dtype, self.device, compile)
+        if prepare:
+            self.model = prepare_for_inference(model, self.dtype, self.device, compile)
+        elif (parameter.dtype, parameter.device) != (self.dtype, self.device):
+            raise ValueError(f"An unprepared model runs in its own dtype and on its own device ({parameter.dtype} on "
+                             f"{parameter.device}), not {self.dtype} on {self.device}.")
+        else:
+            self.model = model
         self.score_threshold, self.nms_iou, self.max_detections = score_threshold, nms_iou, max_detections
 
     @torch.inference_mode()
@@ -154,5 +164,4 @@ class Detector:
                    original_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
         """NMS-filtered (K, 6) VOC-pixel arrays from the candidates `infer` gives, for images of those sizes."""
         detections = select_detections(boxes, scores, self.score_threshold, self.nms_iou, self.max_detections)
-        return [to_voc_array(detection, int(width), int(height))
-                for detection, (height, width) in zip(detections, original_sizes)]
+        return to_voc_arrays(detections, [(int(height), int(width)) for height, width in original_sizes])

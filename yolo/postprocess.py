@@ -62,11 +62,17 @@ def decode_predictions(pred: torch.Tensor, num_classes: int, score_threshold: fl
     return select_detections(*decode_boxes_and_scores(pred, num_classes), score_threshold, nms_iou, max_detections)
 
 
-def to_voc_array(detection: dict[str, torch.Tensor], width: int, height: int) -> np.ndarray:
-    """One image's detections as the metrics' (K, 6) array: VOC pixel x1, y1, x2, y2, score, class id."""
-    boxes = normalized_to_voc(detection["boxes"].double().cpu(), width, height)
-    return torch.cat([boxes, detection["scores"].double().cpu()[:, None],
-                      detection["labels"].double().cpu()[:, None]], dim=1).numpy()
+def to_voc_arrays(detections: list[dict[str, torch.Tensor]], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Each image's detections (`select_detections`) as the metrics' (K, 6) array, VOC pixel x1, y1, x2, y2,
+    score, class id, for images of those (height, width) sizes. The batch's detections cross to the host in one
+    copy: on a GPU, one wait for the batch instead of three per image."""
+    if not detections:
+        return []
+    packed = torch.cat([torch.cat([found["boxes"].double(), found["scores"].double()[:, None],
+                                   found["labels"].double()[:, None]], dim=1) for found in detections]).cpu()
+    parts = packed.split([len(found["scores"]) for found in detections])
+    return [torch.cat([normalized_to_voc(part[:, :4], width, height), part[:, 4:]], dim=1).numpy()
+            for part, (height, width) in zip(parts, sizes)]
 
 
 def widen_sub_pixel_boxes(detections: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from yolo.config import at_least, between
 from yolo.data import ImageDecodeError, decode_image_bytes
 from yolo.inference import Detector, preprocess
 from yolo.postprocess import (DISPLAY_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_IOU, detection_rows, select_detections,
-                              to_voc_array, widen_sub_pixel_boxes)
+                              to_voc_arrays, widen_sub_pixel_boxes)
 
 PAGE = Path(__file__).resolve().parent / "page"
 FORM_FIELD = "image"
@@ -193,8 +193,7 @@ class BatchedDetector:
         results = []
         for index, job in enumerate(jobs):
             found = select_detections(boxes[index, None], scores[index, None], **job.settings)[0]
-            height, width = job.image.shape[1:]
-            results.append(widen_sub_pixel_boxes(to_voc_array(found, width, height)))
+            results.append(widen_sub_pixel_boxes(to_voc_arrays([found], [job.image.shape[1:]])[0]))
         return results
 
 
