@@ -427,12 +427,20 @@ def test_serve_main_says_where_it_listens_and_serves_the_checkpoint_there(model,
             await super().startup(sockets=sockets)
             started.set()
 
+    def run_main(settings):
+        try:
+            serve.main(settings)
+        except BaseException as error:
+            stopped.append(error)
+        finally:
+            started.set()  # a main that stops ends the wait too
+
     monkeypatch.setattr(serve.uvicorn, "Server", StartedServer)
-    thread = threading.Thread(target=serve.main, args=(serve_settings(checkpoint, "--max_upload_mb=1"),),
-                              daemon=True)
+    stopped = []
+    thread = threading.Thread(target=run_main, args=(serve_settings(checkpoint, "--max_upload_mb=1"),), daemon=True)
     thread.start()
     try:
-        assert started.wait(timeout=300)
+        assert started.wait(timeout=300) and not stopped, stopped
         printed = re.fullmatch(r"serving (\S+) \(cpu, float32\) at (http://127\.0\.0\.1:(\d+)) \(Ctrl-C stops\)\n",
                                capsys.readouterr().out)
         assert printed and printed[1] == str(checkpoint) and printed[3] != "0"
