@@ -60,7 +60,7 @@ seed = 0                       # initialisation, data order and augmentation
 device = "auto"                # auto (cuda if available) | cpu | cuda
 dtype = "auto"                 # autocast: auto (CUDA: bf16 where native, else fp16; CPU: fp32) | fp32 | bf16 | fp16
 compile = False                # torch.compile the model
-log_every = 20                 # CUDA: the host reads the loss, stop requests and non-finite checks every N steps
+log_every = 20                 # CUDA: the host reads the loss, stop requests and non-finite checks every N steps or 2 s
 eval_every = 1                 # validate every N epochs and after the last; 0: only after the last
 
 SCHEDULES = ("cosine", "step")

@@ -6,9 +6,9 @@
 Every constant below can be overridden as --name=value. A rerun of the same command continues from
 out_dir/last.pt; SIGINT or SIGTERM saves the current step and exits, and the rerun carries on from there.
 
-On CUDA the loop reads the device's results (shown loss, non-finite check, stop request) every `log_every`
-optimizer steps, so a stop lands on the next such step; on a CPU, where ops run synchronously and a read
-costs nothing, it reads after every step.
+On CUDA the loop reads the device's results (shown loss, non-finite check, stop request) after the epoch's first
+optimizer step, then every `log_every` steps or 2 seconds, whichever comes first, so a stop lands on the next such
+step; on a CPU, where ops run synchronously and a read costs nothing, it reads after every step.
 """
 import bisect
 import random
@@ -83,7 +83,7 @@ seed = 0                       # model initialisation, data order and augmentati
 device = "auto"                # auto (cuda if available) | cpu | cuda
 dtype = "auto"                 # autocast: auto (CUDA: bf16 where native, else fp16; CPU: fp32) | fp32 | bf16 | fp16
 compile = False                # torch.compile the model for training (one compilation; validation stays eager)
-log_every = 20                 # CUDA: optimizer steps between reads of the loss and stop/non-finite flags (CPU: 1)
+log_every = 20                 # CUDA: most steps between reads of the loss, stop and NaN flags (or 2 s; CPU: 1)
 bad_images = "skip"            # an image that fails to decode while training: skip (warned, counted in log.csv) | error
 eval_every = 5                 # validate every N epochs and after the last; 0: only after the last
 

@@ -6,6 +6,8 @@
 --send_signal=NAME:STEP[:RANK]  the process sends itself the signal at the start of the STEP-th optimizer step
     it runs (from 1), once every checkpoint handed to its writer before then is on disk; under torchrun, only
     the process of that RANK does.
+--to_launcher  that signal goes to the process's parent instead (torchrun, which passes it on to every process),
+    and the sender goes on once its own copy has arrived.
 --slow_disk  a checkpoint write starts only when the training waits for it (the writer's `wait`, or its next
     `save`): the slowest a disk can be. A run that marks itself finished while one of its writes has not started
     stops with an error.
@@ -18,6 +20,7 @@ import runpy
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -26,6 +29,7 @@ def parse_arguments(argv):
     parser.add_argument("--send_signal", help="NAME:STEP[:RANK]")
     parser.add_argument("--slow_disk", action="store_true")
     parser.add_argument("--kill_during_write", help="NAME:N")
+    parser.add_argument("--to_launcher", action="store_true")
     parser.add_argument("script")
     parser.add_argument("script_arguments", nargs=argparse.REMAINDER)
     return parser.parse_args(argv)
@@ -95,9 +99,22 @@ def main(argv):
         if steps[0] == int(signal_step) and (not signal_rank or os.environ.get("RANK") == signal_rank[0]):
             for writer in writers:
                 writer.wait()
-            os.kill(os.getpid(), getattr(signal, signal_name))
+            signum = getattr(signal, signal_name)
+            if not arguments.to_launcher:
+                os.kill(os.getpid(), signum)
+            else:
+                os.kill(os.getppid(), signum)
+                while not stop_requests[-1]():  # until torchrun's copy of the signal has been handled here
+                    time.sleep(0.01)
         return original_set_learning_rate(*args, **kwargs)
 
+    stop_requests, original_stop_request = [], yolo.run.StopRequest.__init__
+
+    def stop_request(self):
+        original_stop_request(self)
+        stop_requests.append(self)
+
+    yolo.run.StopRequest.__init__ = stop_request
     yolo.checkpoint.CheckpointWriter.save, yolo.checkpoint.CheckpointWriter.wait = save, wait
     yolo.checkpoint.save_checkpoint, yolo.run.mark_finished = instrumented_save_checkpoint, mark_finished
     yolo.engine.set_learning_rate = set_learning_rate

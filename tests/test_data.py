@@ -3,6 +3,7 @@ import copy
 import math
 import re
 import struct
+import subprocess
 import sys
 import time
 import warnings
@@ -626,6 +627,25 @@ def test_loader_workers_are_forked_on_linux(synthetic_root):
     assert with_workers.multiprocessing_context.get_start_method() == "fork"
     in_process = build_loader(dataset, batch_size=2, shuffle=False, num_workers=0, image_bytes=3 * 64 * 64)
     assert in_process.multiprocessing_context is None  # the DataLoader takes none without workers
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the loader chooses fork on Linux only")
+def test_a_loader_worker_ignores_a_sigterm_from_another_process_and_ends_on_its_parents(synthetic_root):
+    """torchrun and SLURM signal every process of a job: a loader worker goes on (the training process saves,
+    then closes it); its parent's SIGTERM (the loader's shutdown, the process's exit) still ends it."""
+    dataset = build_dataset("synthetic", synthetic_root, train=False,
+                            transforms=EvalTransform(64, 4, len(make_synthetic.CLASS_NAMES)))
+    loader = build_loader(dataset, batch_size=1, shuffle=False, num_workers=1, prefetch_factor=1,
+                          image_bytes=3 * 64 * 64)
+    batches = iter(loader)
+    next(batches)
+    (worker,) = batches._workers
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # sent by a process that is not its parent
+    # The worker makes the rest of this epoch and all of the next (persistent workers): it has met the signal.
+    assert len(list(batches)) + 1 == len(loader) == len(list(loader)) and worker.is_alive()
+    worker.terminate()  # SIGTERM from its parent
+    worker.join(timeout=60)
+    assert worker.exitcode == 0
 
 
 @pytest.mark.skipif(not transforms.SHARED_MEMORY.is_dir(), reason="no /dev/shm on this platform")

@@ -28,22 +28,28 @@ HOST_WAITS = {aten.lift_fresh.default, aten.lift_fresh_copy.default, aten._local
               aten.nonzero.default, aten.masked_select.default, aten.is_nonzero.default, aten.equal.default,
               aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
               aten.repeat_interleave.Tensor}
-IMAGE_SIZE, GRID_SIZE, MICRO_BATCH, ACCUMULATION, STEPS = 64, 2, 2, 3, 2
+IMAGE_SIZE, GRID_SIZE, MICRO_BATCH, ACCUMULATION, STEPS = 64, 2, 2, 2, 3
 
 
 class HostWaitRecorder(TorchDispatchMode):
-    """Records every host-waiting op dispatched outside a read point; `read_point()` marks the rest of the
-    run as one (the loop reads only at the end of an epoch here)."""
+    """Records every host-waiting op dispatched outside a read point: a read point runs from the loop's stop
+    request (`read_point()`) to the learning rate of the next optimizer step (`learning_rate()`), or to the end
+    of the epoch."""
 
     def __init__(self):
         super().__init__()
-        self.reading = False
+        self.reading, self.read_points = False, 0
         self.ops_seen = set()
         self.host_waits = []
 
     def read_point(self) -> bool:
         self.reading = True
+        self.read_points += 1
         return False  # no stop requested
+
+    def learning_rate(self, step: int) -> float:
+        self.reading = False
+        return 1e-3
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops_seen.add(func)
@@ -93,8 +99,8 @@ def record_training(batches, num_classes, *, optimizer_name, dtype, first_step_o
                                                                                    "lambda_noobj": 0.5},
                                                      device=cpu, dtype=dtype),
                                 term_names=LOSS_TERMS, epoch=0, start_step=0, accumulation=ACCUMULATION,
-                                lr_at=lambda step: 1e-3, device=cpu, stop_requested=recorder.read_point,
-                                read_every=STEPS)
+                                lr_at=recorder.learning_rate, device=cpu, stop_requested=recorder.read_point,
+                                read_every=STEPS, clock=lambda: 0.0)  # a clock that never moves: fast steps
     return recorder, stats, model, optimizer, scaler
 
 
@@ -103,6 +109,7 @@ def record_training(batches, num_classes, *, optimizer_name, dtype, first_step_o
 def test_training_steps_never_wait_for_the_device_between_reads(training_batches, optimizer_name, dtype):
     recorder, stats, _, _, _ = record_training(*training_batches, optimizer_name=optimizer_name, dtype=dtype)
     assert stats["steps"] == STEPS and stats["images"] == STEPS * ACCUMULATION * MICRO_BATCH
+    assert recorder.read_points == 2  # after the first step, and at the end of the epoch (the third)
     # The recorder saw the whole step: the jitter, the model, the loss, backward and the fused update.
     assert {aten.clamp_.default, aten.convolution_backward.default} <= recorder.ops_seen
     assert any("fused" in str(op) for op in recorder.ops_seen)

@@ -198,6 +198,30 @@ def test_a_stop_signalled_to_one_torchrun_process_stops_all_at_one_step(data_dir
             torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_sigterm_to_torchrun_saves_the_step_and_the_rerun_resumes_it_exactly(data_dir, reference_run, tmp_path):
+    """torchrun passes a SIGTERM on to every process (as it does when SLURM or a user stops it): one stop
+    message, last.pt at that step, and the rerun ends with the uninterrupted run's weights."""
+    out_dir = tmp_path / "torchrun_stop"
+    arguments = [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*torchrun, "tests/instrumented.py", "--send_signal=SIGTERM:1:0", "--to_launcher", "train.py",
+               *arguments]
+    result = run_python(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and output.count("received SIGTERM") == 1, output
+    assert output.count("rerun the same command to resume") == 1, output
+    saved = torch.load(out_dir / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (0, 1), output
+
+    resumed = run_python([*torchrun, "train.py", *arguments], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=ONE_THREAD)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
+    ddp, single = final_weights(out_dir), final_weights(reference_run)
+    for name, value in single.items():
+        if value.is_floating_point() and "running" not in name:
+            torch.testing.assert_close(ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm on this platform")
 def test_torchrun_counts_the_shared_memory_of_all_its_processes_on_the_machine(data_dir, tmp_path):
     """Batches ahead that fit /dev/shm for one process, not for two: both processes refuse before a worker starts."""

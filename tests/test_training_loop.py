@@ -90,13 +90,50 @@ def test_no_update_is_applied_from_a_non_finite_loss_on(fused, dtype):
 
 
 def test_a_stop_request_lands_on_the_next_read():
-    model, stats = run(batches(5), fused=True, read_every=3, stop=lambda: True)
-    assert (stats["steps"], stats["stopped"], stats["images"]) == (3, True, 6)
+    reads = []
+
+    def stop_from_the_second_read():
+        reads.append(None)
+        return len(reads) >= 2
+
+    model, stats = run(batches(7), fused=True, read_every=3, stop=stop_from_the_second_read)
+    assert (stats["steps"], stats["stopped"], stats["images"]) == (4, True, 8)  # reads after steps 1 and 4
     _, stats = run(batches(5), fused=True, read_every=1, stop=lambda: True)
     assert (stats["steps"], stats["stopped"]) == (1, True)
     # A request on the epoch's last step lets the epoch finish: the caller saves the epoch's end.
-    _, stats = run(batches(3), fused=True, read_every=3, stop=lambda: True)
-    assert (stats["steps"], stats["stopped"]) == (3, False)
+    _, stats = run(batches(1), fused=True, read_every=3, stop=lambda: True)
+    assert (stats["steps"], stats["stopped"]) == (1, False)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("step_seconds, read_steps", [(0.01, [1, 4, 7, 10, 12]), (0.5, [1, 4, 7, 10, 12]),
+                                                      (0.6, [1, 4, 7, 10, 12]), (0.7, [1, 3, 5, 7, 9, 11, 12]),
+                                                      (3.0, list(range(1, 13)))])
+def test_the_host_reads_after_the_first_step_then_every_read_every_steps_or_two_seconds(step_seconds, read_steps,
+                                                                                       processes, monkeypatch):
+    """On a clock that moves `step_seconds` per step, with read_every=3: fast steps are read every 3, slower ones
+    as often as keeps the reads READ_EVERY_S (2 s) apart, steps over 2 s every one. Every process sums the same
+    seconds, so each reads the mean (two identical processes: every sum doubled)."""
+    assert yolo.engine.READ_EVERY_S == 2.0
+    monkeypatch.setattr(yolo.engine, "all_reduce_sum", lambda tensor: tensor * processes)
+    now, read_at = [0.0], []
+
+    def forward_loss(model, batch):
+        now[0] += step_seconds
+        return detection_loss(model, batch, loss_weights=LOSS_WEIGHTS, device=torch.device("cpu"),
+                              dtype=torch.float32)
+
+    def stop_requested():
+        read_at.append(round(now[0] / step_seconds))
+        return False
+
+    model = TinyDetector()
+    cpu = torch.device("cpu")
+    stats = train_one_epoch(model, batches(12), build_optimizer(model, "sgd", 0.1, 0.9, 0.0, fused=True),
+                            torch.amp.GradScaler("cpu", enabled=False), forward_loss=forward_loss,
+                            term_names=LOSS_TERMS, epoch=0, start_step=0, accumulation=1, lr_at=lambda step: 0.1,
+                            device=cpu, stop_requested=stop_requested, read_every=3, clock=lambda: now[0])
+    assert read_at == read_steps and stats["steps"] == 12
 
 
 def test_reads_every_few_steps_train_exactly_like_reads_every_step():
@@ -326,7 +363,8 @@ def test_the_progress_bar_names_the_epoch_and_shows_the_loss_on_the_main_process
     assert bar.settings == {"desc": "epoch 1", "leave": False, "dynamic_ncols": True,
                             "disable": None if main_process else True}
     loss = sum(stats["terms"].values()) / stats["images"]
-    assert bar.postfixes == [{"loss": f"{loss:.3f}", "lr": "1.00e-01"}]
+    # Read after the first step, then at the epoch's end.
+    assert len(bar.postfixes) == 2 and bar.postfixes[-1] == {"loss": f"{loss:.3f}", "lr": "1.00e-01"}
 
 
 def test_a_log_gets_a_progress_line_a_minute_within_an_epoch(monkeypatch, capsys):

@@ -20,6 +20,9 @@ LOSS_TERMS = ("coord", "obj", "noobj", "cls")
 # can hang the child); the bars refresh as they advance without it.
 tqdm.monitor_interval = 0
 LOG_PROGRESS_EVERY_S = 60  # where no terminal shows tqdm's bar (a log file), a progress line this often
+# Where the host reads every few steps (a GPU): the longest wait, in seconds, between two reads of the stop request,
+# so that a stop lands within seconds of its signal however long the steps take (torchrun and SLURM allow 30 s).
+READ_EVERY_S = 2.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,7 +56,7 @@ def detection_loss(model: nn.Module, batch, *, loss_weights: dict, device: torch
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, forward_loss, term_names: tuple[str, ...],
                     epoch: int, start_step: int, accumulation: int, lr_at, device: torch.device, stop_requested,
-                    read_every: int = 1) -> dict:
+                    read_every: int = 1, clock=monotonic) -> dict:
     """Train from optimizer step `start_step` to the end of `epoch`, or until `stop_requested()`.
 
     `forward_loss(model, batch)` gives a micro-batch's loss terms (named `term_names`, means over its images)
@@ -62,9 +65,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, forward_loss
     over all processes, the number of images, the optimizer steps done and whether the epoch was cut short.
 
     The host reads what the device computed (the loss shown, the non-finite flag, and the stop request,
-    agreed by all processes so that they stop after the same step) only after every `read_every`-th
-    optimizer step and at the end of the epoch: in between, a GPU runs steps back to back while the CPU
-    queues the next ones. No update is applied from a step whose loss was NaN or infinite, nor from any
+    agreed by all processes so that they stop after the same step) only at read points: after the first
+    optimizer step, then every `read_every` steps or as many as take READ_EVERY_S by `clock` (seconds) at the
+    pace of the last ones, whichever is fewer (at least one), and at the end of the epoch. In between, a GPU
+    runs steps back to back while the CPU queues the next ones. No update is applied from a step whose loss was NaN or infinite, nor from any
     step after it: a fused optimizer skips them on the device, the GradScaler (fp16) skips them because
     the loop makes a gradient non-finite, and any other optimizer is checked on the host before each step.
     The loop then raises NonFiniteLossError naming that step at the next read.
@@ -72,6 +76,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, forward_loss
     model.train()
     sums = torch.zeros(len(term_names) + 1, dtype=torch.float64, device=device)  # terms x images, then images
     step, stopped = start_step, False
+    steps_between_reads, last_read_step, last_read_time = 1, start_step, clock()
     one_batch = torch.ones((), dtype=torch.float64, device=device)  # made once: a copy from the host would wait
     step_is_finite = torch.ones((), device=device)
     first_non_finite_step = torch.full((), -1, dtype=torch.long, device=device)
@@ -106,12 +111,18 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, *, forward_loss
         apply_update(optimizer, scaler, skip=first_non_finite_step >= 0)
         step, step_is_finite = step + 1, torch.ones((), device=device)
         epoch_ends = index + 1 == len(loader)
-        if step % read_every and not epoch_ends:
+        if step - last_read_step < steps_between_reads and not epoch_ends:
             continue
-        stop_votes = all_reduce_sum(torch.tensor(float(stop_requested()), device=device))
-        votes, non_finite_step, mean_loss = torch.stack(
-            [stop_votes, first_non_finite_step.to(stop_votes.dtype), (sums[:-1].sum() / sums[-1]).float()]).tolist()
+        # Stop votes, seconds since the last read and processes, summed over all processes: each gets the same
+        # sums, so all of them agree on when they read next.
+        read = all_reduce_sum(torch.tensor([float(stop_requested()), clock() - last_read_time, 1.0],
+                                           dtype=torch.float64, device=device))
+        votes, seconds, processes, non_finite_step, mean_loss = torch.cat(
+            [read, first_non_finite_step.to(read.dtype)[None], (sums[:-1].sum() / sums[-1])[None]]).tolist()
         raise_if_non_finite(int(non_finite_step), epoch)
+        steps_in_time = READ_EVERY_S * (step - last_read_step) * processes / seconds if seconds > 0 else read_every
+        steps_between_reads = max(1, min(read_every, int(steps_in_time)))
+        last_read_step, last_read_time = step, clock()
         progress.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if log_lines and monotonic() - last_line >= LOG_PROGRESS_EVERY_S:
             last_line = monotonic()

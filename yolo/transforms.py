@@ -12,7 +12,9 @@ between processes, pin and copy.
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -310,6 +312,21 @@ def check_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: int
         f"the (micro-)batch size.")
 
 
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A loader worker ends on a SIGTERM from its parent alone (as PyTorch's own handler does, which the process's
+    exit and the loader's shutdown send) and ignores one from anyone else. torchrun and SLURM send their stop to
+    every process of a job, loader workers included: PyTorch's handler would end those, and the training process
+    would fail on its dead workers instead of saving. A thread takes the signal, to learn who sent it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_a_sigterm_from, args=(os.getppid(),), name="sigterm", daemon=True).start()
+
+
+def _exit_on_a_sigterm_from(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    os._exit(0)
+
+
 def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_last=False, seed=0,
                  pin_memory=None, prefetch_factor=None, collate_fn=collate_detection, *, image_bytes,
                  reuse_image_buffers=False, shared_memory_kept_by_others=0):
@@ -356,6 +373,7 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
         # Python 3.14 makes forkserver the default, which pickles the dataset and its image cache to each worker.
         multiprocessing_context="fork" if num_workers > 0 and sys.platform == "linux" else None,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=leave_stop_signals_to_the_main_process,
     )
 
 
