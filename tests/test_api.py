@@ -12,7 +12,10 @@ import torch
 from PIL import Image
 
 import yolo
+from yolo.api import open_detector
 from yolo.checkpoint import load_checkpoint, load_model
+from yolo.device import inference_dtype
+from yolo.inference import Detector
 from yolo.data import decode_image
 from yolo.postprocess import EVAL_SCORE_THRESHOLD
 from yolo.visualize import PALETTE, draw_boxes
@@ -178,8 +181,12 @@ def test_the_display_threshold_keeps_far_fewer_boxes_than_the_evaluation_one(det
                                        r"tensor\. Accepted"),
     (np.zeros((60, 4), dtype=np.uint8), ValueError, r"^an image of shape \(60, 4\): expected \(H, W, 3\) for a "
                                                      r"NumPy array \(a grayscale image: repeat it to 3 channels\)\."),
-    (np.zeros((60, 80, 3), dtype=np.int32), TypeError, r"dtype int32: expected uint8, or floats in \[0, 1\]"),
+    (np.zeros((60, 80, 3), dtype=np.int32), TypeError, r"^an image of dtype int32: expected uint8, or floats in "
+                                                        r"\[0, 1\]\. Accepted: a path"),
+    (torch.zeros((3, 60, 80), dtype=torch.int16), TypeError, r"^an image of dtype int16: expected uint8"),
     (torch.full((3, 60, 80), 255.0), ValueError, r"values from 255 to 255: floats must be in \[0, 1\]"),
+    (torch.full((3, 60, 80), 1.5), ValueError, r"^a float image with values from 1\.5 to 1\.5: floats must be in "),
+    (torch.full((3, 60, 80), -0.25), ValueError, r"^a float image with values from -0\.25 to -0\.25: floats must"),
     (b"\xff\xd8", TypeError, r"cannot read an image from a bytes"),
 ])
 def test_a_wrong_image_is_a_clear_error(detector, image, error, message):
@@ -236,6 +243,59 @@ def test_the_readmes_example_runs_outside_the_repository(overfit_run, image_path
     lines = result.stdout.splitlines()
     assert lines and all(line.fullmatch(text) for text in lines), result.stdout
     assert Image.open(tmp_path / "street_boxes.jpg").size == Image.open(image_paths[0]).size
+
+
+def test_float_images_may_reach_0_and_1_and_pil_images_of_any_mode_are_read_as_rgb(detector, image_paths):
+    from yolo.api import as_image
+    extremes = torch.tensor([0.0, 1.0, 0.5]).repeat(3, 4, 1)
+    assert torch.equal(as_image(extremes), torch.tensor([0, 255, 128], dtype=torch.uint8).repeat(3, 4, 1))
+    with Image.open(image_paths[0]) as opened:
+        rgb = opened.convert("RGB")
+    for mode in ("L", "RGBA", "P", "CMYK"):
+        converted = rgb.convert(mode)
+        assert torch.equal(as_image(converted), torch.from_numpy(np.array(converted.convert("RGB"))).permute(2, 0, 1))
+    assert len(detector.predict(rgb.convert("RGBA"))) > 0
+
+
+class RecordingDetector(Detector):
+    """A detector on the meta device (standing in for a GPU) that records the batches it is given and finds
+    nothing in them."""
+
+    def infer(self, batch):
+        self.batches.append((batch.device, batch.dtype, tuple(batch.shape)))
+        candidates = self.grid_size ** 2 * 2
+        return None, torch.zeros(len(batch), candidates, 4), torch.zeros(len(batch), candidates, self.num_classes)
+
+
+def test_predict_gives_the_detector_its_input_type_on_its_device(detector, overfit_run):
+    _, run_dir = overfit_run
+    model = load_model(run_dir / "best.pt")[0]
+    recording = RecordingDetector(model, "fp32", torch.device("meta"))
+    recording.batches, recording.input_dtype = [], torch.uint8  # as an .onnx graph that takes pixels
+    found = yolo.ImageDetector(recording, detector.class_names).predict(torch.empty(3, 40, 50, dtype=torch.uint8,
+                                                                                    device="meta"))
+    size = recording.image_size
+    assert len(found) == 0 and recording.batches == [(torch.device("meta"), torch.uint8, (1, 3, size, size))]
+
+
+def test_a_device_given_as_a_torch_device_is_where_the_model_runs(detector, overfit_run):
+    """torch.device("meta") is no device name resolve_device takes: it is used as given, by ImageDetector and by
+    open_detector, whose defaults are auto (no GPU here: the CPU) and auto's dtype."""
+    _, run_dir = overfit_run
+    model = load_model(run_dir / "best.pt")[0]
+    meta = torch.device("meta")
+    assert yolo.ImageDetector(model, detector.class_names, device=meta, dtype="fp32").detector.device == meta
+    assert open_detector(run_dir / "best.pt", meta, "fp32")[0].device == meta
+    default, _ = open_detector(run_dir / "best.pt")
+    assert (default.device, default.dtype) == (torch.device("cpu"), inference_dtype("auto", torch.device("cpu")))
+
+
+def test_a_checkpoint_without_its_runs_settings_gives_no_class_ids(overfit_run, tmp_path):
+    _, run_dir = overfit_run
+    state = load_checkpoint(run_dir / "best.pt")
+    del state["config"]  # as checkpoints saved before the settings were kept
+    torch.save(state, tmp_path / "old.pt")
+    assert yolo.load_detector(tmp_path / "old.pt", "cpu", "fp32").class_ids is None
 
 
 def test_a_tensor_image_stays_on_its_device_until_preprocess_moves_it():

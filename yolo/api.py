@@ -93,7 +93,6 @@ def as_image(image) -> torch.Tensor:
         return decode_image(image)
     if isinstance(image, PIL.Image.Image):
         return torch.from_numpy(np.array(PIL.ImageOps.exif_transpose(image).convert("RGB"))).permute(2, 0, 1)
-    dtype = str(getattr(image, "dtype", "")).removeprefix("torch.")
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise image_layout_error(image.shape, "(H, W, 3) for a NumPy array")
@@ -108,7 +107,8 @@ def as_image(image) -> torch.Tensor:
     if image.dtype == torch.uint8:
         return image
     if not image.is_floating_point():
-        raise TypeError(f"an image of dtype {dtype}: expected uint8, or floats in [0, 1]. Accepted: {ACCEPTED_IMAGES}.")
+        raise TypeError(f"an image of dtype {str(image.dtype).removeprefix('torch.')}: expected uint8, or floats in "
+                        f"[0, 1]. Accepted: {ACCEPTED_IMAGES}.")
     image = image.float()
     if image.numel() and not (image.min() >= 0 and image.max() <= 1):
         raise ValueError(f"a float image with values from {image.min():g} to {image.max():g}: floats must be in "
