@@ -27,7 +27,8 @@ from yolo.device import DTYPES, resolve_device
 from yolo.serving import create_app
 
 checkpoint = "runs/resnet18_voc2012val/last.pt"  # a train.py checkpoint, or an export.py .onnx (ONNX Runtime, CPU)
-host = "127.0.0.1"             # address to listen on: 127.0.0.1 this machine only; 0.0.0.0 every network it is on
+host = "127.0.0.1"             # address to listen on: 127.0.0.1 this machine only; 0.0.0.0 every network it is on;
+                               # an IPv6 address (::1, ::) as well
 port = 8000                    # TCP port; 0: any free one (the address is printed)
 device = "auto"                # auto (cuda if available; an .onnx: cpu) | cpu | cuda
 dtype = "fp32"                 # fp32 (detect.py's: the same detections) | bf16 | fp16 | auto; an .onnx: fp32
@@ -59,14 +60,17 @@ def main(config: dict) -> None:
         sys.exit(f"error: {error}")
     limits = ("max_batch_size", "batch_window_ms", "max_upload_mb", "max_megapixels")
     app = create_app(detector, model_description(path, state, detector), **{key: config[key] for key in limits})
+    ipv6 = ":" in config["host"]
     try:
-        listener = socket.create_server((config["host"], config["port"]))
+        listener = socket.create_server((config["host"], config["port"]),
+                                        family=socket.AF_INET6 if ipv6 else socket.AF_INET)
     except OSError as error:
         sys.exit(f"error: cannot listen on {config['host']}:{config['port']} ({error.strerror}); choose another "
                  f"--port (0: any free one) or --host")
     address, bound_port = listener.getsockname()[:2]
+    url_host = f"[{address}]" if ipv6 else address
     print(f"serving {path} ({detector.device}, {str(detector.dtype).removeprefix('torch.')}) at "
-          f"http://{address}:{bound_port} (Ctrl-C stops)", flush=True)
+          f"http://{url_host}:{bound_port} (Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     server.run(sockets=[listener])
 
