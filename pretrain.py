@@ -95,12 +95,14 @@ def main(config: dict) -> None:
     run_config = {**config, "task": "classification", "num_classes": len(class_names)}
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
-    loading = {"num_workers": num_loader_workers(config["num_workers"]), "pin_memory": device.type == "cuda",
-               "collate_fn": default_collate, "image_bytes": 3 * config["image_size"] ** 2 * torch.float32.itemsize}
-    train_loader = DevicePrefetcher(build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
-                                                 sampler=sampler, **loading), device)
+    loading = {"num_workers": num_loader_workers(config["num_workers"]), "collate_fn": default_collate,
+               "image_bytes": 3 * config["image_size"] ** 2 * torch.float32.itemsize, "start_workers": True}
+    # Every worker forked before any thread starts (see build_loader's start_workers): the validation loader's
+    # first, without pinned memory.
     val_loader = build_loader(Subset(val_set, range(rank, len(val_set), world_size)), config["micro_batch_size"],
-                              shuffle=False, **loading)
+                              shuffle=False, pin_memory=False, **loading)
+    train_loader = DevicePrefetcher(build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
+                                                 sampler=sampler, pin_memory=device.type == "cuda", **loading), device)
 
     model = BackboneClassifier(config["backbone"], len(class_names)).to(device, memory_format=torch.channels_last)
     optimizer, scaler = training_parts(model, "sgd", config, device, dtype)

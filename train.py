@@ -161,21 +161,24 @@ def open_datasets(config: dict, out_dir: Path):
 
 
 def build_loaders(config: dict, train_set, val_set, rank: int, world_size: int, device: torch.device):
-    """(the global batch sampler, the training loader copying to the device, the validation loader or None)."""
+    """(the global batch sampler, the training loader copying to the device, the validation loader or None), their
+    workers forked before any thread of the run starts: the validation loader's first, without pinned memory,
+    then the training loader's, whose pin-memory thread starts with them (see build_loader's start_workers)."""
     sampler = GlobalBatchSampler(len(train_set), config["batch_size"], config["micro_batch_size"], rank, world_size,
                                  config["seed"])
     loading = {"num_workers": num_loader_workers(config["num_workers"]), "prefetch_factor": config["prefetch_factor"],
-               "pin_memory": config["pin_memory"] and device.type == "cuda",
-               "image_bytes": 3 * config["image_size"] ** 2}
-    # The training loop uses each micro-batch once: its workers can reuse their image buffers.
-    train_loader = DevicePrefetcher(build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
-                                                 sampler=sampler, reuse_image_buffers=True, **loading), device)
+               "image_bytes": 3 * config["image_size"] ** 2, "start_workers": True}
     # Validation runs while the training workers keep their buffers.
     training_buffers = reused_buffer_bytes(loading["num_workers"], loading["prefetch_factor"],
                                            config["micro_batch_size"] * loading["image_bytes"])
     val_loader = None if val_set is None else build_loader(
         IndexedSamples(val_set, range(rank, len(val_set), world_size)), config["micro_batch_size"], shuffle=False,
-        shared_memory_kept_by_others=training_buffers, **loading)
+        shared_memory_kept_by_others=training_buffers, pin_memory=False, **loading)
+    # The training loop uses each micro-batch once: its workers can reuse their image buffers.
+    train_loader = DevicePrefetcher(build_loader(SeededSamples(train_set), config["micro_batch_size"], shuffle=False,
+                                                 sampler=sampler, reuse_image_buffers=True,
+                                                 pin_memory=config["pin_memory"] and device.type == "cuda", **loading),
+                                    device)
     return sampler, train_loader, val_loader
 
 

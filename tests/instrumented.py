@@ -8,6 +8,9 @@
     the process of that RANK does.
 --to_launcher  that signal goes to the process's parent instead (torchrun, which passes it on to every process),
     and the sender goes on once its own copy has arrived.
+--check_forks  every fork the process makes (its loader workers) is checked for other Python threads running
+    beside it (a fork copies only the thread that makes it); the names of any found are printed at the end,
+    after "forked beside threads:", and the exit status is then 1.
 --slow_disk  a checkpoint write starts only when the training waits for it (the writer's `wait`, or its next
     `save`): the slowest a disk can be. A run that marks itself finished while one of its writes has not started
     stops with an error.
@@ -30,6 +33,7 @@ def parse_arguments(argv):
     parser.add_argument("--slow_disk", action="store_true")
     parser.add_argument("--kill_during_write", help="NAME:N")
     parser.add_argument("--to_launcher", action="store_true")
+    parser.add_argument("--check_forks", action="store_true")
     parser.add_argument("script")
     parser.add_argument("script_arguments", nargs=argparse.REMAINDER)
     return parser.parse_args(argv)
@@ -119,8 +123,18 @@ def main(argv):
     yolo.checkpoint.save_checkpoint, yolo.run.mark_finished = instrumented_save_checkpoint, mark_finished
     yolo.engine.set_learning_rate = set_learning_rate
 
+    forked_beside = set()
+    if arguments.check_forks:
+        os.register_at_fork(before=lambda: forked_beside.update(
+            thread.name for thread in threading.enumerate() if thread is not threading.main_thread()))
     sys.argv = [str(script), *arguments.script_arguments]
-    runpy.run_path(str(script), run_name="__main__")
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        if forked_beside:
+            print(f"forked beside threads: {sorted(forked_beside)}", file=sys.stderr, flush=True)
+    if forked_beside:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

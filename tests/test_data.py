@@ -5,6 +5,7 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -627,6 +628,28 @@ def test_loader_workers_are_forked_on_linux(synthetic_root):
     assert with_workers.multiprocessing_context.get_start_method() == "fork"
     in_process = build_loader(dataset, batch_size=2, shuffle=False, num_workers=0, image_bytes=3 * 64 * 64)
     assert in_process.multiprocessing_context is None  # the DataLoader takes none without workers
+
+
+def test_started_workers_are_forked_at_once_and_given_no_work_before_the_first_iteration(synthetic_root):
+    """So that a run can fork every loader's workers before it starts any thread: building the loader starts no
+    thread (a queue's feeder starts with the first work queued)."""
+    dataset = build_dataset("synthetic", synthetic_root, train=False,
+                            transforms=EvalTransform(64, 4, len(make_synthetic.CLASS_NAMES)))
+    expected = [batch.images for batch in build_loader(dataset, batch_size=3, shuffle=False, num_workers=0,
+                                                       image_bytes=3 * 64 * 64)]
+    threads = set(threading.enumerate())
+    loader = build_loader(dataset, batch_size=3, shuffle=False, num_workers=1, pin_memory=False,
+                          image_bytes=3 * 64 * 64, start_workers=True)
+    (worker,) = loader._iterator._workers
+    assert worker.is_alive() and set(threading.enumerate()) == threads
+    for _ in range(2):  # every epoch whole, the first included
+        batches = [batch.images for batch in loader]
+        assert len(batches) == len(expected) and all(map(torch.equal, batches, expected))
+    in_process = build_loader(dataset, batch_size=3, shuffle=False, num_workers=0, image_bytes=3 * 64 * 64,
+                              start_workers=True)
+    assert len([batch.images for batch in in_process]) == len(expected)
+    with pytest.raises(ValueError, match=r"^start_workers takes shuffle=False"):
+        build_loader(dataset, batch_size=3, shuffle=True, num_workers=1, image_bytes=3 * 64 * 64, start_workers=True)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the loader chooses fork on Linux only")

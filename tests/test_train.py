@@ -213,8 +213,9 @@ def test_a_sigterm_to_torchrun_saves_the_step_and_the_rerun_resumes_it_exactly(d
     saved = torch.load(out_dir / "last.pt", weights_only=True)
     assert (saved["epoch"], saved["step"]) == (0, 1), output
 
-    resumed = run_python([*torchrun, "train.py", *arguments], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env=ONE_THREAD)
+    # The rerun validates once a checkpoint write has started its thread: no loader worker is forked beside it.
+    resumed = run_python([*torchrun, "tests/instrumented.py", "--check_forks", "train.py", *arguments], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr
     ddp, single = final_weights(out_dir), final_weights(reference_run)
     for name, value in single.items():

@@ -84,3 +84,20 @@ class IndexedSamples(Dataset):
             return None
         image, target = sample
         return image, {**target, "index": index}
+
+
+class FirstPassEmpty(Sampler):
+    """`sampler`'s items, except on its first pass, which yields none: a loader's first iteration then forks its
+    persistent workers and queues no work for them (see yolo.transforms.start_workers)."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler, self.first_pass = sampler, True
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        if self.first_pass:
+            self.first_pass = False
+            return iter(())
+        return iter(self.sampler)

@@ -22,12 +22,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, SequentialSampler, get_worker_info
 from torchvision.transforms import v2
 
 from yolo.boxes import voc_to_normalized
 from yolo.data import usable_cores
 from yolo.photometric import draw_colour_factors
+from yolo.sampling import FirstPassEmpty
 from yolo.targets import encode_target
 
 # The paper: random scaling and translation of up to 20 % of the image size (exposure and saturation:
@@ -329,7 +330,7 @@ def _exit_on_a_sigterm_from(parent: int) -> None:
 
 def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_last=False, seed=0,
                  pin_memory=None, prefetch_factor=None, collate_fn=collate_detection, *, image_bytes,
-                 reuse_image_buffers=False, shared_memory_kept_by_others=0):
+                 reuse_image_buffers=False, shared_memory_kept_by_others=0, start_workers=False):
     """DataLoader for detection batches.
 
     Reproducible augmentation: the seeded generator fixes the shuffling order and every worker's torch
@@ -351,6 +352,12 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
     batch once (training), wrong for one that keeps batches (copy them, or leave this off).
     shared_memory_kept_by_others: bytes of /dev/shm that another loader's workers keep meanwhile
     (reused_buffer_bytes), which check_shared_memory counts in.
+
+    start_workers (shuffle=False): fork the workers now, and queue them no work until the first iteration. A
+    fork copies only the thread that makes it: a lock that another thread (a queue's feeder, a pin-memory thread,
+    a checkpoint writer) holds then stays held in the child for ever. A run that builds all its loaders this way
+    before it starts any thread never forks beside one; only the last of them may pin memory, whose thread starts
+    with its workers.
     """
     prefetch_factor = prefetch_factor or DATALOADER_PREFETCH_FACTOR
     check_shared_memory(num_workers, prefetch_factor, batch_size * image_bytes, reuse_image_buffers,
@@ -359,7 +366,12 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
         if collate_fn is not collate_detection:
             raise ValueError("reuse_image_buffers is for collate_detection's batches")
         collate_fn = partial(collate_detection, image_buffers=prefetch_factor + BATCHES_HELD)
-    return DataLoader(
+    start_workers = start_workers and num_workers > 0
+    if start_workers:
+        if shuffle:
+            raise ValueError("start_workers takes shuffle=False (give a sampler that shuffles)")
+        sampler = FirstPassEmpty(SequentialSampler(dataset) if sampler is None else sampler)
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
@@ -375,6 +387,9 @@ def build_loader(dataset, batch_size, shuffle, num_workers, sampler=None, drop_l
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=leave_stop_signals_to_the_main_process,
     )
+    if start_workers:
+        iter(loader)  # persistent workers: the loader keeps this iterator, and its next iteration resets it
+    return loader
 
 
 _END = object()
