@@ -79,7 +79,13 @@ def test_upright_on_a_batch_and_a_damaged_or_missing_tag(tmp_path):
         stored.save(tmp_path / f"damaged.{suffix}", exif=b"XX*\x00\x08\x00\x00\x00", lossless=True)
         with Image.open(tmp_path / f"damaged.{suffix}") as image:
             assert header_orientation(image) == 1
-        assert torch.equal(decode_image(tmp_path / f"damaged.{suffix}"), pixels_of(stored))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(decode_image(tmp_path / f"damaged.{suffix}"), pixels_of(stored))
+    Image.new("RGB", (8, 4)).save(tmp_path / "odd.png", exif=b"Exif\x00\x00II*\x00\xff\xff\xff\x7f")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # through Pillow (every PNG is) as well
+        assert decode_image(tmp_path / "odd.png").shape == (3, 4, 8)
     exif = Image.Exif()
     exif[0x010F] = "a camera that writes no orientation"  # Make
     Image.new("RGB", (8, 4)).save(tmp_path / "untagged.jpg", exif=exif.tobytes())

@@ -10,6 +10,7 @@ import re
 import sys
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -145,22 +146,19 @@ def decode_image_bytes(data: bytes, name, advice: str = "re-extract or replace t
 
 def _orientation(data):
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # damaged metadata: read as if it had no tag
-            with Image.open(io.BytesIO(data)) as header:
-                return _tag(header)
+        with _metadata_warnings_ignored(), Image.open(io.BytesIO(data)) as header:
+            return header_orientation(header)
     except (OSError, ValueError, SyntaxError):  # torchvision decoded what Pillow cannot open: no tag read
         return 1
 
 
-def _tag(image):
-    """The orientation tag of an opened image, a damaged EXIF block read as no tag."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return header_orientation(image)
-    except (OSError, ValueError, SyntaxError):
-        return 1
+@contextmanager
+def _metadata_warnings_ignored():
+    """Pillow's warnings about damaged metadata ("Corrupt EXIF data") left unsaid: such an image is read as if it
+    had none, and every decode of it would repeat them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def _torchvision_reason(error):
@@ -170,8 +168,8 @@ def _torchvision_reason(error):
 
 def _decode_with_pil(data, name, advice, torchvision_reason=None):
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            orientation = _tag(image)  # from the header already read, not a second opening of the file
+        with _metadata_warnings_ignored(), Image.open(io.BytesIO(data)) as image:
+            orientation = header_orientation(image)  # from the header already read, not a second opening
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: its high byte, as torchvision takes
                 grey = torch.from_numpy((np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8))
                 pixels = grey.expand(3, *grey.shape)
