@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.ops import nms
 
-from yolo.postprocess import decode_predictions, to_voc_arrays
+from yolo.postprocess import decode_predictions, detection_rows, to_voc_arrays, widen_sub_pixel_boxes
 from yolo.targets import encode_target
 
 S, B, C = 4, 2, 3
@@ -140,3 +140,23 @@ def test_images_of_a_batch_never_suppress_each_other():
     tiny = torch.tensor([[[[0.5, 0.5, 0.4, 0.4, 1.0, 0.0, 0.9, 0.0]]], [[[0.5, 0.5, 0.4, 0.4, 1.0, 0.9, 0.0, 0.0]]]])
     first, second = decode_predictions(tiny, 3)
     assert first["labels"].tolist() == [1] and second["labels"].tolist() == [0]
+
+
+def test_a_box_under_a_pixel_is_widened_to_one_and_the_array_given_is_left_alone():
+    detections = np.array([[10.0, 20.0, 9.6, 19.8, 0.9, 1], [5.0, 6.0, 30.0, 40.0, 0.5, 0]])
+    given = detections.copy()
+    np.testing.assert_array_equal(widen_sub_pixel_boxes(detections),
+                                  [[10.0, 20.0, 10.0, 20.0, 0.9, 1], [5.0, 6.0, 30.0, 40.0, 0.5, 0]])
+    np.testing.assert_array_equal(detections, given)
+
+
+def test_detection_rows_name_each_box_with_its_source_frame_and_class():
+    detections = np.array([[10.5, 20.25, 30.0, 40.0, 0.875, 1], [1.0, 2.0, 3.0, 4.0, 0.5, 0]], dtype=np.float32)
+    rows = detection_rows("a/b.jpg", 7, detections, ["cat", "dog"])
+    assert rows == [{"source": "a/b.jpg", "frame": 7, "x1": 10.5, "y1": 20.25, "x2": 30.0, "y2": 40.0,
+                     "score": 0.875, "class_id": 1, "class_name": "dog"},
+                    {"source": "a/b.jpg", "frame": 7, "x1": 1.0, "y1": 2.0, "x2": 3.0, "y2": 4.0, "score": 0.5,
+                     "class_id": 0, "class_name": "cat"}]
+    assert all(type(row[key]) is float for row in rows for key in ("x1", "y1", "x2", "y2", "score"))
+    assert all(type(row["class_id"]) is int for row in rows)
+    assert detection_rows("a/b.jpg", 0, np.zeros((0, 6)), ["cat"]) == []

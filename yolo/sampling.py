@@ -91,13 +91,11 @@ class FirstPassEmpty(Sampler):
     persistent workers and queues no work for them (see yolo.transforms.start_workers)."""
 
     def __init__(self, sampler: Sampler):
-        self.sampler, self.first_pass = sampler, True
+        self.sampler, self.passes = sampler, 0
 
     def __len__(self) -> int:
         return len(self.sampler)
 
     def __iter__(self):
-        if self.first_pass:
-            self.first_pass = False
-            return iter(())
-        return iter(self.sampler)
+        self.passes += 1
+        return iter(()) if self.passes == 1 else iter(self.sampler)
