@@ -2,6 +2,7 @@ import contextlib
 import copy
 import math
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -650,6 +651,14 @@ def test_started_workers_are_forked_at_once_and_given_no_work_before_the_first_i
     assert len([batch.images for batch in in_process]) == len(expected)
     with pytest.raises(ValueError, match=r"^start_workers takes shuffle=False"):
         build_loader(dataset, batch_size=3, shuffle=True, num_workers=1, image_bytes=3 * 64 * 64, start_workers=True)
+
+
+def test_without_sigwaitinfo_a_worker_keeps_pytorchs_sigterm_handler(monkeypatch):
+    """macOS has no sigwaitinfo: the worker set-up then changes nothing (no thread, no blocked signal)."""
+    monkeypatch.delattr(signal, "sigwaitinfo", raising=False)
+    threads, blocked = set(threading.enumerate()), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    transforms.leave_stop_signals_to_the_main_process(0)
+    assert set(threading.enumerate()) == threads and signal.pthread_sigmask(signal.SIG_BLOCK, []) == blocked
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the loader chooses fork on Linux only")

@@ -317,7 +317,10 @@ def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
     """A loader worker ends on a SIGTERM from its parent alone (as PyTorch's own handler does, which the process's
     exit and the loader's shutdown send) and ignores one from anyone else. torchrun and SLURM send their stop to
     every process of a job, loader workers included: PyTorch's handler would end those, and the training process
-    would fail on its dead workers instead of saving. A thread takes the signal, to learn who sent it."""
+    would fail on its dead workers instead of saving. A thread takes the signal, to learn who sent it (Linux;
+    elsewhere, without sigwaitinfo, PyTorch's handler stays)."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_exit_on_a_sigterm_from, args=(os.getppid(),), name="sigterm", daemon=True).start()
 
