@@ -367,16 +367,21 @@ def test_the_progress_bar_names_the_epoch_and_shows_the_loss_on_the_main_process
     assert len(bar.postfixes) == 2 and bar.postfixes[-1] == {"loss": f"{loss:.3f}", "lr": "1.00e-01"}
 
 
-def test_a_log_gets_a_progress_line_a_minute_within_an_epoch(monkeypatch, capsys):
-    """Without a terminal (a log file, as here) tqdm's bar is off: a line every LOG_PROGRESS_EVERY_S seconds of a
-    fake clock that moves 25 s per reading says how far the epoch is."""
+@pytest.mark.parametrize("main_process", [True, False])
+def test_a_log_gets_a_progress_line_a_minute_within_an_epoch(monkeypatch, capsys, main_process):
+    """Without a terminal (a log file, as here) tqdm's bar is off: a line every LOG_PROGRESS_EVERY_S seconds (60) of
+    a fake clock that moves 20 s per reading says how far the epoch is; from the main process only."""
     from yolo import engine
-    readings = iter(range(0, 10_000, 25))
+    readings = iter(range(0, 10_000, 20))
     monkeypatch.setattr(engine, "monotonic", lambda: next(readings))
+    monkeypatch.setattr(engine, "is_main_process", lambda: main_process)
     run(batches(6), fused=False)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1:")]
-    # Readings: 0 at the start, one per step (25, 50, 75: a line), one more for a line printed (100), then 125,
-    # 150, 175: a line.
+    # Readings: 0 at the start, one per step (20, 40, 60: a line, 60 s on), one more for a line printed (80), then
+    # 100, 120, 140: a line.
+    if not main_process:
+        assert lines == []
+        return
     assert [line.split(",")[0] for line in lines] == ["epoch 1: 3/6 micro-batches", "epoch 1: 6/6 micro-batches"]
     assert all(", loss " in line and ", lr 1.00e-01" in line for line in lines)
 
