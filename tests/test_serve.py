@@ -834,6 +834,13 @@ def test_chromium_is_found_on_the_path_or_named_and_launched_offline(monkeypatch
     assert {"--disable-background-networking", "--disable-component-update"} <= set(page_screenshot.CHROMIUM_FLAGS)
 
 
+def test_a_server_that_prints_no_address_in_time_is_stopped_and_an_error(tmp_path):
+    fifo = tmp_path / "last.pt"
+    os.mkfifo(fifo)  # opening it waits for a writer that never comes: serve.py never gets to listen
+    with pytest.raises(RuntimeError, match=r"^serve\.py printed no address within 1 s and was stopped:\n"):
+        start_server(fifo, "--device=cpu", timeout=1)
+
+
 def test_a_server_that_stops_before_serving_is_an_error_with_its_output(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # serve.py is found from anywhere
     with pytest.raises(RuntimeError, match=r"(?s)^serve\.py stopped before serving \(exit status 1\):\n.*error: "):
