@@ -204,16 +204,18 @@ def test_a_sigterm_to_torchrun_saves_the_step_and_the_rerun_resumes_it_exactly(d
     out_dir = tmp_path / "torchrun_stop"
     arguments = [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *RESUMABLE]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command = [*torchrun, "tests/instrumented.py", "--send_signal=SIGTERM:1:0", "--to_launcher", "train.py",
+    # At the second epoch's first step: every process has installed its handler by then (at an earlier step the
+    # other one may still be starting, and a SIGTERM there ends it before it has anything to save).
+    command = [*torchrun, "tests/instrumented.py", "--send_signal=SIGTERM:3:0", "--to_launcher", "train.py",
                *arguments]
     result = run_python(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and output.count("received SIGTERM") == 1, output
     assert output.count("rerun the same command to resume") == 1, output
     saved = torch.load(out_dir / "last.pt", weights_only=True)
-    assert (saved["epoch"], saved["step"]) == (0, 1), output
+    assert (saved["epoch"], saved["step"]) == (1, 1), output  # the partial epoch
 
-    # The rerun validates once a checkpoint write has started its thread: no loader worker is forked beside it.
+    # No loader worker of the rerun is forked beside another thread (its fork hook).
     resumed = run_python([*torchrun, "tests/instrumented.py", "--check_forks", "train.py", *arguments], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stdout + resumed.stderr

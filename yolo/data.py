@@ -10,8 +10,8 @@ import re
 import sys
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np

@@ -88,7 +88,7 @@ class IndexedSamples(Dataset):
 
 class FirstPassEmpty(Sampler):
     """`sampler`'s items, except on its first pass, which yields none: a loader's first iteration then forks its
-    persistent workers and queues no work for them (see yolo.transforms.start_workers)."""
+    persistent workers and queues no work for them (yolo.transforms.build_loader's start_workers)."""
 
     def __init__(self, sampler: Sampler):
         self.sampler, self.passes = sampler, 0

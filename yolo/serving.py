@@ -190,11 +190,10 @@ class BatchedDetector:
         detector = self.detector
         batch = preprocess([job.image for job in jobs], detector.image_size, detector.input_dtype, detector.device)
         _, boxes, scores = detector.infer(batch)
-        results = []
-        for index, job in enumerate(jobs):
-            found = select_detections(boxes[index, None], scores[index, None], **job.settings)[0]
-            results.append(widen_sub_pixel_boxes(to_voc_arrays([found], [job.image.shape[1:]])[0]))
-        return results
+        # Each image with its own request's settings; the batch's detections then cross to the host in one copy.
+        found = [select_detections(boxes[index, None], scores[index, None], **job.settings)[0]
+                 for index, job in enumerate(jobs)]
+        return [widen_sub_pixel_boxes(array) for array in to_voc_arrays(found, [job.image.shape[1:] for job in jobs])]
 
 
 def create_app(detector: Detector, model: dict, *, max_batch_size: int, batch_window_ms: float, max_upload_mb: float,
