@@ -12,7 +12,8 @@ torch, torchvision, numpy, pillow, pandas, matplotlib and tqdm. Every training r
 Sizing on one H100, from which `planned_checks` estimates each check's seconds (their sum must stay within
 BUDGET): a training run is a process start (~15 s with CUDA and a 256 M parameter model) and ~5 s per epoch
 (4 steps of 16 images, validation, a 2 GB last.pt); torchrun adds ~5 s, compile about two minutes; an
-in-process check builds one model and trains 2 x sync_check_steps steps (~10 s); the benchmark is 3
+in-process check builds one model and trains 3 x sync_check_steps steps (~12 s: a warm-up epoch, the checked
+one, and a profiled epoch in bf16 or stock SGD's in fp16); the benchmark is 3
 backbones x 2 batch sizes x 3 dtypes x 3 modes of 13 runs each (~65 s), each loader measurement ~15 s.
 
 GPU kernels are not bitwise reproducible run to run (cuDNN autotuning, atomic adds), so SIGTERM-then-resume
@@ -22,8 +23,10 @@ is compared with the uninterrupted run relative to one epoch's change of the wei
 import csv
 import datetime
 import math
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from benchmark import random_training_batch
 from yolo.config import at_least, resolve_config
@@ -55,14 +59,18 @@ sync_check_steps = 3           # steps of the epoch checked for host synchronisa
 benchmark_iters = 10           # timed runs of each benchmark measurement
 loader_workers = (8, 16)       # worker counts of benchmark.py's loader mode
 resume_tolerance = 0.05        # SIGTERM + resume vs uninterrupted: weight difference / one epoch's weight change
+min_hidden_copy = 0.5          # share of the next micro-batch's copy to the GPU that must run beside kernels
+same_tolerance = 0.01          # runs that must train alike (fused SGD past a skipped fp16 step and stock SGD, two
+                               # processes and one): weight difference / the weights' change
 timeout = 420                  # seconds any one subprocess may take
 
 RULES = {"train_images": at_least(2 * 16), "val_images": at_least(1), "image_size": at_least(64),
          "batch_size": at_least(1), "micro_batch_size": at_least(1), "num_workers": at_least(0),
          "sync_check_steps": at_least(2), "benchmark_iters": at_least(1), "loader_workers": at_least(0),
-         "resume_tolerance": at_least(0.0), "timeout": at_least(1)}
+         "resume_tolerance": at_least(0.0), "same_tolerance": at_least(0.0),
+         "min_hidden_copy": at_least(0.0), "timeout": at_least(1)}
 PYTHON = sys.executable
-BUDGET = 480                   # seconds: the checks' estimated sum on one H100 stays within this
+BUDGET = 490                   # seconds: the checks' estimated sum on one H100 stays within this
 LOSS_WEIGHTS = {"lambda_coord": 5.0, "lambda_noobj": 0.5}  # the paper's
 GRID_SIZE = 7                  # the paper's S, as train.py's default
 # The fp16 host-sync check's GradScaler: a first scale at which fp16 gradients overflow for certain, and a
@@ -131,11 +139,10 @@ def loader_batch(config: dict, device: torch.device) -> DetectionBatch:
 
 
 def train_epoch(model, micro_batches: list, optimizer, scaler, dtype: torch.dtype, accumulation: int,
-                stop_requested) -> dict:
-    """One epoch of train.py's loop on CUDA over `micro_batches`, copied to the GPU as train.py's are (a side
+                stop_requested=lambda: False, device: torch.device = torch.device("cuda")) -> dict:
+    """One epoch of train.py's loop on `device` over `micro_batches`, copied to a GPU as train.py's are (a side
     stream's prefetch), the host reading the device's results only at its end (where the loop first calls
     `stop_requested`)."""
-    device = torch.device("cuda")
     return train_one_epoch(model, DevicePrefetcher(micro_batches, device), optimizer, scaler,
                            forward_loss=partial(detection_loss, loss_weights=LOSS_WEIGHTS, device=device, dtype=dtype),
                            term_names=LOSS_TERMS, epoch=0, start_step=0, accumulation=accumulation,
@@ -144,7 +151,7 @@ def train_epoch(model, micro_batches: list, optimizer, scaler, dtype: torch.dtyp
 
 
 def train_epoch_without_host_sync(model, micro_batches: list, optimizer, scaler, dtype: torch.dtype,
-                                  accumulation: int) -> None:
+                                  accumulation: int, device: torch.device = torch.device("cuda")) -> None:
     """`train_epoch` under CUDA's sync debug mode "error": any call that makes the host wait for the GPU raises,
     until the epoch's one read at its end, where the mode goes off."""
     reads = []
@@ -156,7 +163,7 @@ def train_epoch_without_host_sync(model, micro_batches: list, optimizer, scaler,
 
     torch.cuda.set_sync_debug_mode("error")
     try:
-        train_epoch(model, micro_batches, optimizer, scaler, dtype, accumulation, stop_requested=read_point)
+        train_epoch(model, micro_batches, optimizer, scaler, dtype, accumulation, read_point, device)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     if len(reads) != 1:  # an earlier read would have ended the watch before the steps after it
@@ -174,41 +181,207 @@ def non_finite_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     return found
 
 
+def hidden_share(copies: list[tuple[float, float]], kernels: list[tuple[float, float]]) -> float:
+    """The share of the copies' time, (start, end) intervals, during which at least one kernel ran."""
+    covered, busy = [], []  # busy: the kernels' intervals merged, in order
+    for start, end in sorted(kernels):
+        if busy and start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], end)
+        else:
+            busy.append([start, end])
+    for start, end in copies:
+        covered.append(sum(max(0.0, min(end, busy_end) - max(start, busy_start)) for busy_start, busy_end in busy))
+    total = sum(end - start for start, end in copies)
+    return sum(covered) / total if total > 0 else 0.0
+
+
+def copy_overlap(model: torch.nn.Module, micro_batches: list, accumulation: int,
+                 dtype: torch.dtype) -> tuple[str, float]:
+    """An epoch of `train_epoch` profiled: how much of the batches' copies to the GPU (from pinned memory) ran
+    while kernels computed. DevicePrefetcher copies the next micro-batch on a side stream during the current
+    one's steps; a copy on the compute stream would wait for them and hide nothing. The first copy, which
+    nothing can hide, is left out. Returns the figure in words and as a share."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as profile:
+        train_epoch(model, micro_batches, sgd(model, fused=True), torch.amp.GradScaler("cuda", enabled=False), dtype,
+                    accumulation)
+        torch.cuda.synchronize()
+    device_events = [event for event in profile.events() if event.device_type == torch.profiler.DeviceType.CUDA]
+    copies = sorted((event.time_range.start, event.time_range.end) for event in device_events
+                    if "HtoD" in event.name and "Pinned" in event.name)
+    kernels = [(event.time_range.start, event.time_range.end) for event in device_events
+               if not event.name.startswith(("Memcpy", "Memset"))]
+    if len(copies) < 2 or not kernels:
+        raise CheckFailed(f"the profile shows {len(copies)} copies from pinned memory and {len(kernels)} kernels: "
+                          f"not one copy per micro-batch ({len(micro_batches)})")
+    hidden = hidden_share(copies[1:], kernels)
+    copy_ms = sum(end - start for start, end in copies[1:]) / 1000
+    return f"{hidden:.0%} of the next micro-batches' copies ({copy_ms:.1f} ms) hidden behind kernels", hidden
+
+
+def sgd(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
+    return build_optimizer(model, "sgd", 1e-3, 0.9, 5e-4, fused=fused)
+
+
+def overflowing_first_step_check(model: torch.nn.Module, micro_batches: list, accumulation: int,
+                                 device: torch.device, tolerance: float, run_epoch=train_epoch) -> str:
+    """Fused SGD in fp16 whose first step overflows (the GradScaler's first scale is too large) and is skipped
+    on the device, against stock SGD that starts from the same weights at the second step with the scale the
+    first one backed off to: the skipped step must change nothing, so both end with the same weights and
+    momentum (within `tolerance` of the weights' change and of the momentum's size). A fused SGD that made a
+    momentum buffer with `empty_like` at the skipped step and kept it would move the weights by whatever
+    memory it got (`yolo.optim.start_momentum` prevents it). `run_epoch` is `train_epoch` or a variant of it."""
+    start = {name: value.clone() for name, value in model.state_dict().items()}
+    fused = sgd(model, fused=True)
+    scaler = torch.amp.GradScaler(device.type, init_scale=OVERFLOWING_SCALE, backoff_factor=SCALE_BACKOFF)
+    run_epoch(model, micro_batches, fused, scaler, torch.float16, accumulation, device=device)
+    if scaler.get_scale() != OVERFLOWING_SCALE * SCALE_BACKOFF:
+        raise CheckFailed(f"the GradScaler's scale went from {OVERFLOWING_SCALE:g} to {scaler.get_scale():g}, "
+                          f"not {OVERFLOWING_SCALE * SCALE_BACKOFF:g}: not exactly the first step overflowed")
+    non_finite = non_finite_state(model, fused)
+    if non_finite:
+        raise CheckFailed(f"NaN or infinity after the epoch in {len(non_finite)} tensors: "
+                          f"{', '.join(non_finite[:4])}")
+    parameters = dict(model.named_parameters())
+    fused_weights = {name: parameter.detach().clone() for name, parameter in parameters.items()}
+    fused_momentum = {name: fused.state[parameter]["momentum_buffer"] for name, parameter in parameters.items()}
+    model.load_state_dict(start)
+    stock = sgd(model, fused=False)
+    train_epoch(model, micro_batches[accumulation:], stock,
+                torch.amp.GradScaler(device.type, init_scale=OVERFLOWING_SCALE * SCALE_BACKOFF),
+                torch.float16, accumulation, device=device)
+    stock_weights = {name: parameter.detach() for name, parameter in parameters.items()}
+    stock_momentum = {name: stock.state[parameter]["momentum_buffer"] for name, parameter in parameters.items()}
+    start_weights = {name: start[name] for name in parameters}
+    weights_off = distance(fused_weights, stock_weights) / distance(stock_weights, start_weights)
+    momentum_off = distance(fused_momentum, stock_momentum) / distance(stock_momentum, {
+        name: torch.zeros_like(value) for name, value in stock_momentum.items()})
+    if not max(weights_off, momentum_off) <= tolerance:
+        raise CheckFailed(f"after the skipped first step, fused SGD's weights differ from stock SGD's by "
+                          f"{weights_off:.2%} of their change and its momentum by {momentum_off:.2%} of its size "
+                          f"(tolerance {tolerance:.0%}): the skipped step changed the optimizer's state")
+    return (f"the first step overflowed and was skipped; then as stock SGD (weights within {weights_off:.1e} of "
+            f"their change, momentum within {momentum_off:.1e} of its size)")
+
+
 def no_host_sync_check(dtype_name: str):
     """Training steps as the recipe takes them (fused SGD, `dtype_name` autocast, accumulated micro-batches of
-    colour-jittered uint8 images) never make the host wait for the GPU before the epoch's read. In fp16 the
-    GradScaler's first step overflows: the skipped step must leave the weights and the momentum finite."""
+    colour-jittered uint8 images) never make the host wait for the GPU before the epoch's read. In bf16 a third
+    epoch measures the side stream's copies (`copy_overlap`); in fp16 the GradScaler's first step overflows, and
+    the run is compared with stock SGD (`overflowing_first_step_check`)."""
     def check(config: dict, shared: dict) -> str:
         device, dtype, fp16 = torch.device("cuda"), DTYPES[dtype_name], dtype_name == "fp16"
         torch.backends.cudnn.benchmark = True  # as train.py trains on CUDA
         torch.manual_seed(0)
         model = YOLOv1("resnet18", image_size=config["image_size"]).to(device, memory_format=torch.channels_last)
-        sgd = partial(build_optimizer, model, "sgd", 1e-3, 0.9, 5e-4, fused=True)
         accumulation = config["batch_size"] // config["micro_batch_size"]
         micro_batches = [loader_batch(config, device)] * (accumulation * config["sync_check_steps"])
         # cuDNN autotuning and lazy initialisation happen once, and may synchronise: a first epoch, with an
         # optimizer and scaler of its own, so that the checked epoch starts both afresh (fp16: overflowing).
-        train_epoch(model, micro_batches, sgd(), torch.amp.GradScaler("cuda", enabled=fp16), dtype, accumulation,
-                    stop_requested=lambda: False)
-        optimizer = sgd()
-        scaler = torch.amp.GradScaler("cuda", init_scale=OVERFLOWING_SCALE, backoff_factor=SCALE_BACKOFF,
-                                      enabled=fp16)
-        train_epoch_without_host_sync(model, micro_batches, optimizer, scaler, dtype, accumulation)
+        train_epoch(model, micro_batches, sgd(model, fused=True), torch.amp.GradScaler("cuda", enabled=fp16), dtype,
+                    accumulation)
         detail = (f"{config['sync_check_steps']} steps of {accumulation} x {config['micro_batch_size']} jittered "
                   f"images, fused SGD, no synchronisation before the epoch's read")
         if fp16:
-            if scaler.get_scale() != OVERFLOWING_SCALE * SCALE_BACKOFF:
-                raise CheckFailed(f"the GradScaler's scale went from {OVERFLOWING_SCALE:g} to {scaler.get_scale():g}, "
-                                  f"not {OVERFLOWING_SCALE * SCALE_BACKOFF:g}: not exactly the first step overflowed")
-            detail += "; the first step overflowed and was skipped"
-        non_finite = non_finite_state(model, optimizer)
-        if non_finite:
-            raise CheckFailed(f"NaN or infinity after the epoch in {len(non_finite)} tensors: "
-                              f"{', '.join(non_finite[:4])}")
-        del model, optimizer, micro_batches
+            detail += "; " + overflowing_first_step_check(model, micro_batches, accumulation, device,
+                                                          config["same_tolerance"], train_epoch_without_host_sync)
+        else:
+            optimizer = sgd(model, fused=True)
+            train_epoch_without_host_sync(model, micro_batches, optimizer, torch.amp.GradScaler("cuda", enabled=False),
+                                          dtype, accumulation)
+            non_finite = non_finite_state(model, optimizer)
+            if non_finite:
+                raise CheckFailed(f"NaN or infinity after the epoch in {len(non_finite)} tensors: "
+                                  f"{', '.join(non_finite[:4])}")
+            overlap, hidden = copy_overlap(model, micro_batches, accumulation, dtype)
+            if not hidden >= config["min_hidden_copy"]:
+                raise CheckFailed(f"{overlap}, under {config['min_hidden_copy']:.0%}: the copies wait for the compute")
+            detail += "; " + overlap
+        del model, micro_batches
         torch.cuda.empty_cache()  # leave the GPU's memory to the scripts the next checks start
         return detail
     return check
+
+
+def no_sync_model(device: torch.device) -> YOLOv1:
+    """The same small model in every process (a narrow head: the check is about when gradients are reduced)."""
+    torch.manual_seed(0)
+    return YOLOv1("resnet18", image_size=224, head_channels=64, fc_dim=128).to(device, memory_format=torch.channels_last)
+
+
+def no_sync_process(rank: int, shares: list[list], accumulation: int, device_type: str, dtype: torch.dtype,
+                    port: int, out_dir: Path) -> None:
+    """Process `rank` of `two_process_no_sync`: train_epoch on its share of each step's micro-batches
+    (`accumulation` of them) under DDP,
+    recording after how many of its forward passes each gradient bucket is reduced; the record and the weights
+    go to out_dir/no_sync_<rank>.pt. Both processes use device 0 and gloo, which reduces CUDA tensors too
+    (NCCL takes one GPU per process)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=len(shares))
+    try:
+        device = torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)
+        model, forwards, reduced_after = no_sync_model(device), [0], set()
+        model.register_forward_pre_hook(lambda module, inputs: forwards.__setitem__(0, forwards[0] + 1))
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0] if device_type == "cuda" else None)
+
+        def recording_allreduce(state, bucket):
+            reduced_after.add(forwards[0])
+            return allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, recording_allreduce)
+        train_epoch(ddp, shares[rank], sgd(model, fused=True), torch.amp.GradScaler(device_type, enabled=False),
+                    dtype, accumulation, device=device)
+        torch.save({"reduced_after": sorted(reduced_after),
+                    "weights": {name: value.detach().cpu() for name, value in model.named_parameters()}},
+                   out_dir / f"no_sync_{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def two_process_no_sync(micro_batches: list, accumulation: int, device: torch.device, dtype: torch.dtype,
+                        out_dir: Path, tolerance: float) -> str:
+    """Two processes on one device train as one process does with `accumulation` micro-batches per step, each
+    taking half of every step's micro-batches: DDP must reduce the gradients once per step, after the last
+    micro-batch (its `no_sync` on the others), and both must end with the one process's weights (within
+    `tolerance` of their change). The processes are spawned: a fork would inherit this one's CUDA context, or its
+    CPU thread pool, which then hangs the child's first parallel operation."""
+    model = no_sync_model(device)
+    start = {name: value.detach().cpu().clone() for name, value in model.named_parameters()}
+    train_epoch(model, micro_batches, sgd(model, fused=True), torch.amp.GradScaler(device.type, enabled=False), dtype,
+                accumulation, device=device)
+    alone = {name: value.detach().cpu() for name, value in model.named_parameters()}
+    half = accumulation // 2
+    shares = [[batch for index, batch in enumerate(micro_batches) if index % accumulation // half == rank]
+              for rank in (0, 1)]
+    with socket.socket() as probe:  # a free port for the two processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(no_sync_process, (shares, half, device.type, dtype, port, out_dir), nprocs=2,
+                                          start_method="spawn")
+    expected = list(range(half, len(shares[0]) + 1, half))
+    offs = []
+    for rank in (0, 1):
+        result = torch.load(out_dir / f"no_sync_{rank}.pt", weights_only=True)
+        if result["reduced_after"] != expected:
+            raise CheckFailed(f"process {rank} reduced gradients after forward passes {result['reduced_after']}, not "
+                              f"only after the last micro-batch of each step ({expected})")
+        offs.append(distance(result["weights"], alone) / distance(alone, start))
+    if not max(offs) <= tolerance:
+        raise CheckFailed(f"the two processes' weights differ from one process's by {max(offs):.2%} of their change "
+                          f"(tolerance {tolerance:.0%})")
+    return (f"2 processes on one {device.type} device: gradients reduced once per step of {half} + {half} "
+            f"micro-batches; weights within {max(offs):.1e} of one process's change")
+
+
+def check_no_sync(config: dict, shared: dict) -> str:
+    """DDP's no_sync on CUDA, with two processes on the one GPU: `two_process_no_sync` on two steps."""
+    accumulation = config["batch_size"] // config["micro_batch_size"]
+    if accumulation % 2:
+        raise CheckFailed(f"batch_size / micro_batch_size is {accumulation}: two processes need an even number")
+    torch.manual_seed(0)  # the micro-batches' colour factors
+    micro_batches = [loader_batch({**config, "image_size": 224}, torch.device("cuda")) for _ in range(2 * accumulation)]
+    return two_process_no_sync(micro_batches, accumulation, torch.device("cuda"), torch.bfloat16,
+                               Path(config["work_dir"]), config["same_tolerance"])
 
 
 def check_data(config: dict, shared: dict) -> str:
@@ -248,51 +421,64 @@ def check_compile(config: dict, shared: dict) -> str:
     return f"train_loss {float(last_epoch_row(config, 'compile')['train_loss']):.3f}"
 
 
-def check_torchrun(config: dict, shared: dict) -> str:
-    """train.py under torchrun over NCCL, on two GPUs where there are two: DDP, with its no_sync on the
-    micro-batches that do not complete a step."""
-    processes = 2 if torch.cuda.device_count() >= 2 else 1
-    launcher = (PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}")
-    output = run("torchrun", train_command(config, "torchrun", "--dtype=bf16", "--epochs=1", launcher=launcher),
-                 config)
-    if "in a nccl process group" not in output:
-        raise CheckFailed("train.py under torchrun did not join an NCCL process group")
-    accumulation = config["batch_size"] // (config["micro_batch_size"] * processes)
-    return f"{processes} process(es), nccl, {accumulation} micro-batches per process and step"
-
-
-def check_sigterm_resume(config: dict, shared: dict) -> str:
-    """The bf16 run again, stopped by SIGTERM after its first optimizer step, then resumed to the end."""
-    if "epoch1_weights" not in shared:
-        raise CheckFailed("needs the bf16 check's run as its reference")
-    work = Path(config["work_dir"])
-    # Reads every step, so the stop lands mid-epoch (reads do not change what is computed).
-    command = train_command(config, "sigterm", "--dtype=bf16", "--epochs=2", "--log_every=1")
-    log = (work / "sigterm.log").open("w")
+def run_and_stop(name: str, command: list[str], config: dict, at_line: str) -> tuple[int, str]:
+    """Start `command`, send it SIGTERM at the first line of its output that starts with `at_line`, and return its
+    exit status and output (also added to work_dir/<name>.log); one that does not end is a CheckFailed."""
+    log = Path(config["work_dir"]) / f"{name}.log"
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
     for line in process.stdout:
-        log.write(line)
-        if line.startswith("training epochs"):
+        lines.append(line)
+        if line.startswith(at_line):
             process.send_signal(signal.SIGTERM)
             break
     try:
-        log.write(process.communicate(timeout=config["timeout"])[0])
+        lines.append(process.communicate(timeout=config["timeout"])[0])
     except subprocess.TimeoutExpired:
         process.kill()
-        raise CheckFailed(f"the stopped run did not exit within {config['timeout']} s (log: {work / 'sigterm.log'})")
-    log.close()
-    if process.returncode != 128 + signal.SIGTERM:
-        raise CheckFailed(f"exit {process.returncode} after SIGTERM, not {128 + signal.SIGTERM} "
+        lines.append(process.communicate()[0])
+        raise CheckFailed(f"{' '.join(command[:3])} did not exit within {config['timeout']} s of SIGTERM (log: {log})")
+    finally:
+        with log.open("a") as file:
+            file.write(f"$ {' '.join(command)}\n{''.join(lines)}")
+    return process.returncode, "".join(lines)
+
+
+def check_torchrun_sigterm_resume(config: dict, shared: dict) -> str:
+    """The bf16 run again under torchrun over NCCL (two processes where there are two GPUs: DDP, with its no_sync
+    on the micro-batches that do not complete a step), stopped by a SIGTERM to torchrun once every process has
+    taken a step, as SLURM or a user stops it, then resumed to the end with the same command."""
+    if "epoch1_weights" not in shared:
+        raise CheckFailed("needs the bf16 check's run as its reference")
+    work = Path(config["work_dir"])
+    processes = 2 if torch.cuda.device_count() >= 2 else 1
+    launcher = (PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}")
+    # Reads every step, so the stop lands mid-epoch (reads do not change what is computed). The line opening
+    # training comes after the model is wrapped in DDP, which every process joins just before it installs its
+    # signal handler (the CPU tests stop torchrun's processes at a chosen step: tests/instrumented.py).
+    command = train_command(config, "sigterm", "--dtype=bf16", "--epochs=2", "--log_every=1", launcher=launcher)
+    status, output = run_and_stop("sigterm", command, config, at_line="training epochs")
+    if "in a nccl process group" not in output:
+        raise CheckFailed(f"train.py under torchrun did not join an NCCL process group (log: {work / 'sigterm.log'})")
+    if status == 0 or output.count("received SIGTERM") != 1 or output.count("rerun the same command") != 1:
+        raise CheckFailed(f"after SIGTERM: exit {status}, {output.count('received SIGTERM')} stop messages and "
+                          f"{output.count('rerun the same command')} saves reported, not a failed exit, one and one "
                           f"(log: {work / 'sigterm.log'})")
     saved = torch.load(work / "sigterm" / "last.pt", map_location="cpu", weights_only=True)
     stopped_at = f"epoch {saved['epoch'] + 1} step {saved['step']}"
-    run("sigterm_resume", command, config)
+    if saved["epoch"] != 0 or saved["step"] == 0:
+        raise CheckFailed(f"the SIGTERM saved at {stopped_at}, not within epoch 1 (log: {work / 'sigterm.log'})")
+    output = run("sigterm_resume", command, config)
+    if "resumed from" not in output:
+        raise CheckFailed("the rerun did not resume from the stopped run's last.pt")
     final, reference = weights(work / "sigterm" / "last.pt"), weights(work / "bf16" / "last.pt")
     ratio = distance(final, reference) / distance(reference, shared["epoch1_weights"])
     if not ratio <= config["resume_tolerance"]:
         raise CheckFailed(f"stopped at {stopped_at}; the resumed weights differ from the uninterrupted run's by "
                           f"{ratio:.2%} of one epoch's change (tolerance {config['resume_tolerance']:.0%})")
-    return f"stopped at {stopped_at}; resumed weights within {ratio:.2%} of one epoch's change"
+    accumulation = config["batch_size"] // (config["micro_batch_size"] * processes)
+    return (f"{processes} process(es), nccl, {accumulation} micro-batches per process and step; stopped at "
+            f"{stopped_at}; resumed weights within {ratio:.2%} of one epoch's change")
 
 
 def check_evaluate(config: dict, shared: dict) -> str:
@@ -374,12 +560,12 @@ def planned_checks(config: dict) -> dict[str, tuple]:
         "synthetic data": (check_data, 6),
         "benchmark forward/end_to_end/train_step": (check_benchmark, 65),
         **{f"benchmark loader {workers} workers": (loader_check(workers), 15) for workers in config["loader_workers"]},
-        "training steps without host sync, bf16": (no_host_sync_check("bf16"), 12),
-        "training steps without host sync, fp16 overflowing": (no_host_sync_check("fp16"), 10),
+        "training steps without host sync, bf16; copy overlap": (no_host_sync_check("bf16"), 15),
+        "training steps without host sync, fp16 overflowing; as stock SGD": (no_host_sync_check("fp16"), 12),
         "bf16 training": (check_bf16, 40),
         "fp16 + GradScaler": (check_fp16, 40),
-        "torchrun nccl": (check_torchrun, 25),
-        "SIGTERM then resume": (check_sigterm_resume, 40),
+        "torchrun nccl, SIGTERM then resume": (check_torchrun_sigterm_resume, 50),
+        "two processes on one GPU: DDP no_sync": (check_no_sync, 15),
         "evaluate.py": (check_evaluate, 20),
         "fused AdamW, fast backbone": (training_run_check("adamw_fast", "--optimizer=adamw", "--backbone=fast"), 20),
         "cache_images, darknet backbone": (
