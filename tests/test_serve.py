@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import warnings
@@ -31,6 +32,7 @@ from PIL import Image
 import detect
 import serve
 from command_lines import run_python
+import tools.serve_process
 from tools import load_test, page_screenshot
 from tools.page_screenshot import open_browser
 from tools.serve_process import start_server
@@ -845,3 +847,26 @@ def test_a_server_that_stops_before_serving_is_an_error_with_its_output(tmp_path
     monkeypatch.chdir(tmp_path)  # serve.py is found from anywhere
     with pytest.raises(RuntimeError, match=r"(?s)^serve\.py stopped before serving \(exit status 1\):\n.*error: "):
         start_server(tmp_path / "missing.pt", "--device=cpu")
+
+
+def test_the_server_is_started_without_pythonunbuffered_as_a_users_pipe_gets_it(monkeypatch):
+    """The tests' own environment has PYTHONUNBUFFERED=1 (so their output arrives as it is printed); serve.py must
+    not inherit it, or an address line it forgot to flush would still arrive and no test would see the hang a
+    user's pipe meets."""
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    monkeypatch.setenv("YOLO_SERVE_TEST", "kept")
+    started = []
+
+    class RecordingPopen(subprocess.Popen):
+        def __init__(self, command, **options):
+            started.append((command, options["env"]))
+            announce = "print('serving a model at http://127.0.0.1:1 (Ctrl-C stops)')"
+            super().__init__([sys.executable, "-c", announce], **options)
+
+    monkeypatch.setattr(tools.serve_process.subprocess, "Popen", RecordingPopen)
+    process, url = start_server("last.pt", "--device=cpu")
+    process.wait()
+    assert url == "http://127.0.0.1:1"
+    (command, environment), = started
+    assert command[1:] == ["serve.py", "--checkpoint=last.pt", "--port=0", "--device=cpu"]
+    assert "PYTHONUNBUFFERED" not in environment and environment["YOLO_SERVE_TEST"] == "kept"
