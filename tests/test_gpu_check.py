@@ -186,8 +186,9 @@ def test_hidden_share_counts_the_copy_time_under_any_kernel_once():
 
 
 def test_a_stopped_command_is_signalled_at_its_line_and_its_output_kept(tmp_path):
-    waiter = ("import signal, sys\nprint('loading'); print('training epochs 1-2', flush=True)\n"
-              "signal.signal(signal.SIGTERM, lambda *_: sys.exit(print('received SIGTERM') or 3))\nsignal.pause()")
+    # Its handler is in place before the line that triggers the signal.
+    waiter = ("import signal, sys\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(print('received SIGTERM') or 3))\n"
+              "print('loading'); print('training epochs 1-2', flush=True)\nsignal.pause()")
     config = {"work_dir": str(tmp_path), "timeout": 60}
     status, output = gpu_check.run_and_stop("stop", [sys.executable, "-c", waiter], config, at_line="training")
     assert (status, output) == (3, "loading\ntraining epochs 1-2\nreceived SIGTERM\n")
