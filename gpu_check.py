@@ -59,7 +59,7 @@ sync_check_steps = 3           # steps of the epoch checked for host synchronisa
 benchmark_iters = 10           # timed runs of each benchmark measurement
 loader_workers = (8, 16)       # worker counts of benchmark.py's loader mode
 resume_tolerance = 0.05        # SIGTERM + resume vs uninterrupted: weight difference / one epoch's weight change
-min_hidden_copy = 0.5          # share of the next micro-batch's copy to the GPU that must run beside kernels
+min_hidden_copy = 0.5          # share of the copies to the GPU (the first aside) that must run beside kernels
 same_tolerance = 0.01          # runs that must train alike (fused SGD past a skipped fp16 step and stock SGD, two
                                # processes and one): weight difference / the weights' change
 timeout = 420                  # seconds any one subprocess may take
@@ -112,8 +112,12 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return {name: value.float() for name, value in state["model"].items() if value.is_floating_point()}
 
 
+def norm(tensors: dict) -> float:
+    return sum(float(value.pow(2).sum()) for value in tensors.values()) ** 0.5
+
+
 def distance(first: dict, second: dict) -> float:
-    return sum(float((first[name] - second[name]).pow(2).sum()) for name in first) ** 0.5
+    return norm({name: first[name] - second[name] for name in first})
 
 
 def last_epoch_row(config: dict, run_name: str) -> dict:
@@ -181,25 +185,32 @@ def non_finite_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     return found
 
 
+def require_finite(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    non_finite = non_finite_state(model, optimizer)
+    if non_finite:
+        raise CheckFailed(f"NaN or infinity after the epoch in {len(non_finite)} tensors: {', '.join(non_finite[:4])}")
+
+
 def hidden_share(copies: list[tuple[float, float]], kernels: list[tuple[float, float]]) -> float:
     """The share of the copies' time, (start, end) intervals, during which at least one kernel ran."""
-    covered, busy = [], []  # busy: the kernels' intervals merged, in order
+    busy = []  # the kernels' intervals merged, in order: a moment under two kernels counts once
     for start, end in sorted(kernels):
         if busy and start <= busy[-1][1]:
             busy[-1][1] = max(busy[-1][1], end)
         else:
             busy.append([start, end])
-    for start, end in copies:
-        covered.append(sum(max(0.0, min(end, busy_end) - max(start, busy_start)) for busy_start, busy_end in busy))
+    covered = sum(max(0.0, min(end, busy_end) - max(start, busy_start))
+                  for start, end in copies for busy_start, busy_end in busy)
     total = sum(end - start for start, end in copies)
-    return sum(covered) / total if total > 0 else 0.0
+    return covered / total if total > 0 else 0.0
 
 
 def copy_overlap(model: torch.nn.Module, micro_batches: list, accumulation: int,
                  dtype: torch.dtype) -> tuple[str, float]:
-    """An epoch of `train_epoch` profiled: how much of the copies to the GPU ran while kernels computed. DevicePrefetcher copies the next micro-batch on a side stream during the current
-    one's steps; a copy on the compute stream would wait for them and hide nothing. The first copy, which
-    nothing can hide, is left out. Returns the figure in words and as a share."""
+    """An epoch of `train_epoch` profiled: how much of the copies to the GPU ran while kernels computed.
+    DevicePrefetcher copies the next micro-batch on a side stream during the current one's steps; a copy on the
+    compute stream would wait for them and hide nothing. The first copy, which nothing can hide, is left out.
+    Returns the figure in words and as a share."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as profile:
         train_epoch(model, micro_batches, sgd(model, fused=True), torch.amp.GradScaler("cuda", enabled=False), dtype,
@@ -237,10 +248,7 @@ def overflowing_first_step_check(model: torch.nn.Module, micro_batches: list, ac
     if scaler.get_scale() != OVERFLOWING_SCALE * SCALE_BACKOFF:
         raise CheckFailed(f"the GradScaler's scale went from {OVERFLOWING_SCALE:g} to {scaler.get_scale():g}, "
                           f"not {OVERFLOWING_SCALE * SCALE_BACKOFF:g}: not exactly the first step overflowed")
-    non_finite = non_finite_state(model, fused)
-    if non_finite:
-        raise CheckFailed(f"NaN or infinity after the epoch in {len(non_finite)} tensors: "
-                          f"{', '.join(non_finite[:4])}")
+    require_finite(model, fused)
     parameters = dict(model.named_parameters())
     fused_weights = {name: parameter.detach().clone() for name, parameter in parameters.items()}
     fused_momentum = {name: fused.state[parameter]["momentum_buffer"] for name, parameter in parameters.items()}
@@ -253,8 +261,7 @@ def overflowing_first_step_check(model: torch.nn.Module, micro_batches: list, ac
     stock_momentum = {name: stock.state[parameter]["momentum_buffer"] for name, parameter in parameters.items()}
     start_weights = {name: start[name] for name in parameters}
     weights_off = distance(fused_weights, stock_weights) / distance(stock_weights, start_weights)
-    momentum_off = distance(fused_momentum, stock_momentum) / distance(stock_momentum, {
-        name: torch.zeros_like(value) for name, value in stock_momentum.items()})
+    momentum_off = distance(fused_momentum, stock_momentum) / norm(stock_momentum)
     if not max(weights_off, momentum_off) <= tolerance:
         raise CheckFailed(f"after the skipped first step, fused SGD's weights differ from stock SGD's by "
                           f"{weights_off:.2%} of their change and its momentum by {momentum_off:.2%} of its size "
@@ -288,10 +295,7 @@ def no_host_sync_check(dtype_name: str):
             optimizer = sgd(model, fused=True)
             train_epoch_without_host_sync(model, micro_batches, optimizer, torch.amp.GradScaler("cuda", enabled=False),
                                           dtype, accumulation)
-            non_finite = non_finite_state(model, optimizer)
-            if non_finite:
-                raise CheckFailed(f"NaN or infinity after the epoch in {len(non_finite)} tensors: "
-                                  f"{', '.join(non_finite[:4])}")
+            require_finite(model, optimizer)
             overlap, hidden = copy_overlap(model, micro_batches, accumulation, dtype)
             if not hidden >= config["min_hidden_copy"]:
                 raise CheckFailed(f"{overlap}, under {config['min_hidden_copy']:.0%}: the copies wait for the compute")
@@ -305,16 +309,16 @@ def no_host_sync_check(dtype_name: str):
 def no_sync_model(device: torch.device) -> YOLOv1:
     """The same small model in every process (a narrow head: the check is about when gradients are reduced)."""
     torch.manual_seed(0)
-    return YOLOv1("resnet18", image_size=224, head_channels=64, fc_dim=128).to(device, memory_format=torch.channels_last)
+    model = YOLOv1("resnet18", image_size=224, head_channels=64, fc_dim=128)
+    return model.to(device, memory_format=torch.channels_last)
 
 
 def no_sync_process(rank: int, shares: list[list], accumulation: int, device_type: str, dtype: torch.dtype,
                     port: int, out_dir: Path) -> None:
-    """Process `rank` of `two_process_no_sync`: train_epoch on its share of each step's micro-batches
-    (`accumulation` of them) under DDP,
-    recording after how many of its forward passes each gradient bucket is reduced; the record and the weights
-    go to out_dir/no_sync_<rank>.pt. Both processes use device 0 and gloo, which reduces CUDA tensors too
-    (NCCL takes one GPU per process)."""
+    """Process `rank` of `two_process_no_sync`: train_epoch under DDP on its share of each step's micro-batches
+    (`accumulation` of them), recording after how many of its forward passes each gradient bucket is reduced;
+    the record and the weights go to out_dir/no_sync_<rank>.pt. Both processes use device 0 and gloo, which
+    reduces CUDA tensors too (NCCL takes one GPU per process)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=len(shares))
     try:
@@ -445,8 +449,8 @@ def run_and_stop(name: str, command: list[str], config: dict, at_line: str) -> t
 
 def check_torchrun_sigterm_resume(config: dict, shared: dict) -> str:
     """The bf16 run again under torchrun over NCCL (two processes where there are two GPUs: DDP, with its no_sync
-    on the micro-batches that do not complete a step), stopped by a SIGTERM to torchrun once every process has
-    taken a step, as SLURM or a user stops it, then resumed to the end with the same command."""
+    on the micro-batches that do not complete a step), stopped by a SIGTERM to torchrun as training starts, as
+    SLURM or a user stops it, then resumed to the end with the same command."""
     if "epoch1_weights" not in shared:
         raise CheckFailed("needs the bf16 check's run as its reference")
     work = Path(config["work_dir"])

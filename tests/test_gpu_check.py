@@ -87,8 +87,8 @@ def test_the_plan_covers_the_recipe_paths_in_order_within_the_budget(tmp_path):
         "synthetic data", "benchmark forward/end_to_end/train_step", "benchmark loader 8 workers",
         "benchmark loader 16 workers", "training steps without host sync, bf16; copy overlap",
         "training steps without host sync, fp16 overflowing; as stock SGD", "bf16 training", "fp16 + GradScaler",
-        "torchrun nccl, SIGTERM then resume", "two processes on one GPU: DDP no_sync", "evaluate.py", "fused AdamW, fast backbone", "cache_images, darknet backbone",
-        "pretrain.py", "compile"]
+        "torchrun nccl, SIGTERM then resume", "two processes on one GPU: DDP no_sync", "evaluate.py",
+        "fused AdamW, fast backbone", "cache_images, darknet backbone", "pretrain.py", "compile"]
     # One command on the lent GPU may run 10 minutes; the estimates leave a sixth of it for what they miss.
     assert sum(seconds for _, seconds in plan.values()) <= gpu_check.BUDGET <= 500
 
@@ -196,7 +196,8 @@ def test_a_stopped_command_is_signalled_at_its_line_and_its_output_kept(tmp_path
 
 
 def test_a_command_that_outlives_its_sigterm_is_a_failed_check(tmp_path):
-    ignores = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('training', flush=True)\nsignal.pause()"
+    ignores = ("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('training', flush=True)\n"
+               "signal.pause()")
     with pytest.raises(gpu_check.CheckFailed, match="did not exit within 1 s of SIGTERM"):
         gpu_check.run_and_stop("stop", [sys.executable, "-c", ignores], {"work_dir": str(tmp_path), "timeout": 1},
                                at_line="training")

@@ -32,7 +32,6 @@ from PIL import Image
 import detect
 import serve
 from command_lines import run_python
-import tools.serve_process
 from tools import load_test, page_screenshot
 from tools.page_screenshot import open_browser
 from tools.serve_process import start_server
@@ -863,7 +862,7 @@ def test_the_server_is_started_without_pythonunbuffered_as_a_users_pipe_gets_it(
             announce = "print('serving a model at http://127.0.0.1:1 (Ctrl-C stops)')"
             super().__init__([sys.executable, "-c", announce], **options)
 
-    monkeypatch.setattr(tools.serve_process.subprocess, "Popen", RecordingPopen)
+    monkeypatch.setattr("tools.serve_process.subprocess.Popen", RecordingPopen)
     process, url = start_server("last.pt", "--device=cpu")
     process.wait()
     assert url == "http://127.0.0.1:1"

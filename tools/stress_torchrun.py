@@ -66,19 +66,19 @@ def run_once(command: list[str], log: Path, timeout: float) -> int | None:
             return None
 
 
-def process_state(pid: int) -> tuple[str, int] | None:
-    """(state, session) of a running process from Linux's /proc; None once it has ended (a zombie included)."""
+def session_of(pid: int) -> int | None:
+    """The session of a running process, from Linux's /proc; None once it has ended (a zombie included)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return None if fields[0] in "ZX" else (fields[0], int(fields[3]))
+    return None if fields[0] in "ZX" else int(fields[3])
 
 
 def session_processes(session: int) -> list[int]:
     """The live processes of `session`, newest first."""
     pids = (int(path.name) for path in Path("/proc").iterdir() if path.name.isdigit())
-    return sorted((pid for pid in pids if (process_state(pid) or ("", -1))[1] == session), reverse=True)
+    return sorted((pid for pid in pids if session_of(pid) == session), reverse=True)
 
 
 def stop_with_stacks(pid: int) -> None:
@@ -90,7 +90,7 @@ def stop_with_stacks(pid: int) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 10
-    while process_state(pid) is not None and time.monotonic() < deadline:
+    while session_of(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
